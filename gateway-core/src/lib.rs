@@ -1,0 +1,2 @@
+//! Embeddable API gateway core.
+pub mod router;
