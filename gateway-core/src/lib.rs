@@ -1,2 +1,277 @@
-//! Embeddable API gateway core.
+//! An embeddable API gateway: a Kong-format config compiled into an immutable routing
+//! snapshot, a streaming reverse proxy, and hot reload by atomic swap.
+//!
+//! # Serve on listeners the gateway owns
+//!
+//! ```no_run
+//! use gateway_core::{Gateway, server::ServerSettings};
+//!
+//! #[tokio::main]
+//! async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//!     let gateway = Gateway::from_yaml(r#"
+//! _format_version: "3.0"
+//! services:
+//!   - name: api
+//!     url: http://127.0.0.1:9000
+//!     routes:
+//!       - paths: ["/api"]
+//! "#)?;
+//!     let listener = tokio::net::TcpListener::bind("127.0.0.1:8000").await?;
+//!     let shutdown = async { let _ = tokio::signal::ctrl_c().await; };
+//!     gateway.serve(vec![listener], ServerSettings::default(), shutdown).await?;
+//!     Ok(())
+//! }
+//! ```
+//!
+//! # Use it as a tower service inside another server
+//!
+//! [`Gateway::service`] is a `tower::Service<http::Request<B>>` for any body `B`, so it can be
+//! mounted in hyper, axum (`Router::fallback_service`) or any tower stack:
+//!
+//! ```
+//! use gateway_core::Gateway;
+//! use tower::ServiceExt;
+//!
+//! # #[tokio::main] async fn main() {
+//! let gateway = Gateway::from_yaml("_format_version: \"3.0\"\n").unwrap();
+//! let request = http::Request::get("http://example.com/nothing").body(String::new()).unwrap();
+//! let response = gateway.service().oneshot(request).await.unwrap();
+//! assert_eq!(response.status(), 404); // no route yet
+//! # }
+//! ```
+//!
+//! # Hot reload
+//!
+//! A new config compiles beside the old one; only a valid one replaces it, atomically. Requests
+//! in flight finish on the snapshot they started on; connection pools of unchanged services
+//! carry over.
+//!
+//! ```
+//! use gateway_core::{Gateway, config::Config};
+//!
+//! let gateway = Gateway::from_yaml("_format_version: \"3.0\"\n").unwrap();
+//! let bad = Config::from_yaml("_format_version: \"3.0\"\nroutes: [{paths: [\"no-slash\"]}]\n").unwrap();
+//! let err = gateway.reload(&bad).unwrap_err();
+//! assert!(err.to_string().contains("must start with `/`"));
+//! assert_eq!(gateway.routes().len(), 0); // the old snapshot keeps serving
+//! ```
+
+pub mod body;
+pub mod config;
+pub mod plugin;
+pub mod proxy;
 pub mod router;
+pub mod server;
+mod snapshot;
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use tokio::net::TcpListener;
+
+use crate::body::{BoxError, ProxyBody, ResponseBody};
+use crate::config::{Config, ConfigError};
+use crate::plugin::PluginRegistry;
+pub use crate::proxy::ConnInfo;
+use crate::server::ServerSettings;
+use crate::snapshot::{ClientCache, Snapshot, compile};
+
+/// State shared by every connection and by the reload path.
+pub(crate) struct Shared {
+    /// The snapshot requests use; replaced whole on reload.
+    pub(crate) snapshot: ArcSwap<Snapshot>,
+    /// Writer-side state: only compiles take this lock, never requests.
+    compile_state: Mutex<CompileState>,
+}
+
+struct CompileState {
+    clients: ClientCache,
+    plugins: PluginRegistry,
+}
+
+/// A gateway: the current routing snapshot plus what it needs to compile the next one.
+///
+/// Cheap to clone (a handle to shared state).
+#[derive(Clone)]
+pub struct Gateway {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Gateway {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gateway")
+            .field("routes", &self.shared.snapshot.load().router.len())
+            .finish()
+    }
+}
+
+/// Builds a [`Gateway`].
+#[derive(Debug, Default)]
+pub struct GatewayBuilder {
+    plugins: PluginRegistry,
+}
+
+impl GatewayBuilder {
+    /// Uses `registry` to resolve plugin names in configs.
+    #[must_use]
+    pub fn plugins(mut self, registry: PluginRegistry) -> Self {
+        self.plugins = registry;
+        self
+    }
+
+    /// Compiles `config` and returns a gateway serving it.
+    pub fn build(self, config: &Config) -> Result<Gateway, ConfigError> {
+        let mut state = CompileState {
+            clients: ClientCache::default(),
+            plugins: self.plugins,
+        };
+        let snapshot = compile(config, &state.plugins, &mut state.clients)?;
+        Ok(Gateway {
+            shared: Arc::new(Shared {
+                snapshot: ArcSwap::from_pointee(snapshot),
+                compile_state: Mutex::new(state),
+            }),
+        })
+    }
+}
+
+/// One line of the compiled route table, see [`Gateway::routes`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteLine {
+    /// The route's name (or id, or position in the config).
+    pub route: String,
+    /// Hosts, or `*`.
+    pub hosts: String,
+    /// The path criterion.
+    pub path: String,
+    /// Methods, or `*`.
+    pub methods: String,
+    /// The service name, or `-`.
+    pub service: String,
+}
+
+impl Gateway {
+    /// A builder, to set a plugin registry.
+    pub fn builder() -> GatewayBuilder {
+        GatewayBuilder::default()
+    }
+
+    /// Compiles `config` with no plugins registered.
+    pub fn new(config: &Config) -> Result<Gateway, ConfigError> {
+        Gateway::builder().build(config)
+    }
+
+    /// Parses and compiles a YAML (or JSON) config.
+    pub fn from_yaml(text: &str) -> Result<Gateway, ConfigError> {
+        Gateway::new(&Config::parse(text)?)
+    }
+
+    /// Compiles `config` beside the current snapshot and swaps it in. On error nothing
+    /// changes: the current snapshot keeps serving.
+    pub fn reload(&self, config: &Config) -> Result<(), ConfigError> {
+        let mut state = self
+            .shared
+            .compile_state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let state = &mut *state;
+        let snapshot = compile(config, &state.plugins, &mut state.clients)?;
+        self.shared.snapshot.store(Arc::new(snapshot));
+        Ok(())
+    }
+
+    /// Checks a config the way [`Gateway::reload`] would, without swapping anything in.
+    pub fn validate(&self, config: &Config) -> Result<(), ConfigError> {
+        let state = self
+            .shared
+            .compile_state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        compile(config, &state.plugins, &mut ClientCache::default()).map(drop)
+    }
+
+    /// The compiled route table in precedence order: the first line that matches a request
+    /// serves it.
+    pub fn routes(&self) -> Vec<RouteLine> {
+        let snap = self.shared.snapshot.load();
+        snap.router
+            .describe()
+            .into_iter()
+            .map(|d| {
+                let rt = &snap.routes[d.route];
+                RouteLine {
+                    route: snap.route_names[d.route].to_string(),
+                    hosts: d.hosts,
+                    path: d.path,
+                    methods: d.methods,
+                    service: rt
+                        .service
+                        .as_ref()
+                        .map_or_else(|| "-".to_string(), |s| s.name.to_string()),
+                }
+            })
+            .collect()
+    }
+
+    /// This gateway as a tower service. Always ready; see [`GatewayService`].
+    pub fn service(&self) -> GatewayService {
+        GatewayService {
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// Serves on `listeners` until `shutdown` resolves, then drains gracefully.
+    pub async fn serve(
+        &self,
+        listeners: Vec<TcpListener>,
+        settings: ServerSettings,
+        shutdown: impl Future<Output = ()>,
+    ) -> std::io::Result<()> {
+        server::serve(self.shared.clone(), listeners, settings, shutdown).await
+    }
+}
+
+/// The gateway as a `tower::Service`. It is always ready (`poll_ready` returns `Ready` at once)
+/// and does all its work in `call`; it never returns an error, every failure is an HTTP answer.
+///
+/// The client address comes from a [`ConnInfo`] in the request extensions when present.
+#[derive(Clone)]
+pub struct GatewayService {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for GatewayService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GatewayService").finish_non_exhaustive()
+    }
+}
+
+impl<B> tower_service::Service<http::Request<B>> for GatewayService
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    type Response = http::Response<ResponseBody>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let conn = req
+            .extensions()
+            .get::<ConnInfo>()
+            .copied()
+            .unwrap_or_default();
+        let snapshot = self.shared.snapshot.load_full();
+        let req = req.map(ProxyBody::from_body);
+        Box::pin(async move { Ok(proxy::handle(snapshot, req, conn).await) })
+    }
+}

@@ -1,0 +1,224 @@
+//! Body types of the request path: what goes to the upstream and what goes back to the client.
+//!
+//! Both are enums rather than boxed trait objects so that the common case (a hyper `Incoming`
+//! body passed straight through) costs no allocation and streams frame by frame.
+//!
+//! ```
+//! use gateway_core::body::ResponseBody;
+//! use http_body::Body;
+//!
+//! let body = ResponseBody::full("hello");
+//! assert_eq!(body.size_hint().exact(), Some(5));
+//! ```
+
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, ready};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
+use http_body_util::combinators::UnsyncBoxBody;
+use hyper::body::Incoming;
+
+/// Errors that may cross a body.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A request body on its way to the upstream.
+#[derive(Debug)]
+pub enum ProxyBody {
+    /// No body.
+    Empty,
+    /// A body read from a hyper connection (no allocation, streamed).
+    Incoming(Incoming),
+    /// Any other body (boxed once per request; used when embedding behind another server).
+    Boxed(UnsyncBoxBody<Bytes, BoxError>),
+    /// A body kept in a slot until the upstream asks for it, so a connection-level retry can
+    /// send it again when the first attempt never read it.
+    Deferred(Deferred),
+}
+
+impl ProxyBody {
+    /// Wraps any body; hyper's `Incoming` is recognised and kept unboxed.
+    pub fn from_body<B>(body: B) -> ProxyBody
+    where
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        let mut slot = Some(body);
+        if let Some(incoming) =
+            (&mut slot as &mut dyn std::any::Any).downcast_mut::<Option<Incoming>>()
+        {
+            return incoming
+                .take()
+                .map_or(ProxyBody::Empty, ProxyBody::Incoming);
+        }
+        match slot {
+            Some(body) if body.is_end_stream() => ProxyBody::Empty,
+            Some(body) => ProxyBody::Boxed(body.map_err(Into::into).boxed_unsync()),
+            None => ProxyBody::Empty,
+        }
+    }
+
+    /// Moves this body into a shared slot; returns a body that takes it out on first poll and a
+    /// handle that can get it back as long as nothing polled it.
+    pub(crate) fn defer(self) -> (ProxyBody, BodySlot) {
+        let hint = self.size_hint();
+        let slot = Arc::new(Mutex::new(Some(self)));
+        (
+            ProxyBody::Deferred(Deferred {
+                slot: slot.clone(),
+                taken: None,
+                hint,
+            }),
+            BodySlot(slot),
+        )
+    }
+}
+
+/// See [`ProxyBody::Deferred`].
+#[derive(Debug)]
+pub struct Deferred {
+    slot: Arc<Mutex<Option<ProxyBody>>>,
+    taken: Option<Box<ProxyBody>>,
+    hint: SizeHint,
+}
+
+/// The retry side of a [`Deferred`] body.
+#[derive(Debug, Clone)]
+pub(crate) struct BodySlot(Arc<Mutex<Option<ProxyBody>>>);
+
+impl BodySlot {
+    /// Gets the body back for another attempt, if the last attempt never polled it.
+    pub(crate) fn reclaim(&self) -> Option<ProxyBody> {
+        let body = self.0.lock().ok()?.take()?;
+        Some(body.defer_into(self.clone()))
+    }
+}
+
+impl ProxyBody {
+    fn defer_into(self, slot: BodySlot) -> ProxyBody {
+        let hint = self.size_hint();
+        if let Ok(mut guard) = slot.0.lock() {
+            *guard = Some(self);
+        }
+        ProxyBody::Deferred(Deferred {
+            slot: slot.0,
+            taken: None,
+            hint,
+        })
+    }
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            ProxyBody::Empty => Poll::Ready(None),
+            ProxyBody::Incoming(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            ProxyBody::Boxed(b) => Pin::new(b).poll_frame(cx),
+            ProxyBody::Deferred(d) => {
+                if d.taken.is_none() {
+                    let body = d
+                        .slot
+                        .lock()
+                        .ok()
+                        .and_then(|mut g| g.take())
+                        .unwrap_or(ProxyBody::Empty);
+                    d.taken = Some(Box::new(body));
+                }
+                match d.taken.as_mut() {
+                    Some(b) => Pin::new(b.as_mut()).poll_frame(cx),
+                    None => Poll::Ready(None),
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ProxyBody::Empty => true,
+            ProxyBody::Incoming(b) => b.is_end_stream(),
+            ProxyBody::Boxed(b) => b.is_end_stream(),
+            ProxyBody::Deferred(d) => d.hint.exact() == Some(0),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ProxyBody::Empty => SizeHint::with_exact(0),
+            ProxyBody::Incoming(b) => b.size_hint(),
+            ProxyBody::Boxed(b) => b.size_hint(),
+            ProxyBody::Deferred(d) => d.hint.clone(),
+        }
+    }
+}
+
+/// A response body: the upstream's, streamed, or one the gateway wrote.
+#[derive(Debug)]
+pub enum ResponseBody {
+    /// The upstream's body, streamed frame by frame.
+    Upstream(Incoming),
+    /// A complete body written by the gateway (error answers, plugin answers).
+    Full(Option<Bytes>),
+    /// Any other body, boxed (for plugins that transform bodies).
+    Boxed(UnsyncBoxBody<Bytes, BoxError>),
+}
+
+impl ResponseBody {
+    /// A complete body.
+    pub fn full(bytes: impl Into<Bytes>) -> Self {
+        let bytes = bytes.into();
+        ResponseBody::Full(if bytes.is_empty() { None } else { Some(bytes) })
+    }
+
+    /// An empty body.
+    pub fn empty() -> Self {
+        ResponseBody::Full(None)
+    }
+
+    /// Collects the whole body (for tests and small bodies).
+    pub async fn collect_bytes(self) -> Result<Bytes, BoxError> {
+        Ok(BodyExt::collect(self).await?.to_bytes())
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            ResponseBody::Upstream(b) => {
+                let frame = ready!(Pin::new(b).poll_frame(cx));
+                Poll::Ready(frame.map(|r| r.map_err(Into::into)))
+            }
+            ResponseBody::Full(b) => Poll::Ready(b.take().map(|d| Ok(Frame::data(d)))),
+            ResponseBody::Boxed(b) => Pin::new(b).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ResponseBody::Upstream(b) => b.is_end_stream(),
+            ResponseBody::Full(b) => b.is_none(),
+            ResponseBody::Boxed(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ResponseBody::Upstream(b) => b.size_hint(),
+            ResponseBody::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            ResponseBody::Boxed(b) => b.size_hint(),
+        }
+    }
+}

@@ -1,0 +1,560 @@
+//! The one config model: Kong's declarative format (`_format_version: "3.0"`), read from YAML
+//! or JSON.
+//!
+//! ```
+//! use gateway_core::config::Config;
+//!
+//! let config = Config::from_yaml(r#"
+//! _format_version: "3.0"
+//! services:
+//!   - name: echo
+//!     url: http://127.0.0.1:9000/api
+//!     routes:
+//!       - name: echo-route
+//!         paths: ["/echo"]
+//! "#).unwrap();
+//! assert_eq!(config.services[0].routes[0].paths, vec!["/echo".to_string()]);
+//! ```
+//!
+//! Every entity refuses unknown fields by name. Fields and entities that Kong has but this
+//! gateway does not implement yet are accepted only when they hold Kong's default (so a file
+//! exported by Kong loads unchanged); any other value is refused with a message that says the
+//! feature is not supported yet, never silently dropped. Semantic checks (references, URLs,
+//! regexes, ranges) happen when the config is compiled, see [`crate::Gateway`].
+
+mod load;
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+pub use load::{ConfigError, Problem};
+
+/// Kong's default for `connect_timeout`, `read_timeout` and `write_timeout`, in milliseconds.
+pub const DEFAULT_TIMEOUT_MS: u64 = 60_000;
+/// Kong's default number of connection-level retries of a service.
+pub const DEFAULT_RETRIES: u32 = 5;
+/// Kong's default target weight.
+pub const DEFAULT_WEIGHT: u32 = 100;
+
+/// A whole declarative config.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Must be `"3.0"`.
+    #[serde(rename = "_format_version")]
+    pub format_version: String,
+    /// Kong's flag for hashing credentials on load; accepted and ignored.
+    #[serde(
+        rename = "_transform",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub transform: Option<bool>,
+    /// Kong's workspace; only `default` exists here.
+    #[serde(
+        rename = "_workspace",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub workspace: Option<String>,
+    /// A free-form comment.
+    #[serde(rename = "_comment", default, skip_serializing_if = "Option::is_none")]
+    pub comment: Option<String>,
+    /// Services (upstream APIs), each with nested routes and plugins.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub services: Vec<Service>,
+    /// Top-level routes, each naming its service.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<Route>,
+    /// Load-balanced upstreams, named by a service's host.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub upstreams: Vec<Upstream>,
+    /// Top-level targets, each naming its upstream.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub targets: Vec<Target>,
+    /// Plugins: global, or scoped to a service, route or consumer.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub plugins: Vec<Plugin>,
+    /// Consumers of the APIs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub consumers: Vec<Consumer>,
+    // Kong entities that are not supported yet (refused when non-empty).
+    #[serde(default, skip_serializing)]
+    pub(crate) certificates: Option<Value>,
+    #[serde(default, skip_serializing)]
+    pub(crate) snis: Option<Value>,
+    #[serde(default, skip_serializing)]
+    pub(crate) ca_certificates: Option<Value>,
+    #[serde(default, skip_serializing)]
+    pub(crate) vaults: Option<Value>,
+    #[serde(default, skip_serializing)]
+    pub(crate) keyauth_credentials: Option<Value>,
+    #[serde(default, skip_serializing)]
+    pub(crate) jwt_secrets: Option<Value>,
+    #[serde(default, skip_serializing)]
+    pub(crate) acls: Option<Value>,
+    #[serde(default, skip_serializing)]
+    pub(crate) basicauth_credentials: Option<Value>,
+    #[serde(default, skip_serializing)]
+    pub(crate) hmacauth_credentials: Option<Value>,
+    #[serde(default, skip_serializing)]
+    pub(crate) oauth2_credentials: Option<Value>,
+    #[serde(default, skip_serializing)]
+    pub(crate) consumer_groups: Option<Value>,
+    #[serde(default, skip_serializing)]
+    pub(crate) key_sets: Option<Value>,
+    #[serde(default, skip_serializing)]
+    pub(crate) keys: Option<Value>,
+    #[serde(default, skip_serializing)]
+    pub(crate) filter_chains: Option<Value>,
+    #[serde(default, skip_serializing)]
+    pub(crate) parameters: Option<Value>,
+}
+
+/// A reference to another entity: its name or id, or an object with either.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(untagged)]
+pub enum EntityRef {
+    /// `service: my-service`
+    Name(String),
+    /// `service: { name: my-service }` or `service: { id: ... }`
+    Object {
+        /// The entity's id.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<String>,
+        /// The entity's name.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        name: Option<String>,
+    },
+}
+
+impl EntityRef {
+    /// The name or id this reference names.
+    pub fn key(&self) -> Option<&str> {
+        match self {
+            EntityRef::Name(n) => Some(n),
+            EntityRef::Object { name: Some(n), .. } => Some(n),
+            EntityRef::Object { id: Some(i), .. } => Some(i),
+            EntityRef::Object { .. } => None,
+        }
+    }
+}
+
+/// The protocol a service speaks to its upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ServiceProtocol {
+    /// Plain HTTP.
+    Http,
+    /// HTTP over TLS (not supported yet).
+    Https,
+    /// gRPC (not supported yet).
+    Grpc,
+    /// gRPC over TLS (not supported yet).
+    Grpcs,
+    /// TCP streams (not supported).
+    Tcp,
+    /// TLS streams (not supported).
+    Tls,
+    /// TLS passthrough (not supported).
+    #[serde(rename = "tls_passthrough")]
+    TlsPassthrough,
+    /// UDP (not supported).
+    Udp,
+    /// WebSocket (not supported yet as a service protocol).
+    Ws,
+    /// Secure WebSocket (not supported yet as a service protocol).
+    Wss,
+}
+
+/// An upstream API.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Service {
+    /// Optional id (any string).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// Unique name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Shorthand for protocol, host, port and path: `http://host:port/path`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// Protocol to the upstream (default `http`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<ServiceProtocol>,
+    /// Upstream host name or IP, or the name of an `upstreams` entity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// Upstream port (default 80 for http, 443 for https).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// Path prefix added to upstream requests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// Connection-level retries (connection refused or reset before a response), default 5.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retries: Option<u32>,
+    /// Timeout to establish an upstream connection, ms (default 60000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connect_timeout: Option<u64>,
+    /// Timeout between two successive reads from the upstream, ms (default 60000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_timeout: Option<u64>,
+    /// Timeout between two successive writes to the upstream, ms (default 60000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub write_timeout: Option<u64>,
+    /// `false` takes the service and its routes out of the routing table.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enabled: Option<bool>,
+    /// Free-form tags.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
+    /// Routes of this service.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<Route>,
+    /// Plugins scoped to this service.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub plugins: Vec<Plugin>,
+    /// Kong bookkeeping, ignored.
+    #[serde(default, skip_serializing)]
+    pub created_at: Option<Value>,
+    /// Kong bookkeeping, ignored.
+    #[serde(default, skip_serializing)]
+    pub updated_at: Option<Value>,
+    /// Kong fields not supported yet.
+    #[serde(default, skip_serializing)]
+    pub(crate) tls_verify: Option<Value>,
+    #[serde(default, skip_serializing)]
+    pub(crate) tls_verify_depth: Option<Value>,
+    #[serde(default, skip_serializing)]
+    pub(crate) ca_certificates: Option<Value>,
+    #[serde(default, skip_serializing)]
+    pub(crate) client_certificate: Option<Value>,
+}
+
+/// Route protocols.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RouteProtocol {
+    /// Plain HTTP.
+    Http,
+    /// HTTPS.
+    Https,
+    /// gRPC (not supported yet).
+    Grpc,
+    /// gRPC over TLS (not supported yet).
+    Grpcs,
+    /// TCP (not supported).
+    Tcp,
+    /// TLS (not supported).
+    Tls,
+    /// TLS passthrough (not supported).
+    #[serde(rename = "tls_passthrough")]
+    TlsPassthrough,
+    /// UDP (not supported).
+    Udp,
+    /// WebSocket (not supported yet as a route protocol).
+    Ws,
+    /// Secure WebSocket (not supported yet as a route protocol).
+    Wss,
+}
+
+/// How a route's `paths` match: Kong's meaning, or the two Kubernetes Ingress kinds.
+///
+/// This field is an extension of Kong's model, used by the Ingress adapter.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PathType {
+    /// Kong: a plain path is a character prefix, a path starting with `~` is a regex.
+    #[default]
+    Kong,
+    /// Ingress `Exact`: the whole path, case-sensitive.
+    Exact,
+    /// Ingress `Prefix`: prefix by path element; a trailing slash is ignored.
+    ElementPrefix,
+}
+
+/// A rule that sends matching requests to a service.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Route {
+    /// Optional id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// Unique name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Protocols the route accepts (default `[http, https]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocols: Option<Vec<RouteProtocol>>,
+    /// Methods; empty means any.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub methods: Vec<String>,
+    /// Hosts: exact, `*.example.com` or `example.*`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hosts: Vec<String>,
+    /// Paths: plain prefixes, or regexes starting with `~`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub paths: Vec<String>,
+    /// Header criteria: name to accepted values.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub headers: BTreeMap<String, Vec<String>>,
+    /// Status used when a route is matched over a protocol it does not accept (default 426).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub https_redirect_status_code: Option<u16>,
+    /// Order among regex paths (higher first, default 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub regex_priority: Option<i64>,
+    /// Remove the matched path prefix before proxying (default true).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strip_path: Option<bool>,
+    /// Send the client's Host header to the upstream (default false).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preserve_host: Option<bool>,
+    /// Kong's path joining algorithm; only `v0` (the default) is supported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_handling: Option<String>,
+    /// Accepted; bodies are always streamed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_buffering: Option<bool>,
+    /// Accepted; bodies are always streamed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response_buffering: Option<bool>,
+    /// Extension: how `paths` match (default: Kong's rules).
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub path_type: PathType,
+    /// Extension: `*.example.com` hosts match exactly one label (Kubernetes Ingress rule).
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub wildcard_single_label: bool,
+    /// The service, for a top-level route.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<EntityRef>,
+    /// Free-form tags.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
+    /// Plugins scoped to this route.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub plugins: Vec<Plugin>,
+    /// Kong bookkeeping, ignored.
+    #[serde(default, skip_serializing)]
+    pub created_at: Option<Value>,
+    /// Kong bookkeeping, ignored.
+    #[serde(default, skip_serializing)]
+    pub updated_at: Option<Value>,
+    #[serde(default, skip_serializing)]
+    pub(crate) snis: Option<Value>,
+    #[serde(default, skip_serializing)]
+    pub(crate) sources: Option<Value>,
+    #[serde(default, skip_serializing)]
+    pub(crate) destinations: Option<Value>,
+    #[serde(default, skip_serializing)]
+    pub(crate) expression: Option<Value>,
+    #[serde(default, skip_serializing)]
+    pub(crate) priority: Option<Value>,
+}
+
+fn is_default<T: Default + PartialEq>(v: &T) -> bool {
+    *v == T::default()
+}
+
+/// Load-balancing algorithms.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Algorithm {
+    /// Weighted round-robin.
+    #[default]
+    RoundRobin,
+    /// Consistent hashing (not supported yet).
+    ConsistentHashing,
+    /// Least connections (not supported yet).
+    LeastConnections,
+    /// Latency-aware (not supported yet).
+    Latency,
+}
+
+/// A named, load-balanced set of targets.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Upstream {
+    /// Optional id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// The name services use as their host.
+    pub name: String,
+    /// Balancing algorithm (default round-robin).
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub algorithm: Algorithm,
+    /// Host header sent to targets (default: the service's host rules).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_header: Option<String>,
+    /// Kong's ring-balancer size; accepted and ignored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slots: Option<u32>,
+    /// Targets of this upstream.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub targets: Vec<Target>,
+    /// Free-form tags.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
+    /// Kong bookkeeping, ignored.
+    #[serde(default, skip_serializing)]
+    pub created_at: Option<Value>,
+    /// Kong bookkeeping, ignored.
+    #[serde(default, skip_serializing)]
+    pub updated_at: Option<Value>,
+    #[serde(default, skip_serializing)]
+    pub(crate) healthchecks: Option<Value>,
+    #[serde(default, skip_serializing)]
+    pub(crate) hash_on: Option<Value>,
+    #[serde(default, skip_serializing)]
+    pub(crate) hash_fallback: Option<Value>,
+    #[serde(default, skip_serializing)]
+    pub(crate) hash_on_header: Option<Value>,
+    #[serde(default, skip_serializing)]
+    pub(crate) hash_fallback_header: Option<Value>,
+    #[serde(default, skip_serializing)]
+    pub(crate) hash_on_cookie: Option<Value>,
+    #[serde(default, skip_serializing)]
+    pub(crate) hash_on_cookie_path: Option<Value>,
+    #[serde(default, skip_serializing)]
+    pub(crate) hash_on_query_arg: Option<Value>,
+    #[serde(default, skip_serializing)]
+    pub(crate) hash_fallback_query_arg: Option<Value>,
+    #[serde(default, skip_serializing)]
+    pub(crate) hash_on_uri_capture: Option<Value>,
+    #[serde(default, skip_serializing)]
+    pub(crate) hash_fallback_uri_capture: Option<Value>,
+    #[serde(default, skip_serializing)]
+    pub(crate) client_certificate: Option<Value>,
+    #[serde(default, skip_serializing)]
+    pub(crate) use_srv_name: Option<Value>,
+}
+
+/// One backend address of an upstream.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Target {
+    /// Optional id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// `host:port` (port defaults to 8000, as in Kong).
+    pub target: String,
+    /// Relative weight, 0 to 65535 (default 100); 0 takes the target out of rotation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight: Option<u32>,
+    /// The upstream, for a top-level target.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream: Option<EntityRef>,
+    /// Free-form tags.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
+    /// Kong bookkeeping, ignored.
+    #[serde(default, skip_serializing)]
+    pub created_at: Option<Value>,
+    /// Kong bookkeeping, ignored.
+    #[serde(default, skip_serializing)]
+    pub updated_at: Option<Value>,
+}
+
+/// A plugin instance.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Plugin {
+    /// Optional id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// The plugin's registered name, e.g. `key-auth`.
+    pub name: String,
+    /// Optional instance name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance_name: Option<String>,
+    /// The plugin's own configuration, checked by its factory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<Value>,
+    /// `false` disables this instance (default true).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enabled: Option<bool>,
+    /// Protocols the plugin runs on; accepted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocols: Option<Vec<RouteProtocol>>,
+    /// Scope: a service (top-level plugins only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<EntityRef>,
+    /// Scope: a route (top-level plugins only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub route: Option<EntityRef>,
+    /// Scope: a consumer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consumer: Option<EntityRef>,
+    /// Per-instance order override (Kong's dynamic ordering), checked by the plugin layer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ordering: Option<Value>,
+    /// Free-form tags.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
+    /// Kong bookkeeping, ignored.
+    #[serde(default, skip_serializing)]
+    pub created_at: Option<Value>,
+    /// Kong bookkeeping, ignored.
+    #[serde(default, skip_serializing)]
+    pub updated_at: Option<Value>,
+}
+
+/// A consumer of the APIs.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Consumer {
+    /// Optional id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// Unique user name; this or `custom_id` is required.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    /// Unique external id; this or `username` is required.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub custom_id: Option<String>,
+    /// Plugins scoped to this consumer.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub plugins: Vec<Plugin>,
+    /// Free-form tags.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
+    /// Kong bookkeeping, ignored.
+    #[serde(default, skip_serializing)]
+    pub created_at: Option<Value>,
+    /// Kong bookkeeping, ignored.
+    #[serde(default, skip_serializing)]
+    pub updated_at: Option<Value>,
+    #[serde(default, skip_serializing)]
+    pub(crate) keyauth_credentials: Option<Value>,
+    #[serde(default, skip_serializing)]
+    pub(crate) jwt_secrets: Option<Value>,
+    #[serde(default, skip_serializing)]
+    pub(crate) acls: Option<Value>,
+    #[serde(default, skip_serializing)]
+    pub(crate) basicauth_credentials: Option<Value>,
+    #[serde(default, skip_serializing)]
+    pub(crate) hmacauth_credentials: Option<Value>,
+    #[serde(default, skip_serializing)]
+    pub(crate) oauth2_credentials: Option<Value>,
+    #[serde(default, skip_serializing)]
+    pub(crate) groups: Option<Value>,
+}
+
+/// Lists the Kong-only fields of an entity that hold something other than Kong's default.
+pub(crate) fn unsupported_fields(
+    fields: &[(&'static str, &Option<Value>, &[Value])],
+) -> Vec<&'static str> {
+    fields
+        .iter()
+        .filter_map(|(name, value, defaults)| match value {
+            None | Some(Value::Null) => None,
+            Some(Value::Array(a)) if a.is_empty() => None,
+            Some(v) if defaults.contains(v) => None,
+            Some(_) => Some(*name),
+        })
+        .collect()
+}

@@ -1,0 +1,722 @@
+//! The reverse proxy: one request in, one upstream call, one response out.
+//!
+//! Proxy semantics, decided per RFC 9110 and Kong's behaviour:
+//! - hop-by-hop headers are removed both ways: `Connection` and every header it names,
+//!   `Keep-Alive`, `Proxy-Connection`, `TE` (except `TE: trailers`), `Transfer-Encoding`,
+//!   `Upgrade`, and the proxy credentials `Proxy-Authorization` / `Proxy-Authenticate`;
+//! - `X-Forwarded-For` gets the client address appended; `X-Forwarded-Proto`, `-Host`, `-Port`,
+//!   `-Path` (the client's path), `-Prefix` (the stripped prefix) and `X-Real-IP` are set from
+//!   what the gateway saw, replacing what the client sent;
+//! - `Via` is appended on the way up and on the way back;
+//! - every response carries `X-Request-Id`, which the upstream also receives.
+//!
+//! Failures become JSON answers `{"message": ..., "request_id": ...}` in exactly one place,
+//! [`error_response`]: 404 when no route matches, 502 when the upstream connection or its
+//! response fails, 503 when no target is available, 504 on an upstream timeout.
+
+pub(crate) mod client;
+
+use std::error::Error as StdError;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::{PathAndQuery, Uri};
+use http::{Request, Response, StatusCode, Version};
+
+use crate::body::{ProxyBody, ResponseBody};
+use crate::router::{RouteInput, split_host};
+use crate::snapshot::{ServiceRuntime, Snapshot};
+
+/// Facts about the connection a request arrived on.
+///
+/// The built-in server passes them directly; when the gateway runs as a plain tower service,
+/// put a `ConnInfo` in the request extensions (otherwise the client is `0.0.0.0:0`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnInfo {
+    /// The client's address.
+    pub client: SocketAddr,
+    /// The local address the request arrived at.
+    pub local: SocketAddr,
+    /// True when the connection is TLS.
+    pub tls: bool,
+}
+
+impl Default for ConnInfo {
+    fn default() -> Self {
+        let unspecified = SocketAddr::from(([0, 0, 0, 0], 0));
+        ConnInfo {
+            client: unspecified,
+            local: unspecified,
+            tls: false,
+        }
+    }
+}
+
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+static X_FORWARDED_PORT: HeaderName = HeaderName::from_static("x-forwarded-port");
+static X_FORWARDED_PATH: HeaderName = HeaderName::from_static("x-forwarded-path");
+static X_FORWARDED_PREFIX: HeaderName = HeaderName::from_static("x-forwarded-prefix");
+static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+/// The request id header, on responses and on upstream requests.
+pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// The token this gateway adds to `Via`.
+const VIA_TOKEN: &str = "gateway";
+
+/// Removes hop-by-hop headers (RFC 9110 7.6.1), including those the `Connection` header names.
+pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    if headers.contains_key(header::CONNECTION) {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+            .collect();
+        for name in named {
+            // A client must not be able to strip what the gateway itself sets.
+            if name != X_REQUEST_ID {
+                headers.remove(name);
+            }
+        }
+        headers.remove(header::CONNECTION);
+    }
+    headers.remove(&KEEP_ALIVE);
+    headers.remove(&PROXY_CONNECTION);
+    headers.remove(header::TRANSFER_ENCODING);
+    headers.remove(header::UPGRADE);
+    headers.remove(header::PROXY_AUTHORIZATION);
+    headers.remove(header::PROXY_AUTHENTICATE);
+    if let Some(te) = headers.get(header::TE) {
+        if !te.as_bytes().eq_ignore_ascii_case(b"trailers") {
+            headers.remove(header::TE);
+        }
+    }
+}
+
+fn via_value(version: Version, previous: Option<&HeaderValue>) -> HeaderValue {
+    let ours: &'static str = match version {
+        Version::HTTP_10 => "1.0 gateway",
+        Version::HTTP_2 => "2 gateway",
+        Version::HTTP_3 => "3 gateway",
+        _ => "1.1 gateway",
+    };
+    debug_assert!(ours.ends_with(VIA_TOKEN));
+    match previous {
+        None => HeaderValue::from_static(ours),
+        Some(prev) => {
+            let mut b = BytesMut::with_capacity(prev.len() + 2 + ours.len());
+            b.put_slice(prev.as_bytes());
+            b.put_slice(b", ");
+            b.put_slice(ours.as_bytes());
+            HeaderValue::from_maybe_shared(b.freeze()).unwrap_or(HeaderValue::from_static(ours))
+        }
+    }
+}
+
+fn append_via(headers: &mut HeaderMap, version: Version) {
+    let v = via_value(version, headers.get(header::VIA));
+    headers.insert(header::VIA, v);
+}
+
+/// A new request id: 32 hex digits from a per-thread generator seeded from the OS.
+pub(crate) fn next_request_id() -> HeaderValue {
+    use std::cell::Cell;
+    use std::hash::{BuildHasher, Hasher};
+    thread_local! {
+        static STATE: Cell<u64> = Cell::new(std::hash::RandomState::new().build_hasher().finish());
+    }
+    fn splitmix(x: u64) -> u64 {
+        let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    let (a, b) = STATE.with(|s| {
+        let x = s.get().wrapping_add(0x9E37_79B9_7F4A_7C15);
+        s.set(x);
+        (splitmix(x), splitmix(x ^ 0xD1B5_4A32_D192_ED03))
+    });
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut out = [0u8; 32];
+    for (i, byte) in a
+        .to_be_bytes()
+        .iter()
+        .chain(b.to_be_bytes().iter())
+        .enumerate()
+    {
+        out[2 * i] = HEX[(byte >> 4) as usize];
+        out[2 * i + 1] = HEX[(byte & 15) as usize];
+    }
+    HeaderValue::from_bytes(&out).expect("hex is a valid header value")
+}
+
+/// Builds the one kind of answer the gateway writes itself: a short JSON body.
+pub fn error_response(
+    status: StatusCode,
+    message: &str,
+    request_id: &HeaderValue,
+) -> Response<ResponseBody> {
+    let id = request_id.to_str().unwrap_or("");
+    let mut body = String::with_capacity(message.len() + id.len() + 32);
+    body.push_str("{\"message\":");
+    let _ = write!(body, "{}", serde_json::Value::from(message));
+    body.push_str(",\"request_id\":\"");
+    body.push_str(id);
+    body.push_str("\"}");
+    let mut resp = Response::new(ResponseBody::full(body));
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json; charset=utf-8"),
+    );
+    h.insert(X_REQUEST_ID.clone(), request_id.clone());
+    resp
+}
+
+/// Kong's v0 path joining of the service path and the (stripped) request path.
+pub(crate) fn upstream_path(
+    base: Option<&str>,
+    req_path: &str,
+    matched_len: usize,
+    strip: bool,
+) -> Option<String> {
+    let base = base.unwrap_or("/");
+    if base == "/" && (!strip || matched_len == 0) {
+        return None; // unchanged: reuse the request's own path
+    }
+    let postfix = if strip {
+        &req_path[matched_len.min(req_path.len())..]
+    } else {
+        ""
+    };
+    let mut out = String::with_capacity(base.len() + req_path.len());
+    if base.ends_with('/') {
+        if strip {
+            if postfix.is_empty() {
+                if base == "/" {
+                    out.push('/');
+                } else if req_path.ends_with('/') {
+                    out.push_str(base);
+                } else {
+                    out.push_str(&base[..base.len() - 1]);
+                }
+            } else if postfix.starts_with('/') {
+                out.push_str(&base[..base.len() - 1]);
+                out.push_str(postfix);
+            } else {
+                out.push_str(base);
+                out.push_str(postfix);
+            }
+        } else {
+            out.push_str(base);
+            out.push_str(req_path.get(1..).unwrap_or(""));
+        }
+    } else if strip {
+        out.push_str(base);
+        if postfix.is_empty() {
+            if req_path.ends_with('/') {
+                out.push('/');
+            }
+        } else {
+            if !postfix.starts_with('/') {
+                out.push('/');
+            }
+            out.push_str(postfix);
+        }
+    } else {
+        out.push_str(base);
+        if req_path != "/" {
+            out.push_str(req_path);
+        }
+    }
+    Some(out)
+}
+
+fn is_timeout(err: &(dyn StdError + 'static)) -> bool {
+    let mut cur: Option<&(dyn StdError + 'static)> = Some(err);
+    while let Some(e) = cur {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            if io.kind() == std::io::ErrorKind::TimedOut {
+                return true;
+            }
+        }
+        if let Some(h) = e.downcast_ref::<hyper::Error>() {
+            if h.is_timeout() {
+                return true;
+            }
+        }
+        cur = e.source();
+    }
+    false
+}
+
+fn error_chain(err: &(dyn StdError + 'static)) -> String {
+    let mut s = err.to_string();
+    let mut cur = err.source();
+    while let Some(e) = cur {
+        let _ = write!(s, ": {e}");
+        cur = e.source();
+    }
+    s
+}
+
+/// What the access log needs once the response is known.
+struct LogFacts<'a> {
+    method: http::Method,
+    path: &'a str,
+    route: &'a str,
+    upstream: &'a str,
+    start: Instant,
+}
+
+fn access_log(f: &LogFacts<'_>, status: StatusCode) {
+    tracing::info!(
+        target: "gateway::access",
+        method = %f.method,
+        path = f.path,
+        status = status.as_u16(),
+        route = f.route,
+        upstream = f.upstream,
+        latency_us = f.start.elapsed().as_micros() as u64,
+    );
+}
+
+/// Handles one request against one snapshot. Never fails: every error is an HTTP answer.
+pub(crate) async fn handle(
+    snapshot: Arc<Snapshot>,
+    req: Request<ProxyBody>,
+    conn: ConnInfo,
+) -> Response<ResponseBody> {
+    let start = Instant::now();
+    let request_id = next_request_id();
+    let (mut parts, body) = req.into_parts();
+    let original_pq = parts
+        .uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    let path = original_pq.path();
+
+    // Host: HTTP/2 carries it in :authority, HTTP/1 in the Host header.
+    let raw_host = match parts.uri.authority() {
+        Some(a) => a.as_str(),
+        None => parts
+            .headers
+            .get(header::HOST)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or(""),
+    };
+    let (host, host_port) = split_host(raw_host);
+    let found = snapshot.router.find(&RouteInput {
+        host: &host,
+        port: host_port,
+        path,
+        method: &parts.method,
+        headers: &parts.headers,
+    });
+    let mut facts = LogFacts {
+        method: parts.method.clone(),
+        path,
+        route: "-",
+        upstream: "-",
+        start,
+    };
+    let Some(found) = found else {
+        let resp = error_response(
+            StatusCode::NOT_FOUND,
+            "no Route matched with those values",
+            &request_id,
+        );
+        access_log(&facts, resp.status());
+        return resp;
+    };
+    let route = &snapshot.routes[found.route];
+    facts.route = &route.name;
+
+    if (conn.tls && !route.allow_https) || (!conn.tls && !route.allow_http) {
+        let resp = protocol_mismatch(
+            route.redirect_status,
+            conn.tls,
+            raw_host,
+            &original_pq,
+            &request_id,
+        );
+        access_log(&facts, resp.status());
+        return resp;
+    }
+    let Some(service) = route.service.as_deref() else {
+        let resp = error_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no Service found with those values",
+            &request_id,
+        );
+        access_log(&facts, resp.status());
+        return resp;
+    };
+
+    // Everything below only reads the request head it owns; compute values that borrow it first.
+    let forwarded_host = HeaderValue::from_str(&host).ok();
+    let forwarded_path = HeaderValue::from_str(path).ok();
+    let prefix = (route.strip_path && found.matched_len > 1)
+        .then(|| HeaderValue::from_str(&path[..found.matched_len]).ok())
+        .flatten();
+    let new_path = upstream_path(
+        service.base_path.as_deref(),
+        path,
+        found.matched_len,
+        route.strip_path,
+    );
+    let pq = match new_path {
+        None => original_pq.clone(),
+        Some(mut p) => {
+            if let Some(q) = original_pq.query() {
+                p.push('?');
+                p.push_str(q);
+            }
+            match PathAndQuery::from_maybe_shared(Bytes::from(p)) {
+                Ok(pq) => pq,
+                Err(_) => {
+                    let resp = error_response(
+                        StatusCode::BAD_REQUEST,
+                        "invalid request path",
+                        &request_id,
+                    );
+                    access_log(&facts, resp.status());
+                    return resp;
+                }
+            }
+        }
+    };
+    let client_host = if route.preserve_host {
+        parts
+            .headers
+            .get(header::HOST)
+            .cloned()
+            .or_else(|| HeaderValue::from_str(raw_host).ok())
+    } else {
+        None
+    };
+
+    set_forwarding_headers(
+        &mut parts.headers,
+        &conn,
+        forwarded_host,
+        forwarded_path,
+        prefix,
+        &request_id,
+        parts.version,
+    );
+    parts.version = Version::HTTP_11;
+
+    let result = send_with_retries(
+        service,
+        &mut parts,
+        body,
+        pq,
+        client_host.as_ref(),
+        &mut facts,
+    )
+    .await;
+    let resp = match result {
+        Ok(resp) => {
+            let (mut rparts, rbody) = resp.into_parts();
+            remove_hop_by_hop(&mut rparts.headers);
+            append_via(&mut rparts.headers, rparts.version);
+            rparts.headers.insert(X_REQUEST_ID.clone(), request_id);
+            rparts.version = Version::HTTP_11;
+            Response::from_parts(rparts, ResponseBody::Upstream(rbody))
+        }
+        Err((status, message)) => error_response(status, message, &request_id),
+    };
+    access_log(&facts, resp.status());
+    resp
+}
+
+fn set_forwarding_headers(
+    h: &mut HeaderMap,
+    conn: &ConnInfo,
+    host: Option<HeaderValue>,
+    path: Option<HeaderValue>,
+    prefix: Option<HeaderValue>,
+    request_id: &HeaderValue,
+    version: Version,
+) {
+    remove_hop_by_hop(h);
+    let ip = conn.client.ip();
+    let mut ip_buf = String::with_capacity(40);
+    let _ = write!(ip_buf, "{ip}");
+    let xff = match h.get(&X_FORWARDED_FOR) {
+        None => HeaderValue::from_str(&ip_buf).ok(),
+        Some(_) => {
+            let mut joined = String::new();
+            for v in h.get_all(&X_FORWARDED_FOR) {
+                if let Ok(s) = v.to_str() {
+                    joined.push_str(s);
+                    joined.push_str(", ");
+                }
+            }
+            joined.push_str(&ip_buf);
+            HeaderValue::from_str(&joined).ok()
+        }
+    };
+    if let Some(v) = xff {
+        h.insert(X_FORWARDED_FOR.clone(), v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&ip_buf) {
+        h.insert(X_REAL_IP.clone(), v);
+    }
+    h.insert(
+        X_FORWARDED_PROTO.clone(),
+        HeaderValue::from_static(if conn.tls { "https" } else { "http" }),
+    );
+    match host {
+        Some(v) => h.insert(X_FORWARDED_HOST.clone(), v),
+        None => h.remove(&X_FORWARDED_HOST),
+    };
+    h.insert(
+        X_FORWARDED_PORT.clone(),
+        HeaderValue::from(conn.local.port()),
+    );
+    match path {
+        Some(v) => h.insert(X_FORWARDED_PATH.clone(), v),
+        None => h.remove(&X_FORWARDED_PATH),
+    };
+    match prefix {
+        Some(v) => h.insert(X_FORWARDED_PREFIX.clone(), v),
+        None => h.remove(&X_FORWARDED_PREFIX),
+    };
+    h.insert(X_REQUEST_ID.clone(), request_id.clone());
+    append_via(h, version);
+}
+
+type Failure = (StatusCode, &'static str);
+
+async fn send_with_retries<'a>(
+    service: &'a ServiceRuntime,
+    parts: &mut http::request::Parts,
+    body: ProxyBody,
+    pq: PathAndQuery,
+    client_host: Option<&HeaderValue>,
+    facts: &mut LogFacts<'a>,
+) -> Result<Response<hyper::body::Incoming>, Failure> {
+    let (mut body, slot) = if service.retries > 0 && !http_body::Body::is_end_stream(&body) {
+        let (b, s) = body.defer();
+        (b, Some(s))
+    } else {
+        (body, None)
+    };
+    let mut attempt = 0u32;
+    loop {
+        let Some(target) = service.balancer.pick() else {
+            return Err((
+                StatusCode::SERVICE_UNAVAILABLE,
+                "failure to get a peer from the ring-balancer",
+            ));
+        };
+        facts.upstream = &target.label;
+        let uri = Uri::from_parts({
+            let mut p = http::uri::Parts::default();
+            p.scheme = Some(service.scheme.clone());
+            p.authority = Some(target.authority.clone());
+            p.path_and_query = Some(pq.clone());
+            p
+        })
+        .map_err(|_| {
+            (
+                StatusCode::BAD_GATEWAY,
+                "An invalid response was received from the upstream server",
+            )
+        })?;
+        let last = attempt >= service.retries;
+        let mut req = Request::new(body);
+        *req.method_mut() = parts.method.clone();
+        *req.uri_mut() = uri;
+        *req.version_mut() = Version::HTTP_11;
+        *req.headers_mut() = if last {
+            std::mem::take(&mut parts.headers)
+        } else {
+            parts.headers.clone()
+        };
+        req.headers_mut().insert(
+            header::HOST,
+            client_host
+                .cloned()
+                .unwrap_or_else(|| target.host_header.clone()),
+        );
+        match service.client.request(req).await {
+            Ok(resp) => {
+                return Ok(resp);
+            }
+            Err(err) => {
+                let timeout = is_timeout(&err);
+                let retry_body = if err.is_connect() && !last {
+                    match &slot {
+                        None => Some(ProxyBody::Empty),
+                        Some(slot) => slot.reclaim(),
+                    }
+                } else {
+                    None
+                };
+                tracing::warn!(
+                    service = &*service.name,
+                    upstream = &*target.label,
+                    attempt = attempt + 1,
+                    retrying = retry_body.is_some(),
+                    error = %error_chain(&err),
+                    "upstream request failed"
+                );
+                match retry_body {
+                    Some(b) => {
+                        body = b;
+                        attempt += 1;
+                    }
+                    None => {
+                        return Err(if timeout {
+                            (
+                                StatusCode::GATEWAY_TIMEOUT,
+                                "The upstream server is timing out",
+                            )
+                        } else {
+                            (
+                                StatusCode::BAD_GATEWAY,
+                                "An invalid response was received from the upstream server",
+                            )
+                        });
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn protocol_mismatch(
+    status: StatusCode,
+    tls: bool,
+    raw_host: &str,
+    pq: &PathAndQuery,
+    request_id: &HeaderValue,
+) -> Response<ResponseBody> {
+    if status == StatusCode::UPGRADE_REQUIRED || tls {
+        let mut resp = error_response(
+            StatusCode::UPGRADE_REQUIRED,
+            "Please use HTTPS protocol",
+            request_id,
+        );
+        if status == StatusCode::UPGRADE_REQUIRED && !tls {
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+            resp.headers_mut().insert(
+                header::UPGRADE,
+                HeaderValue::from_static("TLS/1.2, HTTP/1.1"),
+            );
+        }
+        return resp;
+    }
+    let mut resp = error_response(status, "Please use HTTPS protocol", request_id);
+    if let Ok(loc) = HeaderValue::from_str(&format!("https://{}{}", split_host(raw_host).0, pq)) {
+        resp.headers_mut().insert(header::LOCATION, loc);
+    }
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn v0_path_joining_matches_kong() {
+        // (service path, request path, matched length, strip) -> upstream path
+        let cases: &[(Option<&str>, &str, usize, bool, &str)] = &[
+            (Some("/api/"), "/foo/bar", 4, true, "/api/bar"),
+            (Some("/api/"), "/foo/bar", 4, false, "/api/foo/bar"),
+            (Some("/api/"), "/foo", 4, true, "/api"),
+            (Some("/api/"), "/foo/", 4, true, "/api/"),
+            (Some("/api"), "/foo/bar", 4, true, "/api/bar"),
+            (Some("/api"), "/foo", 4, true, "/api"),
+            (Some("/api"), "/foo/", 4, true, "/api/"),
+            (Some("/api"), "/foobar", 4, true, "/api/bar"),
+            (Some("/api"), "/foo/bar", 4, false, "/api/foo/bar"),
+            (Some("/api"), "/", 1, false, "/api"),
+            (None, "/foo/bar", 4, true, "/bar"),
+            (None, "/foo", 4, true, "/"),
+            (None, "/foobar", 4, true, "/bar"),
+        ];
+        for (base, req, m, strip, want) in cases {
+            let got = upstream_path(*base, req, *m, *strip).unwrap_or_else(|| req.to_string());
+            assert_eq!(
+                &got, want,
+                "base {base:?} req {req} matched {m} strip {strip}"
+            );
+        }
+        assert_eq!(
+            upstream_path(None, "/x", 2, false),
+            None,
+            "no copy when nothing changes"
+        );
+    }
+
+    #[test]
+    fn hop_by_hop_headers_and_those_named_in_connection_are_removed() {
+        let mut h = HeaderMap::new();
+        for (k, v) in [
+            ("connection", "keep-alive, x-secret"),
+            ("keep-alive", "timeout=5"),
+            ("x-secret", "1"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "h2c"),
+            ("proxy-connection", "keep-alive"),
+            ("te", "gzip"),
+            ("x-kept", "yes"),
+        ] {
+            h.insert(HeaderName::from_static(k), HeaderValue::from_static(v));
+        }
+        remove_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert!(h.contains_key("x-kept"));
+        let mut t = HeaderMap::new();
+        t.insert(header::TE, HeaderValue::from_static("trailers"));
+        remove_hop_by_hop(&mut t);
+        assert!(
+            t.contains_key(header::TE),
+            "TE: trailers is end-to-end for gRPC"
+        );
+    }
+
+    #[test]
+    fn request_ids_are_unique_hex() {
+        let a = next_request_id();
+        let b = next_request_id();
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 32);
+        assert!(a.as_bytes().iter().all(u8::is_ascii_hexdigit));
+    }
+
+    #[test]
+    fn error_bodies_are_kong_shaped_json() {
+        let id = HeaderValue::from_static("abc");
+        let resp = error_response(
+            StatusCode::NOT_FOUND,
+            "no Route matched with those values",
+            &id,
+        );
+        let ResponseBody::Full(Some(b)) = resp.body() else {
+            panic!("full body")
+        };
+        let v: serde_json::Value = serde_json::from_slice(b).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"message": "no Route matched with those values", "request_id": "abc"})
+        );
+        assert_eq!(resp.headers()["x-request-id"], "abc");
+    }
+}

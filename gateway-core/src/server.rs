@@ -1,0 +1,150 @@
+//! The built-in server: HTTP/1.1 and HTTP/2 (TLS-less prior knowledge, "h2c") on one listener,
+//! with client-side limits on by default and graceful shutdown.
+//!
+//! ```no_run
+//! use gateway_core::{Gateway, server::ServerSettings};
+//!
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let gateway = Gateway::from_yaml("_format_version: \"3.0\"\n")?;
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:8000").await?;
+//! gateway.serve(vec![listener], ServerSettings::default(), async {
+//!     let _ = tokio::signal::ctrl_c().await;
+//! }).await?;
+//! # Ok(()) }
+//! ```
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+
+use crate::Shared;
+use crate::body::ProxyBody;
+use crate::proxy::{ConnInfo, handle};
+
+/// Client-side limits and timeouts of the server. Every limit has a safe default.
+#[derive(Debug, Clone)]
+pub struct ServerSettings {
+    /// Time a client has to send a complete request head, counted from the moment the
+    /// connection is open or idle after a response. On HTTP/1.1 this is also the keep-alive
+    /// idle timeout: an idle connection that sends nothing for this long is closed (hyper
+    /// starts the header timer when a connection goes idle). Default 10 s.
+    pub header_read_timeout: Duration,
+    /// Largest request head in bytes (request line plus headers); larger heads get 431.
+    /// At least 8192. Default 32 KiB.
+    pub max_header_bytes: usize,
+    /// Most request headers; more get 431. Default 100.
+    pub max_headers: usize,
+    /// HTTP/2: most concurrent streams per connection. Default 256.
+    pub http2_max_concurrent_streams: u32,
+    /// HTTP/2: interval of keep-alive pings, which also close dead connections. Default 20 s.
+    pub http2_keepalive_interval: Option<Duration>,
+    /// On shutdown, how long in-flight requests may take to finish. Default 30 s.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        ServerSettings {
+            header_read_timeout: Duration::from_secs(10),
+            max_header_bytes: 32 * 1024,
+            max_headers: 100,
+            http2_max_concurrent_streams: 256,
+            http2_keepalive_interval: Some(Duration::from_secs(20)),
+            shutdown_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+impl ServerSettings {
+    fn builder(&self) -> auto::Builder<TokioExecutor> {
+        let mut b = auto::Builder::new(TokioExecutor::new());
+        b.http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(self.header_read_timeout)
+            .max_buf_size(self.max_header_bytes.max(8192))
+            .max_headers(self.max_headers)
+            .keep_alive(true);
+        b.http2()
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(self.http2_max_concurrent_streams)
+            .keep_alive_interval(self.http2_keepalive_interval)
+            .max_header_list_size(self.max_header_bytes.min(u32::MAX as usize) as u32);
+        b
+    }
+}
+
+/// Serves until `shutdown` resolves, then stops accepting, lets in-flight requests finish
+/// within [`ServerSettings::shutdown_grace`], and returns.
+pub(crate) async fn serve(
+    shared: Arc<Shared>,
+    listeners: Vec<TcpListener>,
+    settings: ServerSettings,
+    shutdown: impl Future<Output = ()>,
+) -> io::Result<()> {
+    let builder = Arc::new(settings.builder());
+    let graceful = Arc::new(GracefulShutdown::new());
+    let mut accept_tasks = tokio::task::JoinSet::new();
+    for listener in listeners {
+        let local = listener.local_addr()?;
+        tracing::info!(%local, "listening");
+        let shared = shared.clone();
+        let builder = builder.clone();
+        let graceful = graceful.clone();
+        accept_tasks.spawn(async move {
+            loop {
+                let (stream, client) = match listener.accept().await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        // Out of file descriptors and the like: back off instead of spinning.
+                        tracing::warn!(%local, error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let conn_info = ConnInfo {
+                    client,
+                    local,
+                    tls: false,
+                };
+                let shared = shared.clone();
+                let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let snapshot = shared.snapshot.load_full();
+                    let req = req.map(ProxyBody::Incoming);
+                    async move { Ok::<_, Infallible>(handle(snapshot, req, conn_info).await) }
+                });
+                let conn = builder
+                    .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                    .into_owned();
+                let fut = graceful.watch(conn);
+                tokio::spawn(async move {
+                    if let Err(e) = fut.await {
+                        tracing::debug!(%client, error = %e, "connection ended with an error");
+                    }
+                });
+            }
+        });
+    }
+    shutdown.await;
+    tracing::info!("shutting down: no new connections, finishing in-flight requests");
+    accept_tasks.abort_all();
+    while accept_tasks.join_next().await.is_some() {}
+    // The accept loops are gone, so this is the last handle.
+    let graceful =
+        Arc::try_unwrap(graceful).unwrap_or_else(|_| unreachable!("accept loops hold no handle"));
+    if tokio::time::timeout(settings.shutdown_grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(grace = ?settings.shutdown_grace, "grace period over; closing remaining connections");
+    }
+    Ok(())
+}

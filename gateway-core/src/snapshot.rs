@@ -1,0 +1,1008 @@
+//! Compiling a [`Config`] into an immutable [`Snapshot`]: every check, every parse, every
+//! regex and every pre-computed header value happens here, once per config change, so that
+//! the request path only reads.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use http::uri::{Authority, Scheme};
+use http::{HeaderName, HeaderValue, Method, StatusCode};
+use serde_json::{Value, json};
+
+use crate::config::{
+    Algorithm, Config, ConfigError, DEFAULT_RETRIES, DEFAULT_TIMEOUT_MS, DEFAULT_WEIGHT, PathType,
+    Plugin, Problem, Route, RouteProtocol, Service, ServiceProtocol, Upstream, unsupported_fields,
+};
+use crate::plugin::PluginRegistry;
+use crate::proxy::client::{Timeouts, UpstreamClient, build_client};
+use crate::router::{PathKind, PathSpec, RouteSpec, Router};
+
+/// A compiled, immutable config. Requests load the current one once and use only it.
+#[derive(Debug)]
+pub(crate) struct Snapshot {
+    pub(crate) router: Router,
+    pub(crate) routes: Box<[RouteRuntime]>,
+    /// For `gateway routes`: route index to its description.
+    pub(crate) route_names: Box<[Arc<str>]>,
+}
+
+/// What a matched route needs at request time.
+#[derive(Debug)]
+pub(crate) struct RouteRuntime {
+    pub(crate) name: Arc<str>,
+    pub(crate) service: Option<Arc<ServiceRuntime>>,
+    pub(crate) strip_path: bool,
+    pub(crate) preserve_host: bool,
+    pub(crate) allow_http: bool,
+    pub(crate) allow_https: bool,
+    pub(crate) redirect_status: StatusCode,
+}
+
+/// A compiled service: where and how to send requests.
+#[derive(Debug)]
+pub(crate) struct ServiceRuntime {
+    pub(crate) name: Arc<str>,
+    pub(crate) scheme: Scheme,
+    /// The service path; `None` stands for `/`.
+    pub(crate) base_path: Option<Box<str>>,
+    pub(crate) balancer: Balancer,
+    pub(crate) retries: u32,
+    pub(crate) client: UpstreamClient,
+}
+
+/// One upstream address, with its header values computed once.
+#[derive(Debug)]
+pub(crate) struct TargetRuntime {
+    pub(crate) authority: Authority,
+    pub(crate) host_header: HeaderValue,
+    pub(crate) label: Box<str>,
+}
+
+/// Weighted round-robin over targets: a pre-computed smooth schedule walked by an atomic counter.
+#[derive(Debug)]
+pub(crate) struct Balancer {
+    pub(crate) targets: Box<[TargetRuntime]>,
+    schedule: Box<[u32]>,
+    next: AtomicUsize,
+}
+
+impl Balancer {
+    fn new(targets: Vec<(TargetRuntime, u32)>) -> Self {
+        let live: Vec<(TargetRuntime, u32)> = targets.into_iter().filter(|(_, w)| *w > 0).collect();
+        let mut weights: Vec<u64> = live.iter().map(|(_, w)| u64::from(*w)).collect();
+        let g = weights.iter().copied().fold(0, gcd);
+        if g > 1 {
+            weights.iter_mut().for_each(|w| *w /= g);
+        }
+        // Keep the schedule small: scale big weight sums down (ratios kept to ~0.1%).
+        let sum: u64 = weights.iter().sum();
+        if sum > 1000 {
+            weights
+                .iter_mut()
+                .for_each(|w| *w = (*w * 1000 / sum).max(1));
+        }
+        let total: i64 = weights.iter().map(|w| *w as i64).sum();
+        let mut current = vec![0i64; weights.len()];
+        let mut schedule = Vec::with_capacity(total as usize);
+        for _ in 0..total {
+            for (c, w) in current.iter_mut().zip(&weights) {
+                *c += *w as i64;
+            }
+            let (best, _) = current
+                .iter()
+                .enumerate()
+                .max_by_key(|(i, c)| (**c, std::cmp::Reverse(*i)))
+                .expect("non-empty");
+            current[best] -= total;
+            schedule.push(best as u32);
+        }
+        Balancer {
+            targets: live.into_iter().map(|(t, _)| t).collect(),
+            schedule: schedule.into(),
+            next: AtomicUsize::new(0),
+        }
+    }
+
+    /// The next target in rotation, or `None` when no target has a weight.
+    pub(crate) fn pick(&self) -> Option<&TargetRuntime> {
+        if self.schedule.is_empty() {
+            return None;
+        }
+        let n = self.next.fetch_add(1, Ordering::Relaxed) % self.schedule.len();
+        self.targets.get(self.schedule[n] as usize)
+    }
+}
+
+fn gcd(a: u64, b: u64) -> u64 {
+    if b == 0 { a } else { gcd(b, a % b) }
+}
+
+/// State that outlives snapshots: upstream clients (and so their connection pools) keyed by
+/// timeouts, reused by the next compile when a service's settings are unchanged.
+#[derive(Debug, Default)]
+pub(crate) struct ClientCache {
+    clients: HashMap<Timeouts, UpstreamClient>,
+}
+
+/// Kong's bundled plugins: named in "not supported yet" messages instead of "unknown plugin".
+const KONG_PLUGINS: &[&str] = &[
+    "acl",
+    "acme",
+    "ai-proxy",
+    "aws-lambda",
+    "azure-functions",
+    "basic-auth",
+    "bot-detection",
+    "correlation-id",
+    "cors",
+    "datadog",
+    "file-log",
+    "grpc-gateway",
+    "grpc-web",
+    "hmac-auth",
+    "http-log",
+    "ip-restriction",
+    "jwt",
+    "key-auth",
+    "ldap-auth",
+    "loggly",
+    "oauth2",
+    "opentelemetry",
+    "post-function",
+    "pre-function",
+    "prometheus",
+    "proxy-cache",
+    "rate-limiting",
+    "redirect",
+    "request-size-limiting",
+    "request-termination",
+    "request-transformer",
+    "response-ratelimiting",
+    "response-transformer",
+    "session",
+    "statsd",
+    "syslog",
+    "tcp-log",
+    "udp-log",
+    "zipkin",
+];
+
+struct Compiler<'a> {
+    problems: Vec<Problem>,
+    plugins: &'a PluginRegistry,
+}
+
+impl Compiler<'_> {
+    fn problem(&mut self, at: impl Into<String>, message: impl Into<String>) {
+        self.problems.push(Problem {
+            at: at.into(),
+            message: message.into(),
+            line: None,
+            column: None,
+        });
+    }
+
+    fn unsupported(&mut self, at: &str, fields: Vec<&'static str>) {
+        for f in fields {
+            self.problem(
+                at,
+                format!("`{f}` is a Kong field this gateway does not support yet"),
+            );
+        }
+    }
+
+    fn check_plugins(&mut self, at: &str, plugins: &[Plugin]) {
+        for (i, p) in plugins.iter().enumerate() {
+            let at = format!("{at}plugins[{i}]");
+            if !self.plugins.contains(&p.name) {
+                if KONG_PLUGINS.contains(&p.name.as_str()) {
+                    self.problem(
+                        &at,
+                        format!("Kong plugin `{}` is not supported yet", p.name),
+                    );
+                } else {
+                    self.problem(&at, format!("unknown plugin `{}`", p.name));
+                }
+            }
+        }
+    }
+}
+
+fn label(kind: &str, index: usize, name: Option<&str>) -> String {
+    match name {
+        Some(n) => format!("{kind}[{index}] (name \"{n}\")"),
+        None => format!("{kind}[{index}]"),
+    }
+}
+
+fn timeout(c: &mut Compiler<'_>, at: &str, field: &str, value: Option<u64>) -> Duration {
+    let ms = value.unwrap_or(DEFAULT_TIMEOUT_MS);
+    if ms == 0 || ms > i32::MAX as u64 {
+        c.problem(
+            at,
+            format!("`{field}` must be between 1 and {} ms, got {ms}", i32::MAX),
+        );
+    }
+    Duration::from_millis(ms.max(1))
+}
+
+/// `host[:port]` with a default port; IPv6 literals in brackets.
+fn parse_host_port(s: &str, default_port: u16) -> Result<(String, u16), String> {
+    let (host, port) = if let Some(rest) = s.strip_prefix('[') {
+        let end = rest
+            .find(']')
+            .ok_or_else(|| format!("`{s}`: unclosed `[`"))?;
+        let host = &s[..end + 2];
+        match &rest[end + 1..] {
+            "" => (host, None),
+            p => (
+                host,
+                Some(
+                    p.strip_prefix(':')
+                        .ok_or_else(|| format!("`{s}`: expected `:port` after `]`"))?,
+                ),
+            ),
+        }
+    } else {
+        match s.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (s, None),
+        }
+    };
+    if host.is_empty() {
+        return Err(format!("`{s}`: missing host"));
+    }
+    let port = match port {
+        None => default_port,
+        Some(p) => p
+            .parse::<u16>()
+            .ok()
+            .filter(|p| *p > 0)
+            .ok_or_else(|| format!("`{s}`: invalid port `{p}`"))?,
+    };
+    Ok((host.to_string(), port))
+}
+
+fn host_header_for(host: &str, port: u16, scheme: &Scheme) -> String {
+    let default = if *scheme == Scheme::HTTPS { 443 } else { 80 };
+    if port == default {
+        host.to_string()
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
+fn target_runtime(
+    host: &str,
+    port: u16,
+    host_header: Option<&str>,
+    scheme: &Scheme,
+) -> Result<TargetRuntime, String> {
+    let label = format!("{host}:{port}");
+    let authority: Authority = label
+        .parse()
+        .map_err(|e| format!("`{label}` is not a valid address: {e}"))?;
+    let header = host_header
+        .map(str::to_string)
+        .unwrap_or_else(|| host_header_for(host, port, scheme));
+    let host_header = HeaderValue::from_str(&header)
+        .map_err(|e| format!("`{header}` is not a valid Host header: {e}"))?;
+    Ok(TargetRuntime {
+        authority,
+        host_header,
+        label: label.into(),
+    })
+}
+
+fn healthchecks_enabled(v: &Value) -> bool {
+    let num = |p: &str| v.pointer(p).and_then(Value::as_f64).unwrap_or(0.0) > 0.0;
+    num("/active/healthy/interval")
+        || num("/active/unhealthy/interval")
+        || num("/passive/healthy/successes")
+        || num("/passive/unhealthy/http_failures")
+        || num("/passive/unhealthy/tcp_failures")
+        || num("/passive/unhealthy/timeouts")
+}
+
+struct ParsedUpstream<'a> {
+    upstream: &'a Upstream,
+    targets: Vec<(String, u16, u32)>,
+}
+
+/// Compiles a config. Reuses and refreshes `clients`; never touches the network.
+pub(crate) fn compile(
+    config: &Config,
+    plugins: &PluginRegistry,
+    clients: &mut ClientCache,
+) -> Result<Snapshot, ConfigError> {
+    let mut c = Compiler {
+        problems: Vec::new(),
+        plugins,
+    };
+
+    if config.format_version != "3.0" {
+        c.problem(
+            "_format_version",
+            format!(
+                "only \"3.0\" is supported, got \"{}\" (convert older files with `deck file convert`)",
+                config.format_version
+            ),
+        );
+    }
+    if let Some(ws) = &config.workspace {
+        if ws != "default" {
+            c.problem(
+                "_workspace",
+                format!("workspaces are not supported (only `default`), got `{ws}`"),
+            );
+        }
+    }
+    let u = &config;
+    let top = unsupported_fields(&[
+        ("certificates", &u.certificates, &[]),
+        ("snis", &u.snis, &[]),
+        ("ca_certificates", &u.ca_certificates, &[]),
+        ("vaults", &u.vaults, &[]),
+        ("keyauth_credentials", &u.keyauth_credentials, &[]),
+        ("jwt_secrets", &u.jwt_secrets, &[]),
+        ("acls", &u.acls, &[]),
+        ("basicauth_credentials", &u.basicauth_credentials, &[]),
+        ("hmacauth_credentials", &u.hmacauth_credentials, &[]),
+        ("oauth2_credentials", &u.oauth2_credentials, &[]),
+        ("consumer_groups", &u.consumer_groups, &[]),
+        ("key_sets", &u.key_sets, &[]),
+        ("keys", &u.keys, &[]),
+        ("filter_chains", &u.filter_chains, &[]),
+        ("parameters", &u.parameters, &[]),
+    ]);
+    for entity in top {
+        c.problem(
+            entity,
+            format!("the Kong entity `{entity}` is not supported yet"),
+        );
+    }
+
+    // Upstreams and their targets.
+    let mut upstreams: HashMap<&str, ParsedUpstream<'_>> = HashMap::new();
+    for (i, up) in config.upstreams.iter().enumerate() {
+        let at = label("upstreams", i, Some(&up.name));
+        if up.algorithm != Algorithm::RoundRobin {
+            c.problem(
+                &at,
+                format!(
+                    "algorithm `{}` is not supported yet (only round-robin)",
+                    json!(up.algorithm).as_str().unwrap_or("?")
+                ),
+            );
+        }
+        if up.healthchecks.as_ref().is_some_and(healthchecks_enabled) {
+            c.problem(
+                &at,
+                "health checks are not supported yet (set their intervals and thresholds to 0)",
+            );
+        }
+        let none = [json!("none")];
+        let slash = [json!("/")];
+        let fls = [json!(false)];
+        let fields = unsupported_fields(&[
+            ("hash_on", &up.hash_on, &none),
+            ("hash_fallback", &up.hash_fallback, &none),
+            ("hash_on_header", &up.hash_on_header, &[]),
+            ("hash_fallback_header", &up.hash_fallback_header, &[]),
+            ("hash_on_cookie", &up.hash_on_cookie, &[]),
+            ("hash_on_cookie_path", &up.hash_on_cookie_path, &slash),
+            ("hash_on_query_arg", &up.hash_on_query_arg, &[]),
+            ("hash_fallback_query_arg", &up.hash_fallback_query_arg, &[]),
+            ("hash_on_uri_capture", &up.hash_on_uri_capture, &[]),
+            (
+                "hash_fallback_uri_capture",
+                &up.hash_fallback_uri_capture,
+                &[],
+            ),
+            ("client_certificate", &up.client_certificate, &[]),
+            ("use_srv_name", &up.use_srv_name, &fls),
+        ]);
+        c.unsupported(&at, fields);
+        let mut targets = Vec::new();
+        for (j, t) in up.targets.iter().enumerate() {
+            let tat = format!("{at}.targets[{j}]");
+            if t.upstream.is_some() {
+                c.problem(&tat, "`upstream` is only allowed on top-level targets");
+            }
+            push_target(&mut c, &tat, t, &mut targets);
+        }
+        if upstreams
+            .insert(
+                up.name.as_str(),
+                ParsedUpstream {
+                    upstream: up,
+                    targets,
+                },
+            )
+            .is_some()
+        {
+            c.problem(&at, format!("duplicate upstream name `{}`", up.name));
+        }
+    }
+    for (j, t) in config.targets.iter().enumerate() {
+        let tat = format!("targets[{j}]");
+        let Some(key) = t.upstream.as_ref().and_then(|r| r.key()) else {
+            c.problem(&tat, "a top-level target needs `upstream`");
+            continue;
+        };
+        let found = upstreams
+            .iter()
+            .map(|(k, _)| *k)
+            .find(|k| *k == key)
+            .or_else(|| {
+                config
+                    .upstreams
+                    .iter()
+                    .find(|u| u.id.as_deref() == Some(key))
+                    .map(|u| u.name.as_str())
+            });
+        let Some(name) = found else {
+            c.problem(&tat, format!("upstream `{key}` does not exist"));
+            continue;
+        };
+        let mut parsed = Vec::new();
+        push_target(&mut c, &tat, t, &mut parsed);
+        if let Some(u) = upstreams.get_mut(name) {
+            u.targets.extend(parsed);
+        }
+    }
+
+    // Services.
+    let mut fresh_clients: HashMap<Timeouts, UpstreamClient> = HashMap::new();
+    let mut services: Vec<Option<Arc<ServiceRuntime>>> = Vec::new();
+    let mut service_keys: HashMap<&str, usize> = HashMap::new();
+    for (i, s) in config.services.iter().enumerate() {
+        let at = label("services", i, s.name.as_deref());
+        for key in [s.name.as_deref(), s.id.as_deref()].into_iter().flatten() {
+            if service_keys.insert(key, i).is_some() {
+                c.problem(&at, format!("duplicate service name or id `{key}`"));
+            }
+        }
+        c.check_plugins(&format!("{at}."), &s.plugins);
+        let built = compile_service(&mut c, &at, s, &upstreams, clients, &mut fresh_clients);
+        services.push(built.map(Arc::new));
+    }
+    clients.clients = fresh_clients;
+
+    // Routes: nested first (in service order), then top-level.
+    let mut routes: Vec<(String, &Route, Option<usize>)> = Vec::new();
+    for (i, s) in config.services.iter().enumerate() {
+        let sat = label("services", i, s.name.as_deref());
+        for (j, r) in s.routes.iter().enumerate() {
+            if r.service.is_some() {
+                c.problem(
+                    label(&format!("{sat}.routes"), j, r.name.as_deref()),
+                    "a nested route must not name a `service`",
+                );
+            }
+            routes.push((
+                label(&format!("{sat}.routes"), j, r.name.as_deref()),
+                r,
+                Some(i),
+            ));
+        }
+    }
+    for (j, r) in config.routes.iter().enumerate() {
+        let at = label("routes", j, r.name.as_deref());
+        let service = match &r.service {
+            None => None,
+            Some(reference) => match reference.key().and_then(|k| service_keys.get(k)) {
+                Some(i) => Some(*i),
+                None => {
+                    c.problem(
+                        &at,
+                        format!(
+                            "service `{}` does not exist",
+                            reference.key().unwrap_or("?")
+                        ),
+                    );
+                    continue;
+                }
+            },
+        };
+        routes.push((at, r, service));
+    }
+
+    let mut route_names = HashSet::new();
+    let mut specs = Vec::new();
+    let mut runtimes = Vec::new();
+    let mut locations = Vec::new();
+    for (at, r, service) in routes {
+        for key in [r.name.as_deref(), r.id.as_deref()].into_iter().flatten() {
+            if !route_names.insert(key) {
+                c.problem(&at, format!("duplicate route name or id `{key}`"));
+            }
+        }
+        c.check_plugins(&format!("{at}."), &r.plugins);
+        if service.is_some_and(|s| config.services[s].enabled == Some(false)) {
+            continue;
+        }
+        let Some((spec, runtime)) =
+            compile_route(&mut c, &at, r, service.and_then(|s| services[s].clone()))
+        else {
+            continue;
+        };
+        specs.push(spec);
+        runtimes.push(runtime);
+        locations.push(at);
+    }
+
+    // Plugins and consumers.
+    c.check_plugins("", &config.plugins);
+    let mut consumer_keys = HashSet::new();
+    for (i, consumer) in config.consumers.iter().enumerate() {
+        let at = label("consumers", i, consumer.username.as_deref());
+        if consumer.username.is_none() && consumer.custom_id.is_none() {
+            c.problem(&at, "a consumer needs `username` or `custom_id`");
+        }
+        for key in [
+            consumer.username.as_deref(),
+            consumer.custom_id.as_deref(),
+            consumer.id.as_deref(),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            if !consumer_keys.insert(key) {
+                c.problem(
+                    &at,
+                    format!("duplicate consumer username, custom_id or id `{key}`"),
+                );
+            }
+        }
+        c.check_plugins(&format!("{at}."), &consumer.plugins);
+        let fields = unsupported_fields(&[
+            ("keyauth_credentials", &consumer.keyauth_credentials, &[]),
+            ("jwt_secrets", &consumer.jwt_secrets, &[]),
+            ("acls", &consumer.acls, &[]),
+            (
+                "basicauth_credentials",
+                &consumer.basicauth_credentials,
+                &[],
+            ),
+            ("hmacauth_credentials", &consumer.hmacauth_credentials, &[]),
+            ("oauth2_credentials", &consumer.oauth2_credentials, &[]),
+            ("groups", &consumer.groups, &[]),
+        ]);
+        c.unsupported(&at, fields);
+    }
+
+    let router = match Router::new(specs) {
+        Ok(r) => Some(r),
+        Err(e) => {
+            c.problem(
+                locations.get(e.route).cloned().unwrap_or_default(),
+                e.message,
+            );
+            None
+        }
+    };
+    match router {
+        Some(router) if c.problems.is_empty() => Ok(Snapshot {
+            router,
+            route_names: runtimes
+                .iter()
+                .map(|r: &RouteRuntime| r.name.clone())
+                .collect(),
+            routes: runtimes.into(),
+        }),
+        _ => Err(ConfigError {
+            source_name: None,
+            problems: c.problems,
+        }),
+    }
+}
+
+fn push_target(
+    c: &mut Compiler<'_>,
+    at: &str,
+    t: &crate::config::Target,
+    out: &mut Vec<(String, u16, u32)>,
+) {
+    let weight = t.weight.unwrap_or(DEFAULT_WEIGHT);
+    if weight > 65535 {
+        c.problem(
+            at,
+            format!("`weight` must be between 0 and 65535, got {weight}"),
+        );
+    }
+    match parse_host_port(&t.target, 8000) {
+        Ok((host, port)) => out.push((host, port, weight)),
+        Err(e) => c.problem(at, format!("invalid `target` {e}")),
+    }
+}
+
+fn compile_service(
+    c: &mut Compiler<'_>,
+    at: &str,
+    s: &Service,
+    upstreams: &HashMap<&str, ParsedUpstream<'_>>,
+    old_clients: &ClientCache,
+    fresh_clients: &mut HashMap<Timeouts, UpstreamClient>,
+) -> Option<ServiceRuntime> {
+    let null = [Value::Null];
+    let fields = unsupported_fields(&[
+        ("tls_verify", &s.tls_verify, &null),
+        ("tls_verify_depth", &s.tls_verify_depth, &null),
+        ("ca_certificates", &s.ca_certificates, &null),
+        ("client_certificate", &s.client_certificate, &null),
+    ]);
+    c.unsupported(at, fields);
+
+    let (mut protocol, mut host, mut port, mut path) =
+        (s.protocol, s.host.clone(), s.port, s.path.clone());
+    if let Some(url) = &s.url {
+        if s.host.is_some() || s.port.is_some() || s.path.is_some() || s.protocol.is_some() {
+            c.problem(at, "`url` is shorthand for protocol, host, port and path: set either `url` or those fields");
+        }
+        match url.parse::<http::Uri>() {
+            Ok(uri) if uri.scheme().is_some() && uri.host().is_some() => {
+                protocol = match uri.scheme_str() {
+                    Some("http") => Some(ServiceProtocol::Http),
+                    Some("https") => Some(ServiceProtocol::Https),
+                    Some("grpc") => Some(ServiceProtocol::Grpc),
+                    Some("grpcs") => Some(ServiceProtocol::Grpcs),
+                    Some(other) => {
+                        c.problem(at, format!("`url` has an unknown scheme `{other}`"));
+                        None
+                    }
+                    None => None,
+                };
+                host = uri.host().map(str::to_string);
+                port = uri.port_u16();
+                path = match uri.path() {
+                    "" | "/" => None,
+                    p => Some(p.to_string()),
+                };
+                if uri.query().is_some() {
+                    c.problem(at, "`url` must not have a query string");
+                }
+            }
+            _ => c.problem(at, format!("`url` `{url}` is not an absolute http(s) URL")),
+        }
+    }
+    let protocol = protocol.unwrap_or(ServiceProtocol::Http);
+    if protocol != ServiceProtocol::Http {
+        c.problem(
+            at,
+            format!(
+                "service protocol `{}` is not supported yet (only http)",
+                json!(protocol).as_str().unwrap_or("?")
+            ),
+        );
+    }
+    let Some(host) = host else {
+        c.problem(at, "a service needs `url` or `host`");
+        return None;
+    };
+    if let Some(p) = &path {
+        if !p.starts_with('/') {
+            c.problem(at, format!("`path` must start with `/`, got `{p}`"));
+        }
+    }
+    let retries = s.retries.unwrap_or(DEFAULT_RETRIES);
+    if retries > 32767 {
+        c.problem(
+            at,
+            format!("`retries` must be between 0 and 32767, got {retries}"),
+        );
+    }
+    let timeouts = Timeouts {
+        connect: timeout(c, at, "connect_timeout", s.connect_timeout),
+        read: timeout(c, at, "read_timeout", s.read_timeout),
+        write: timeout(c, at, "write_timeout", s.write_timeout),
+    };
+    let scheme = Scheme::HTTP;
+    let targets: Vec<(TargetRuntime, u32)> = match upstreams.get(host.as_str()) {
+        Some(up) => {
+            let mut out = Vec::new();
+            for (h, p, w) in &up.targets {
+                match target_runtime(h, *p, up.upstream.host_header.as_deref(), &scheme) {
+                    Ok(t) => out.push((t, *w)),
+                    Err(e) => c.problem(at, format!("upstream `{}`: {e}", up.upstream.name)),
+                }
+            }
+            out
+        }
+        None => {
+            let port = port.unwrap_or(80);
+            match target_runtime(&host, port, None, &scheme) {
+                Ok(t) => vec![(t, 1)],
+                Err(e) => {
+                    c.problem(at, e);
+                    return None;
+                }
+            }
+        }
+    };
+    let client = fresh_clients
+        .entry(timeouts)
+        .or_insert_with(|| {
+            old_clients
+                .clients
+                .get(&timeouts)
+                .cloned()
+                .unwrap_or_else(|| build_client(timeouts))
+        })
+        .clone();
+    Some(ServiceRuntime {
+        name: s
+            .name
+            .clone()
+            .or_else(|| s.id.clone())
+            .unwrap_or_else(|| host.clone())
+            .into(),
+        scheme,
+        base_path: path.filter(|p| p != "/").map(Into::into),
+        balancer: Balancer::new(targets),
+        retries,
+        client,
+    })
+}
+
+fn compile_route(
+    c: &mut Compiler<'_>,
+    at: &str,
+    r: &Route,
+    service: Option<Arc<ServiceRuntime>>,
+) -> Option<(RouteSpec, RouteRuntime)> {
+    let before = c.problems.len();
+    let empty = [json!([])];
+    let fields = unsupported_fields(&[
+        ("snis", &r.snis, &empty),
+        ("sources", &r.sources, &empty),
+        ("destinations", &r.destinations, &empty),
+        ("expression", &r.expression, &[]),
+        ("priority", &r.priority, &[json!(0)]),
+    ]);
+    c.unsupported(at, fields);
+    if let Some(ph) = &r.path_handling {
+        if ph != "v0" {
+            c.problem(
+                at,
+                format!("`path_handling: {ph}` is not supported (only v0, Kong's default)"),
+            );
+        }
+    }
+    if r.methods.is_empty() && r.hosts.is_empty() && r.paths.is_empty() && r.headers.is_empty() {
+        c.problem(
+            at,
+            "a route must set at least one of `methods`, `hosts`, `headers` or `paths`",
+        );
+    }
+    let protocols = r
+        .protocols
+        .clone()
+        .unwrap_or_else(|| vec![RouteProtocol::Http, RouteProtocol::Https]);
+    for p in &protocols {
+        if !matches!(p, RouteProtocol::Http | RouteProtocol::Https) {
+            c.problem(
+                at,
+                format!(
+                    "route protocol `{}` is not supported yet (only http and https)",
+                    json!(p).as_str().unwrap_or("?")
+                ),
+            );
+        }
+    }
+    let redirect = r.https_redirect_status_code.unwrap_or(426);
+    if ![426, 301, 302, 307, 308].contains(&redirect) {
+        c.problem(at, format!("`https_redirect_status_code` must be one of 426, 301, 302, 307, 308, got {redirect}"));
+    }
+    let mut methods = Vec::new();
+    for (i, m) in r.methods.iter().enumerate() {
+        match Method::from_bytes(m.to_ascii_uppercase().as_bytes()) {
+            Ok(m) => methods.push(m),
+            Err(_) => c.problem(
+                format!("{at}.methods[{i}]"),
+                format!("`{m}` is not a valid method"),
+            ),
+        }
+    }
+    let mut headers = Vec::new();
+    for (name, values) in &r.headers {
+        match HeaderName::from_bytes(name.as_bytes()) {
+            Ok(n) if n == http::header::HOST => c.problem(
+                format!("{at}.headers"),
+                "use `hosts` to match the Host header",
+            ),
+            Ok(n) if values.is_empty() => {
+                c.problem(format!("{at}.headers.{n}"), "needs at least one value")
+            }
+            Ok(n) => headers.push((n, values.clone())),
+            Err(_) => c.problem(
+                format!("{at}.headers"),
+                format!("`{name}` is not a valid header name"),
+            ),
+        }
+    }
+    let mut paths = Vec::new();
+    for (i, p) in r.paths.iter().enumerate() {
+        let pat = format!("{at}.paths[{i}]");
+        let spec = match (r.path_type, p.strip_prefix('~')) {
+            (PathType::Kong, Some(re)) => PathSpec::new(re, PathKind::Regex),
+            (PathType::Kong, None) => PathSpec::new(p, PathKind::Prefix),
+            (_, Some(_)) => {
+                c.problem(&pat, "regex paths need `path_type: kong`");
+                continue;
+            }
+            (PathType::Exact, None) => PathSpec::new(p, PathKind::Exact),
+            (PathType::ElementPrefix, None) => PathSpec::new(p, PathKind::ElementPrefix),
+        };
+        if spec.kind == PathKind::Regex {
+            if let Err(e) = regex::Regex::new(&spec.pattern) {
+                c.problem(&pat, format!("invalid regex `{}`: {e}", spec.pattern));
+                continue;
+            }
+        } else if !spec.pattern.starts_with('/') {
+            c.problem(
+                &pat,
+                format!("a path must start with `/` (or `~` for a regex), got `{p}`"),
+            );
+            continue;
+        }
+        paths.push(spec);
+    }
+    for (i, h) in r.hosts.iter().enumerate() {
+        if let Err(e) = Router::new(vec![RouteSpec {
+            hosts: vec![h.clone()],
+            ..Default::default()
+        }]) {
+            c.problem(format!("{at}.hosts[{i}]"), e.message);
+        }
+    }
+    if c.problems.len() > before {
+        return None;
+    }
+    let spec = RouteSpec {
+        hosts: r.hosts.clone(),
+        wildcard_single_label: r.wildcard_single_label,
+        paths,
+        methods,
+        headers,
+        regex_priority: r.regex_priority.unwrap_or(0),
+    };
+    let runtime = RouteRuntime {
+        name: r
+            .name
+            .clone()
+            .or_else(|| r.id.clone())
+            .unwrap_or_else(|| at.to_string())
+            .into(),
+        service,
+        strip_path: r.strip_path.unwrap_or(true),
+        preserve_host: r.preserve_host.unwrap_or(false),
+        allow_http: protocols.contains(&RouteProtocol::Http),
+        allow_https: protocols.contains(&RouteProtocol::Https),
+        redirect_status: StatusCode::from_u16(redirect).unwrap_or(StatusCode::UPGRADE_REQUIRED),
+    };
+    Some((spec, runtime))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn errors(yaml: &str) -> Vec<String> {
+        let config = Config::from_yaml(yaml).expect("parses");
+        match compile(
+            &config,
+            &PluginRegistry::default(),
+            &mut ClientCache::default(),
+        ) {
+            Ok(_) => Vec::new(),
+            Err(e) => e
+                .problems
+                .iter()
+                .map(|p| format!("{}: {}", p.at, p.message))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn valid_config_compiles() {
+        assert!(errors("_format_version: \"3.0\"\nservices:\n- name: a\n  url: http://127.0.0.1:9/x\n  routes:\n  - name: r\n    paths: [/a]\n").is_empty());
+    }
+
+    #[test]
+    fn problems_name_the_entity_and_field() {
+        let e = errors(
+            r#"_format_version: "2.1"
+services:
+- name: a
+  url: http://127.0.0.1:9
+  tls_verify: true
+  routes:
+  - name: r
+    paths: ["~/(bad"]
+  - name: r2
+    hosts: ["a.*.b"]
+- name: a
+  host: h
+  connect_timeout: 0
+routes:
+- name: top
+  service: missing
+  paths: [/x]
+plugins:
+- name: rate-limiting
+- name: no-such-plugin
+certificates:
+- cert: x
+upstreams:
+- name: u
+  algorithm: least-connections
+"#,
+        );
+        let want = [
+            "_format_version: only \"3.0\" is supported",
+            "certificates: the Kong entity `certificates` is not supported yet",
+            "upstreams[0] (name \"u\"): algorithm `least-connections` is not supported yet",
+            "services[0] (name \"a\"): `tls_verify` is a Kong field this gateway does not support yet",
+            "services[1] (name \"a\"): duplicate service name or id `a`",
+            "services[1] (name \"a\"): `connect_timeout` must be between 1",
+            "routes[0] (name \"top\"): service `missing` does not exist",
+            "services[0] (name \"a\").routes[0] (name \"r\").paths[0]: invalid regex `/(bad`",
+            "services[0] (name \"a\").routes[1] (name \"r2\").hosts[0]: invalid host `a.*.b`",
+            "plugins[0]: Kong plugin `rate-limiting` is not supported yet",
+            "plugins[1]: unknown plugin `no-such-plugin`",
+        ];
+        for w in want {
+            assert!(
+                e.iter().any(|got| got.starts_with(w)),
+                "missing {w:?} in {e:#?}"
+            );
+        }
+    }
+
+    #[test]
+    fn kong_defaults_of_unsupported_fields_are_accepted() {
+        let e = errors(
+            r#"_format_version: "3.0"
+upstreams:
+- name: u
+  hash_on: none
+  hash_fallback: none
+  hash_on_cookie_path: /
+  use_srv_name: false
+  healthchecks:
+    active: {healthy: {interval: 0}, unhealthy: {interval: 0}}
+    passive: {unhealthy: {http_failures: 0}}
+  targets: [{target: "127.0.0.1:9000"}]
+services:
+- name: s
+  host: u
+  tls_verify: null
+  routes:
+  - paths: [/]
+    snis: []
+    request_buffering: true
+    path_handling: v0
+"#,
+        );
+        assert!(e.is_empty(), "{e:#?}");
+    }
+
+    #[test]
+    fn weighted_round_robin_follows_weights() {
+        let t = |n: &str| target_runtime(n, 1, None, &Scheme::HTTP).unwrap();
+        let b = Balancer::new(vec![(t("a"), 300), (t("b"), 100), (t("c"), 0)]);
+        let mut counts = HashMap::new();
+        for _ in 0..400 {
+            *counts
+                .entry(b.pick().unwrap().label.to_string())
+                .or_insert(0) += 1;
+        }
+        assert_eq!(counts.get("a:1"), Some(&300));
+        assert_eq!(counts.get("b:1"), Some(&100));
+        assert_eq!(counts.get("c:1"), None);
+        assert!(Balancer::new(vec![(t("z"), 0)]).pick().is_none());
+    }
+}
