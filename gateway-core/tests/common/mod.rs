@@ -1,0 +1,297 @@
+//! Test harness: in-process upstreams and a running gateway, all on 127.0.0.1:0.
+#![allow(dead_code, unreachable_pub, missing_docs)]
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use gateway_core::Gateway;
+use gateway_core::server::ServerSettings;
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body::{Body, Frame};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type TestBody = UnsyncBoxBody<Bytes, BoxError>;
+
+/// What the echo upstream saw, as it reports it in its JSON body.
+#[derive(Debug, serde::Deserialize)]
+pub struct Echo {
+    pub method: String,
+    pub uri: String,
+    pub version: String,
+    pub headers: BTreeMap<String, Vec<String>>,
+    pub body_len: u64,
+    pub upstream: String,
+}
+
+impl Echo {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .get(name)
+            .and_then(|v| v.first())
+            .map(String::as_str)
+    }
+}
+
+/// A running upstream server; stops when dropped.
+pub struct Upstream {
+    pub addr: SocketAddr,
+    task: JoinHandle<()>,
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+pub type Handler = std::sync::Arc<
+    dyn Fn(
+            Request<Incoming>,
+            SocketAddr,
+        ) -> Pin<Box<dyn Future<Output = Response<TestBody>> + Send>>
+        + Send
+        + Sync,
+>;
+
+/// Starts an upstream that answers with `handler`.
+pub async fn upstream_with(handler: Handler) -> Upstream {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let handler = handler.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req| {
+                    let fut = handler(req, addr);
+                    async move { Ok::<_, Infallible>(fut.await) }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    Upstream { addr, task }
+}
+
+pub fn full(b: impl Into<Bytes>) -> TestBody {
+    Full::new(b.into()).map_err(|e| match e {}).boxed_unsync()
+}
+
+/// An upstream that answers every request with a JSON description of it, after draining the
+/// body. `/slow/<ms>` waits that long first.
+pub async fn echo_upstream() -> Upstream {
+    upstream_with(std::sync::Arc::new(
+        |req: Request<Incoming>, addr: SocketAddr| {
+            Box::pin(async move {
+                if let Some(ms) = req
+                    .uri()
+                    .path()
+                    .rsplit_once("/slow/")
+                    .and_then(|(_, ms)| ms.parse::<u64>().ok())
+                {
+                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                }
+                let (parts, mut body) = req.into_parts();
+                let mut body_len = 0u64;
+                while let Some(frame) = body.frame().await {
+                    match frame {
+                        Ok(f) => body_len += f.data_ref().map_or(0, |d| d.len() as u64),
+                        Err(_) => break,
+                    }
+                }
+                let mut headers: BTreeMap<String, Vec<String>> = BTreeMap::new();
+                for (k, v) in &parts.headers {
+                    headers
+                        .entry(k.as_str().to_string())
+                        .or_default()
+                        .push(v.to_str().unwrap_or("<bin>").to_string());
+                }
+                let json = serde_json::json!({
+                    "method": parts.method.as_str(),
+                    "uri": parts.uri.to_string(),
+                    "version": format!("{:?}", parts.version),
+                    "headers": headers,
+                    "body_len": body_len,
+                    "upstream": addr.to_string(),
+                });
+                Response::builder()
+                    .header("content-type", "application/json")
+                    .header("connection", "keep-alive, x-hop-from-upstream")
+                    .header("x-hop-from-upstream", "must not reach the client")
+                    .header("keep-alive", "timeout=5")
+                    .body(full(json.to_string()))
+                    .unwrap()
+            })
+        },
+    ))
+    .await
+}
+
+/// A running gateway on 127.0.0.1:0.
+pub struct RunningGateway {
+    pub addr: SocketAddr,
+    pub gateway: Gateway,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<std::io::Result<()>>>,
+}
+
+impl RunningGateway {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// Asks the server to stop and waits until it has drained.
+    pub async fn shutdown(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.unwrap().unwrap();
+        }
+    }
+
+    /// Asks the server to stop without waiting.
+    pub fn begin_shutdown(&mut self) -> JoinHandle<std::io::Result<()>> {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        self.task.take().expect("running")
+    }
+}
+
+impl Drop for RunningGateway {
+    fn drop(&mut self) {
+        if let Some(t) = &self.task {
+            t.abort();
+        }
+    }
+}
+
+pub async fn start_gateway(yaml: &str) -> RunningGateway {
+    start_gateway_with(yaml, ServerSettings::default()).await
+}
+
+pub async fn start_gateway_with(yaml: &str, settings: ServerSettings) -> RunningGateway {
+    let gateway = Gateway::from_yaml(yaml).unwrap_or_else(|e| panic!("config: {e}\n{yaml}"));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = oneshot::channel();
+    let g = gateway.clone();
+    let task = tokio::spawn(async move {
+        g.serve(vec![listener], settings, async {
+            let _ = rx.await;
+        })
+        .await
+    });
+    RunningGateway {
+        addr,
+        gateway,
+        stop: Some(tx),
+        task: Some(task),
+    }
+}
+
+pub fn client() -> Client<HttpConnector, TestBody> {
+    Client::builder(TokioExecutor::new()).build(HttpConnector::new())
+}
+
+pub struct Answer {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Answer {
+    pub fn echo(&self) -> Echo {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "not an echo ({e}): {} {}",
+                self.status,
+                String::from_utf8_lossy(&self.body)
+            )
+        })
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+    }
+}
+
+pub async fn send(req: Request<TestBody>) -> Answer {
+    let resp = client().request(req).await.expect("request");
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await.expect("body").to_bytes();
+    Answer {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    }
+}
+
+pub async fn get(url: &str) -> Answer {
+    send(Request::get(url).body(full("")).unwrap()).await
+}
+
+pub async fn get_host(url: &str, host: &str) -> Answer {
+    send(
+        Request::get(url)
+            .header("host", host)
+            .body(full(""))
+            .unwrap(),
+    )
+    .await
+}
+
+/// A body of `remaining` bytes made on the fly, in `chunk`-sized frames: no memory held.
+pub struct Generated {
+    pub remaining: u64,
+    pub chunk: Bytes,
+}
+
+impl Body for Generated {
+    type Data = Bytes;
+    type Error = BoxError;
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if self.remaining == 0 {
+            return Poll::Ready(None);
+        }
+        let n = self.remaining.min(self.chunk.len() as u64) as usize;
+        self.remaining -= n as u64;
+        Poll::Ready(Some(Ok(Frame::data(self.chunk.slice(..n)))))
+    }
+    fn size_hint(&self) -> http_body::SizeHint {
+        http_body::SizeHint::with_exact(self.remaining)
+    }
+}
+
+/// A closed port: bound, then released.
+pub async fn closed_port() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let a = l.local_addr().unwrap();
+    drop(l);
+    a
+}

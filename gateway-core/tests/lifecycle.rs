@@ -1,0 +1,134 @@
+//! Hot reload and graceful shutdown, under real traffic.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use common::*;
+use gateway_core::config::Config;
+use http::StatusCode;
+
+fn config_for(up: std::net::SocketAddr, prefix: &str) -> String {
+    format!(
+        "_format_version: \"3.0\"\nservices:\n- name: s\n  url: http://{up}{prefix}\n  routes: [{{name: r, paths: [\"/\"]}}]\n"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_under_continuous_load_fails_no_request() {
+    let up = echo_upstream().await;
+    let gw = start_gateway(&config_for(up.addr, "/one")).await;
+    let one = Config::from_yaml(&config_for(up.addr, "/one")).unwrap();
+    let two = Config::from_yaml(&config_for(up.addr, "/two")).unwrap();
+    let ok = Arc::new(AtomicU64::new(0));
+    let seen_two = Arc::new(AtomicU64::new(0));
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let mut workers = Vec::new();
+    for _ in 0..8 {
+        let url = gw.url("/x");
+        let (ok, seen_two) = (ok.clone(), seen_two.clone());
+        workers.push(tokio::spawn(async move {
+            let client = client();
+            let mut failures = Vec::new();
+            // Bounded by time and by count.
+            for _ in 0..100_000 {
+                if Instant::now() > deadline {
+                    break;
+                }
+                let req = http::Request::get(&url).body(full("")).unwrap();
+                match client.request(req).await {
+                    Ok(resp) if resp.status() == StatusCode::OK => {
+                        let body = http_body_util::BodyExt::collect(resp.into_body())
+                            .await
+                            .unwrap()
+                            .to_bytes();
+                        let echo: Echo = serde_json::from_slice(&body).unwrap();
+                        assert!(echo.uri == "/one/x" || echo.uri == "/two/x", "{}", echo.uri);
+                        if echo.uri == "/two/x" {
+                            seen_two.fetch_add(1, Ordering::Relaxed);
+                        }
+                        ok.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(resp) => failures.push(format!("status {}", resp.status())),
+                    Err(e) => failures.push(format!("error {e}")),
+                }
+            }
+            failures
+        }));
+    }
+    let mut reloads = 0;
+    while Instant::now() < deadline {
+        gw.gateway
+            .reload(if reloads % 2 == 0 { &two } else { &one })
+            .unwrap();
+        reloads += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut failures = Vec::new();
+    for w in workers {
+        failures.extend(w.await.unwrap());
+    }
+    assert!(
+        failures.is_empty(),
+        "{} failed requests, e.g. {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    assert!(reloads > 50, "only {reloads} reloads");
+    assert!(
+        ok.load(Ordering::Relaxed) > 100,
+        "only {} requests",
+        ok.load(Ordering::Relaxed)
+    );
+    assert!(
+        seen_two.load(Ordering::Relaxed) > 0,
+        "the reloaded config never served"
+    );
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalid_reload_is_refused_and_the_old_config_keeps_serving() {
+    let up = echo_upstream().await;
+    let gw = start_gateway(&config_for(up.addr, "/good")).await;
+    let bad = Config::from_yaml(&format!(
+        "_format_version: \"3.0\"\nservices:\n- name: s\n  url: http://{}\n  routes: [{{name: r, paths: [\"~/(broken\"]}}]\n",
+        up.addr
+    ))
+    .unwrap();
+    let err = gw.gateway.reload(&bad).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("routes[0] (name \"r\").paths[0]: invalid regex"),
+        "{err}"
+    );
+    assert_eq!(get(&gw.url("/x")).await.echo().uri, "/good/x");
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_shutdown_lets_an_in_flight_request_finish() {
+    let up = echo_upstream().await;
+    let mut gw = start_gateway(&config_for(up.addr, "")).await;
+    let url = gw.url("/slow/700");
+    let in_flight = tokio::spawn(async move { get(&url).await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = Instant::now();
+    let server = gw.begin_shutdown();
+    // New connections are refused once the listener is closed.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        tokio::net::TcpStream::connect(gw.addr).await.is_err(),
+        "still accepting after shutdown began"
+    );
+    let answer = in_flight.await.unwrap();
+    assert_eq!(answer.status, StatusCode::OK);
+    assert_eq!(answer.echo().uri, "/slow/700");
+    server.await.unwrap().unwrap();
+    assert!(
+        started.elapsed() >= Duration::from_millis(400),
+        "server stopped before the request finished"
+    );
+}

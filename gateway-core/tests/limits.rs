@@ -1,0 +1,122 @@
+//! Client-side limits, exercised with raw sockets so the gateway's own answers are visible.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use gateway_core::server::ServerSettings;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+async fn raw_exchange(addr: std::net::SocketAddr, request: &[u8]) -> String {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(request).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).to_string()
+}
+
+fn config(up: std::net::SocketAddr) -> String {
+    format!(
+        "_format_version: \"3.0\"\nservices:\n- name: s\n  url: http://{up}\n  routes: [{{name: r, paths: [\"/\"]}}]\n"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_header_block_gets_431() {
+    let up = echo_upstream().await;
+    let gw = start_gateway(&config(up.addr)).await;
+    let big = "a".repeat(40 * 1024);
+    let answer = raw_exchange(
+        gw.addr,
+        format!("GET / HTTP/1.1\r\nhost: x\r\nx-big: {big}\r\n\r\n").as_bytes(),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer:.200}");
+    // Just under the limit is fine.
+    let ok = "a".repeat(16 * 1024);
+    let answer = raw_exchange(
+        gw.addr,
+        format!("GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\nx-big: {ok}\r\n\r\n").as_bytes(),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer:.200}");
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn too_many_headers_get_431() {
+    let up = echo_upstream().await;
+    let gw = start_gateway(&config(up.addr)).await;
+    let mut req = String::from("GET / HTTP/1.1\r\nhost: x\r\n");
+    for i in 0..120 {
+        req.push_str(&format!("x-h{i}: v\r\n"));
+    }
+    req.push_str("\r\n");
+    let answer = raw_exchange(gw.addr, req.as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer:.200}");
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_header_trickle_is_cut_off_by_the_header_timeout() {
+    let up = echo_upstream().await;
+    let settings = ServerSettings {
+        header_read_timeout: Duration::from_millis(400),
+        ..Default::default()
+    };
+    let gw = start_gateway_with(&config(up.addr), settings).await;
+    let mut s = TcpStream::connect(gw.addr).await.unwrap();
+    let start = Instant::now();
+    s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n").await.unwrap();
+    let mut closed = false;
+    // Send one header byte every 100 ms, for at most 5 s; the server must hang up long before.
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if s.write_all(b"x").await.is_err() {
+            closed = true;
+            break;
+        }
+        let mut buf = [0u8; 64];
+        if let Ok(Ok(0)) = tokio::time::timeout(Duration::from_millis(1), s.read(&mut buf)).await {
+            closed = true;
+            break;
+        }
+    }
+    assert!(closed, "slow header trickle was never cut off");
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "cut off only after {:?}",
+        start.elapsed()
+    );
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_keep_alive_connection_is_closed() {
+    let up = echo_upstream().await;
+    let settings = ServerSettings {
+        header_read_timeout: Duration::from_millis(300),
+        ..Default::default()
+    };
+    let gw = start_gateway_with(&config(up.addr), settings).await;
+    let mut s = TcpStream::connect(gw.addr).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 65536];
+    let n = s.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    // Now idle: the server must close the connection on its own.
+    let start = Instant::now();
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest)).await;
+    assert!(read.is_ok(), "idle connection still open after 5 s");
+    assert!(
+        start.elapsed() >= Duration::from_millis(250),
+        "closed too early: {:?}",
+        start.elapsed()
+    );
+    gw.shutdown().await;
+}
