@@ -1,0 +1,412 @@
+//! The `gateway` binary: a thin user of `gateway-core`'s public API.
+//!
+//! ```text
+//! gateway run --config kong.yml [--listen 127.0.0.1:8000]... [--admin-listen 127.0.0.1:8001] [--workers N]
+//! gateway validate kong.yml
+//! gateway routes --config kong.yml
+//! gateway demo
+//! ```
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use gateway_core::Gateway;
+use gateway_core::config::{Config, ConfigError};
+use gateway_core::server::ServerSettings;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+
+mod admin;
+mod echo;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "gateway",
+    version,
+    about = "An API gateway that serves Kong-format configs"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Serve a config file; reloads it when it changes or on SIGHUP.
+    Run(RunArgs),
+    /// Check a config file: exit 0 when valid, 1 with the problems.
+    Validate {
+        /// The config file (YAML or JSON, Kong `_format_version: "3.0"`).
+        file: PathBuf,
+    },
+    /// Print the compiled route table in precedence order.
+    Routes {
+        /// The config file.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Serve the bundled demo config against a built-in echo server on loopback.
+    Demo(ServeArgs),
+}
+
+#[derive(Args, Debug)]
+struct RunArgs {
+    /// The config file (YAML or JSON, Kong `_format_version: "3.0"`).
+    #[arg(long)]
+    config: PathBuf,
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+#[derive(Args, Debug, Clone)]
+struct ServeArgs {
+    /// Proxy listen address; repeat for several.
+    #[arg(long = "listen", default_value = "127.0.0.1:8000")]
+    listen: Vec<SocketAddr>,
+    /// Admin listen address (health and status).
+    #[arg(long, default_value = "127.0.0.1:8001")]
+    admin_listen: SocketAddr,
+    /// Worker threads (default: the number of cores).
+    #[arg(long)]
+    workers: Option<usize>,
+    /// Time a client has to send a request head; also the HTTP/1.1 keep-alive idle timeout.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    header_read_timeout: Duration,
+    /// Largest request head in bytes (431 above it; at least 8192).
+    #[arg(long, default_value_t = 32 * 1024)]
+    max_header_bytes: usize,
+    /// Most request headers (431 above it).
+    #[arg(long, default_value_t = 100)]
+    max_headers: usize,
+    /// How long in-flight requests may take to finish after SIGTERM/SIGINT.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    shutdown_grace: Duration,
+}
+
+impl ServeArgs {
+    fn settings(&self) -> ServerSettings {
+        ServerSettings {
+            header_read_timeout: self.header_read_timeout,
+            max_header_bytes: self.max_header_bytes,
+            max_headers: self.max_headers,
+            shutdown_grace: self.shutdown_grace,
+            ..ServerSettings::default()
+        }
+    }
+}
+
+/// `250ms`, `10s`, `2m`, or plain seconds.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .map_or((s, "s"), |i| s.split_at(i));
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a duration like 500ms, 10s or 2m"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        _ => return Err(format!("`{s}`: unknown unit `{unit}` (use ms, s or m)")),
+    };
+    Ok(Duration::from_secs_f64(secs))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    match cli.command {
+        Command::Validate { file } => {
+            match Config::from_file(&file).and_then(|c| Gateway::new(&c).map(drop)) {
+                Ok(()) => {
+                    println!("{}: valid", file.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("{}", e.in_file_if_unnamed(&file));
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Routes { config } => match load(&config) {
+            Ok(gateway) => {
+                print_routes(&gateway);
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Run(args) => {
+            runtime(args.serve.workers).block_on(run(Some(args.config), args.serve))
+        }
+        Command::Demo(args) => runtime(args.workers).block_on(run(None, args)),
+    }
+}
+
+trait InFile {
+    fn in_file_if_unnamed(self, file: &Path) -> ConfigError;
+}
+
+impl InFile for ConfigError {
+    fn in_file_if_unnamed(self, file: &Path) -> ConfigError {
+        if self.source_name.is_some() {
+            self
+        } else {
+            self.in_file(file.display().to_string())
+        }
+    }
+}
+
+fn runtime(workers: Option<usize>) -> tokio::runtime::Runtime {
+    let workers = workers
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+        .max(1);
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+fn load(path: &Path) -> Result<Gateway, ConfigError> {
+    let config = Config::from_file(path)?;
+    Gateway::new(&config).map_err(|e| e.in_file_if_unnamed(path))
+}
+
+fn print_routes(gateway: &Gateway) {
+    let routes = gateway.routes();
+    let w = |f: fn(&gateway_core::RouteLine) -> &str, min: usize| {
+        routes
+            .iter()
+            .map(|r| f(r).len())
+            .max()
+            .unwrap_or(0)
+            .max(min)
+    };
+    let (wr, wh, wp, wm) = (
+        w(|r| &r.route, 5),
+        w(|r| &r.hosts, 5),
+        w(|r| &r.path, 4),
+        w(|r| &r.methods, 7),
+    );
+    println!(
+        "{:>3}  {:wr$}  {:wh$}  {:wp$}  {:wm$}  SERVICE",
+        "#", "ROUTE", "HOSTS", "PATH", "METHODS"
+    );
+    for (i, r) in routes.iter().enumerate() {
+        println!(
+            "{:>3}  {:wr$}  {:wh$}  {:wp$}  {:wm$}  {}",
+            i + 1,
+            r.route,
+            r.hosts,
+            r.path,
+            r.methods,
+            r.service
+        );
+    }
+}
+
+async fn run(config_path: Option<PathBuf>, args: ServeArgs) -> ExitCode {
+    let gateway = match &config_path {
+        Some(path) => match load(path) {
+            Ok(g) => g,
+            Err(e) => {
+                eprintln!("{e}");
+                return ExitCode::FAILURE;
+            }
+        },
+        None => match demo_gateway().await {
+            Ok(g) => g,
+            Err(e) => {
+                eprintln!("demo: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+    };
+    let mut listeners = Vec::new();
+    for addr in &args.listen {
+        match TcpListener::bind(addr).await {
+            Ok(l) => listeners.push(l),
+            Err(e) => {
+                eprintln!("cannot listen on {addr}: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    let proxy_addrs: Vec<SocketAddr> = listeners
+        .iter()
+        .filter_map(|l| l.local_addr().ok())
+        .collect();
+    let admin = match TcpListener::bind(args.admin_listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("cannot listen on {} (admin): {e}", args.admin_listen);
+            return ExitCode::FAILURE;
+        }
+    };
+    let admin_addr = admin.local_addr().ok();
+    tokio::spawn(admin::serve(admin, gateway.clone()));
+
+    if let Some(path) = config_path.clone() {
+        spawn_reloader(gateway.clone(), path);
+    } else if let Some(addr) = proxy_addrs.first() {
+        print_demo_help(*addr, admin_addr);
+    }
+    tracing::info!(proxy = ?proxy_addrs, admin = ?admin_addr, routes = gateway.routes().len(), "gateway started");
+    match gateway
+        .serve(listeners, args.settings(), shutdown_signal())
+        .await
+    {
+        Ok(()) => {
+            tracing::info!("stopped");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("server error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// Reloads the config file when it changes on disk or on SIGHUP. A bad file is logged with its
+/// problems and the running config keeps serving.
+fn spawn_reloader(gateway: Gateway, path: PathBuf) {
+    let (tx, mut rx) = mpsc::channel::<&'static str>(16);
+    #[cfg(unix)]
+    {
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            use tokio::signal::unix::{SignalKind, signal};
+            let Ok(mut hup) = signal(SignalKind::hangup()) else {
+                return;
+            };
+            while hup.recv().await.is_some() {
+                let _ = tx.send("SIGHUP").await;
+            }
+        });
+    }
+    // Watch the directory, not the file: editors replace files by rename, and Kubernetes
+    // ConfigMap volumes swap a `..data` symlink. Any event there triggers a check; the file is
+    // reloaded only when its content changed.
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+        .to_path_buf();
+    let watcher = {
+        let tx = tx.clone();
+        notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+            if event.is_ok_and(|e| !e.kind.is_access()) {
+                let _ = tx.try_send("file change");
+            }
+        })
+    };
+    let watcher = match watcher {
+        Ok(mut w) => {
+            use notify::Watcher;
+            match w.watch(&dir, notify::RecursiveMode::NonRecursive) {
+                Ok(()) => Some(w),
+                Err(e) => {
+                    tracing::warn!(dir = %dir.display(), error = %e, "cannot watch the config file; reload with SIGHUP");
+                    None
+                }
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "no file watcher; reload with SIGHUP");
+            None
+        }
+    };
+    tokio::spawn(async move {
+        let _keep_watching = watcher;
+        let mut last = std::fs::read(&path).ok();
+        while let Some(why) = rx.recv().await {
+            // Debounce: a save is often several events; reload once they settle.
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            while rx.try_recv().is_ok() {}
+            let current = std::fs::read(&path).ok();
+            if why == "file change" && current == last {
+                continue;
+            }
+            last = current;
+            let result = Config::from_file(&path)
+                .and_then(|c| gateway.reload(&c).map_err(|e| e.in_file_if_unnamed(&path)));
+            match result {
+                Ok(()) => tracing::info!(
+                    trigger = why,
+                    routes = gateway.routes().len(),
+                    "config reloaded"
+                ),
+                Err(e) => tracing::error!(
+                    trigger = why,
+                    "config rejected, the previous config keeps serving:\n{e}"
+                ),
+            }
+        }
+    });
+}
+
+const DEMO_CONFIG: &str = include_str!("../demo.yaml");
+
+async fn demo_gateway() -> Result<Gateway, Box<dyn std::error::Error>> {
+    let echo_addr = echo::spawn().await?;
+    let mut config = Config::from_yaml(DEMO_CONFIG)?;
+    for upstream in &mut config.upstreams {
+        if upstream.name == "echo" {
+            for target in &mut upstream.targets {
+                target.target = echo_addr.to_string();
+            }
+        }
+    }
+    Ok(Gateway::new(&config)?)
+}
+
+fn print_demo_help(proxy: SocketAddr, admin: Option<SocketAddr>) {
+    println!("gateway demo: proxy on http://{proxy}, built-in echo upstream behind it. Try:");
+    println!(
+        "  curl -i http://{proxy}/echo/hello              # strip_path: the upstream sees /hello"
+    );
+    println!(
+        "  curl -i http://{proxy}/api/items?page=2        # service path /v1: the upstream sees /v1/items?page=2"
+    );
+    println!(
+        "  curl -i http://{proxy}/users/42                # regex route, path kept: /v1/users/42"
+    );
+    println!("  curl -i -H 'Host: demo.local' http://{proxy}/  # host route");
+    println!(
+        "  curl -i http://{proxy}/nope                    # 404 with a JSON body and a request id"
+    );
+    if let Some(admin) = admin {
+        println!("  curl -s http://{admin}/status                 # admin: status");
+    }
+    println!("Press Ctrl-C to stop.");
+}
