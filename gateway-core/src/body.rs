@@ -154,7 +154,7 @@ impl Body for ProxyBody {
             ProxyBody::Empty => SizeHint::with_exact(0),
             ProxyBody::Incoming(b) => b.size_hint(),
             ProxyBody::Boxed(b) => b.size_hint(),
-            ProxyBody::Deferred(d) => d.hint.clone(),
+            ProxyBody::Deferred(d) => d.hint,
         }
     }
 }

@@ -153,6 +153,9 @@ enum Matcher {
     Regex(Regex),
 }
 
+/// Header name and its accepted values (lower-case), per entry.
+type HeaderCriteria = Box<[(HeaderName, Box<[Box<str>]>)]>;
+
 #[derive(Debug)]
 struct Entry {
     route: u32,
@@ -160,7 +163,7 @@ struct Entry {
     priority: Priority,
     matcher: Matcher,
     methods: Box<[Method]>,
-    headers: Box<[(HeaderName, Box<[Box<str>]>)]>,
+    headers: HeaderCriteria,
     /// The pattern as written, for [`Router::describe`].
     pattern: Box<str>,
     hosts: Box<str>,
@@ -630,7 +633,7 @@ impl Router {
     /// Every entry, in precedence order (the first that matches a request serves it).
     pub fn describe(&self) -> Vec<EntryDescription> {
         let mut ids: Vec<&Entry> = self.entries.iter().collect();
-        ids.sort_by(|a, b| b.priority.cmp(&a.priority));
+        ids.sort_by_key(|e| Reverse(e.priority));
         ids.into_iter()
             .map(|e| EntryDescription {
                 route: e.route as usize,

@@ -432,17 +432,13 @@ pub(crate) fn compile(
             c.problem(&tat, "a top-level target needs `upstream`");
             continue;
         };
-        let found = upstreams
-            .iter()
-            .map(|(k, _)| *k)
-            .find(|k| *k == key)
-            .or_else(|| {
-                config
-                    .upstreams
-                    .iter()
-                    .find(|u| u.id.as_deref() == Some(key))
-                    .map(|u| u.name.as_str())
-            });
+        let found = upstreams.keys().copied().find(|k| *k == key).or_else(|| {
+            config
+                .upstreams
+                .iter()
+                .find(|u| u.id.as_deref() == Some(key))
+                .map(|u| u.name.as_str())
+        });
         let Some(name) = found else {
             c.problem(&tat, format!("upstream `{key}` does not exist"));
             continue;

@@ -191,6 +191,7 @@ pub(crate) fn upstream_path(
     strip: bool,
 ) -> Option<String> {
     let base = base.unwrap_or("/");
+    let base_trimmed = base.strip_suffix('/').unwrap_or(base);
     if base == "/" && (!strip || matched_len == 0) {
         return None; // unchanged: reuse the request's own path
     }
@@ -208,10 +209,10 @@ pub(crate) fn upstream_path(
                 } else if req_path.ends_with('/') {
                     out.push_str(base);
                 } else {
-                    out.push_str(&base[..base.len() - 1]);
+                    out.push_str(base_trimmed);
                 }
             } else if postfix.starts_with('/') {
-                out.push_str(&base[..base.len() - 1]);
+                out.push_str(base_trimmed);
                 out.push_str(postfix);
             } else {
                 out.push_str(base);

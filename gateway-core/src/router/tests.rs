@@ -199,8 +199,10 @@ fn kong_methods_and_headers_are_criteria() {
 
 #[test]
 fn kong_route_with_only_hosts_or_only_methods() {
-    let mut post = RouteSpec::default();
-    post.methods = vec![Method::POST];
+    let post = RouteSpec {
+        methods: vec![Method::POST],
+        ..Default::default()
+    };
     check(
         vec![kong(&["only.host"], &[]), post],
         &[
@@ -262,7 +264,13 @@ fn ingress(rows: &[(&'static str, PathKind)], host: &str, wildcard_single: bool)
 #[test]
 fn ingress_path_examples() {
     use PathKind::{ElementPrefix as P, Exact as E};
-    let table: &[(&[(&str, PathKind)], &str, Option<usize>)] = &[
+    // (route paths, request path, expected route)
+    type Row = (
+        &'static [(&'static str, PathKind)],
+        &'static str,
+        Option<usize>,
+    );
+    let table: &[Row] = &[
         (&[("/", P)], "/any/path", Some(0)),
         (&[("/foo", E)], "/foo", Some(0)),
         (&[("/foo", E)], "/bar", None),

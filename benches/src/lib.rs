@@ -1,0 +1,73 @@
+//! Workload generators shared by the benchmarks.
+//!
+//! ```
+//! let (routes, lookups) = gateway_benches::ingress_like(100);
+//! assert_eq!(routes.len(), 100);
+//! assert!(!lookups.is_empty());
+//! ```
+
+use gateway_core::router::{PathKind, PathSpec, RouteSpec};
+
+/// A request the benchmark looks up: host and path.
+#[derive(Debug, Clone)]
+pub struct Lookup {
+    /// Lower-case host without port.
+    pub host: String,
+    /// Path without query.
+    pub path: String,
+}
+
+/// `n` routes shaped like Kubernetes Ingress rules: a host per four paths (one host in ten a
+/// `*.` wildcard), element-prefix paths two or three segments deep, one Exact path per host;
+/// plus lookups that hit routes (deep paths under them) and some that miss.
+pub fn ingress_like(n: usize) -> (Vec<RouteSpec>, Vec<Lookup>) {
+    let mut routes = Vec::with_capacity(n);
+    let mut lookups = Vec::new();
+    let hosts = n.div_ceil(4).max(1);
+    for i in 0..n {
+        let h = i % hosts;
+        let wildcard = h % 10 == 9;
+        let host = if wildcard {
+            format!("*.team{h}.example.com")
+        } else {
+            format!("svc{h}.ns{}.example.com", h % 37)
+        };
+        let (path, kind) = match i / hosts {
+            0 => ("/".to_string(), PathKind::ElementPrefix),
+            1 => (format!("/api/v1/orders{i}"), PathKind::ElementPrefix),
+            2 => (format!("/api/v2/users{i}"), PathKind::ElementPrefix),
+            _ => (format!("/healthz{i}"), PathKind::Exact),
+        };
+        let req_host = if wildcard {
+            format!("web.team{h}.example.com")
+        } else {
+            host.clone()
+        };
+        let req_path = match kind {
+            PathKind::Exact => path.clone(),
+            _ if path == "/" => "/index.html".to_string(),
+            _ => format!("{path}/items/42"),
+        };
+        lookups.push(Lookup {
+            host: req_host.clone(),
+            path: req_path,
+        });
+        if i % 8 == 0 {
+            lookups.push(Lookup {
+                host: req_host,
+                path: "/api/v9/unknown".to_string(),
+            });
+            lookups.push(Lookup {
+                host: format!("nohost{i}.example.org"),
+                path: "/x".to_string(),
+            });
+        }
+        routes.push(RouteSpec {
+            hosts: vec![host],
+            wildcard_single_label: true,
+            paths: vec![PathSpec::new(path, kind)],
+            ..Default::default()
+        });
+    }
+    (routes, lookups)
+}
