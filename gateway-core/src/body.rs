@@ -124,13 +124,16 @@ impl Body for ProxyBody {
             ProxyBody::Boxed(b) => Pin::new(b).poll_frame(cx),
             ProxyBody::Deferred(d) => {
                 if d.taken.is_none() {
-                    let body = d
-                        .slot
-                        .lock()
-                        .ok()
-                        .and_then(|mut g| g.take())
-                        .unwrap_or(ProxyBody::Empty);
-                    d.taken = Some(Box::new(body));
+                    match d.slot.lock().ok().and_then(|mut g| g.take()) {
+                        Some(body) => d.taken = Some(Box::new(body)),
+                        // Never forward a truncated body: an empty slot means another attempt
+                        // already took it.
+                        None => {
+                            return Poll::Ready(Some(Err(
+                                "request body already taken by another attempt".into(),
+                            )));
+                        }
+                    }
                 }
                 match d.taken.as_mut() {
                     Some(b) => Pin::new(b.as_mut()).poll_frame(cx),

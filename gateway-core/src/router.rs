@@ -191,7 +191,7 @@ impl Entry {
             Matcher::ElementPrefix => {
                 consumed == path.len()
                     || path.as_bytes()[consumed] == b'/'
-                    || path.as_bytes()[consumed - 1] == b'/'
+                    || (consumed > 0 && path.as_bytes()[consumed - 1] == b'/')
             }
             Matcher::Any | Matcher::Regex(_) => false,
         }
@@ -313,11 +313,10 @@ impl Table {
             Matcher::Any => self.any_path.push(id),
             Matcher::Regex(_) => self.regex.push(id),
             Matcher::ElementPrefix => {
-                // `/foo/` and `/foo` are the same element prefix; `/` stays `/`.
-                let key = if pattern.len() > 1 {
-                    pattern.trim_end_matches('/')
-                } else {
-                    pattern
+                // `/foo/` and `/foo` are the same element prefix; `/` (and `//`) stay `/`.
+                let key = match pattern.trim_end_matches('/') {
+                    "" => "/",
+                    k => k,
                 };
                 self.trie.insert(key.as_bytes(), id);
             }
@@ -515,8 +514,8 @@ impl Router {
                                 PathKind::Exact => Matcher::Exact,
                                 _ => Matcher::ElementPrefix,
                             };
-                            let len = if kind == PathKind::ElementPrefix && path.pattern.len() > 1 {
-                                path.pattern.trim_end_matches('/').len()
+                            let len = if kind == PathKind::ElementPrefix {
+                                path.pattern.trim_end_matches('/').len().max(1)
                             } else {
                                 path.pattern.len()
                             };
@@ -675,7 +674,7 @@ fn parse_host(host: &str, single_label: bool) -> Result<(HostKind, String), Stri
                 .all(|b| b.is_ascii_alphanumeric() || b"-._:[]".contains(&b))
     };
     if let Some(rest) = lower.strip_prefix("*.") {
-        if !valid(rest) || rest.contains('*') {
+        if !valid(rest) || rest.contains('*') || rest.contains(':') {
             return Err(format!("invalid wildcard host `{host}`"));
         }
         let kind = if single_label {
@@ -686,7 +685,7 @@ fn parse_host(host: &str, single_label: bool) -> Result<(HostKind, String), Stri
         return Ok((kind, rest.to_string()));
     }
     if let Some(rest) = lower.strip_suffix(".*") {
-        if !valid(rest) || rest.contains('*') {
+        if !valid(rest) || rest.contains('*') || rest.contains(':') {
             return Err(format!("invalid wildcard host `{host}`"));
         }
         return Ok((HostKind::Prefix, rest.to_string()));

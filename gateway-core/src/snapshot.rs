@@ -105,6 +105,23 @@ impl Balancer {
         }
     }
 
+    /// The next target in rotation other than `avoid` (the one that just failed), when there
+    /// is another; `None` when no target has a weight.
+    pub(crate) fn pick_avoiding(&self, avoid: Option<&TargetRuntime>) -> Option<&TargetRuntime> {
+        let first = self.pick()?;
+        let Some(avoid) = avoid else {
+            return Some(first);
+        };
+        if self.targets.len() < 2 || !std::ptr::eq(first, avoid) {
+            return Some(first);
+        }
+        // Walk the schedule forward (bounded) to the next other target.
+        (0..self.schedule.len().min(64))
+            .filter_map(|_| self.pick())
+            .find(|t| !std::ptr::eq(*t, avoid))
+            .or(Some(first))
+    }
+
     /// The next target in rotation, or `None` when no target has a weight.
     pub(crate) fn pick(&self) -> Option<&TargetRuntime> {
         if self.schedule.is_empty() {
@@ -465,7 +482,6 @@ pub(crate) fn compile(
         let built = compile_service(&mut c, &at, s, &upstreams, clients, &mut fresh_clients);
         services.push(built.map(Arc::new));
     }
-    clients.clients = fresh_clients;
 
     // Routes: nested first (in service order), then top-level.
     let mut routes: Vec<(String, &Route, Option<usize>)> = Vec::new();
@@ -581,14 +597,18 @@ pub(crate) fn compile(
         }
     };
     match router {
-        Some(router) if c.problems.is_empty() => Ok(Snapshot {
-            router,
-            route_names: runtimes
-                .iter()
-                .map(|r: &RouteRuntime| r.name.clone())
-                .collect(),
-            routes: runtimes.into(),
-        }),
+        Some(router) if c.problems.is_empty() => {
+            // Only a config that compiles replaces the cached clients (and their pools).
+            clients.clients = fresh_clients;
+            Ok(Snapshot {
+                router,
+                route_names: runtimes
+                    .iter()
+                    .map(|r: &RouteRuntime| r.name.clone())
+                    .collect(),
+                routes: runtimes.into(),
+            })
+        }
         _ => Err(ConfigError {
             source_name: None,
             problems: c.problems,
@@ -681,6 +701,8 @@ fn compile_service(
     if let Some(p) = &path {
         if !p.starts_with('/') {
             c.problem(at, format!("`path` must start with `/`, got `{p}`"));
+        } else if p.contains(['?', '#']) || p.parse::<http::uri::PathAndQuery>().is_err() {
+            c.problem(at, format!("`path` `{p}` is not a valid URL path"));
         }
     }
     let retries = s.retries.unwrap_or(DEFAULT_RETRIES);

@@ -132,3 +132,31 @@ async fn graceful_shutdown_lets_an_in_flight_request_finish() {
         "server stopped before the request finished"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_connections_survive_a_reload_of_an_unchanged_service() {
+    let up = echo_upstream().await;
+    let gw = start_gateway(&config_for(up.addr, "")).await;
+    // One client connection, sequential requests: the gateway reuses one pooled upstream connection.
+    let first = get(&gw.url("/a")).await.echo().peer;
+    assert_eq!(
+        get(&gw.url("/b")).await.echo().peer,
+        first,
+        "no keep-alive to the upstream"
+    );
+    // Same service, a new route: the pool carries over.
+    let reloaded = format!(
+        "_format_version: \"3.0\"\nservices:\n- name: s\n  url: http://{}\n  routes: [{{name: r, paths: [\"/\"]}}, {{name: extra, paths: [\"/extra\"]}}]\n",
+        up.addr
+    );
+    gw.gateway
+        .reload(&Config::from_yaml(&reloaded).unwrap())
+        .unwrap();
+    assert_eq!(gw.gateway.routes().len(), 2);
+    assert_eq!(
+        get(&gw.url("/c")).await.echo().peer,
+        first,
+        "the reload dropped the upstream pool"
+    );
+    gw.shutdown().await;
+}

@@ -313,10 +313,7 @@ services:
 async fn http2_prior_knowledge_is_served_on_the_same_listener() {
     let up = echo_upstream().await;
     let gw = start_gateway(&one_service(up.addr, "", r#"paths: ["/"]"#)).await;
-    let h2: hyper_util::client::legacy::Client<_, TestBody> =
-        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-            .http2_only(true)
-            .build(hyper_util::client::legacy::connect::HttpConnector::new());
+    let h2 = h2_client();
     let resp = h2
         .request(Request::get(gw.url("/h2")).body(full("")).unwrap())
         .await
@@ -363,7 +360,7 @@ services:
 async fn streaming_download_reaches_the_client_before_the_upstream_finishes() {
     use http_body_util::BodyExt;
     let (release_tx, release_rx) = tokio::sync::watch::channel(false);
-    let up = upstream_with(std::sync::Arc::new(move |_req, _addr| {
+    let up = upstream_with(std::sync::Arc::new(move |_req, _addr, _peer| {
         let mut release = release_rx.clone();
         Box::pin(async move {
             let (tx, rx) =
@@ -440,4 +437,252 @@ async fn the_gateway_works_as_a_tower_service() {
     assert_eq!(echo.body_len, 7);
     assert_eq!(echo.header("x-real-ip"), Some("192.0.2.7"));
     assert_eq!(echo.header("x-forwarded-port"), Some("8000"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_upstream_write_times_out_with_504() {
+    // An upstream that reads the request head and then never reads the body.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let stalled = tokio::spawn(async move {
+        let mut held = Vec::new();
+        for _ in 0..4 {
+            let Ok((s, _)) = listener.accept().await else {
+                break;
+            };
+            held.push(s);
+        }
+        tokio::time::sleep(Duration::from_secs(30)).await;
+    });
+    let gw = start_gateway(&format!(
+        "_format_version: \"3.0\"\nservices:\n- name: s\n  url: http://{addr}\n  write_timeout: 300\n  retries: 0\n  routes: [{{name: r, paths: [\"/\"]}}]\n"
+    ))
+    .await;
+    // Far more than loopback socket buffers hold, so the gateway's writes must block.
+    let body = Generated {
+        remaining: 256 << 20,
+        chunk: bytes::Bytes::from(vec![1u8; 64 * 1024]),
+    };
+    let started = std::time::Instant::now();
+    let resp = send(
+        Request::post(gw.url("/upload"))
+            .body(http_body_util::BodyExt::boxed_unsync(body))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        resp.status,
+        StatusCode::GATEWAY_TIMEOUT,
+        "{}",
+        String::from_utf8_lossy(&resp.body)
+    );
+    assert_eq!(resp.json()["message"], "The upstream server is timing out");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        started.elapsed()
+    );
+    stalled.abort();
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paths_are_normalised_before_routing_and_the_upstream_gets_the_same_path() {
+    let admin = echo_upstream().await;
+    let public = echo_upstream().await;
+    let gw = start_gateway(&format!(
+        r#"_format_version: "3.0"
+services:
+- name: admin
+  url: http://{}
+  routes: [{{name: admin, paths: ["/admin"], strip_path: false}}]
+- name: public
+  url: http://{}/pub
+  routes: [{{name: public, paths: ["/public"]}}]
+"#,
+        admin.addr, public.addr
+    ))
+    .await;
+    for path in [
+        "/public/../admin",
+        "/public/%2e%2e/admin",
+        "/%61dmin",
+        "/public/./../admin/",
+    ] {
+        let echo = get(&gw.url(path)).await.echo();
+        assert_eq!(
+            echo.upstream,
+            admin.addr.to_string(),
+            "{path} slipped past the /admin route"
+        );
+        assert!(
+            echo.uri.starts_with("/admin"),
+            "{path} reached the upstream as {}",
+            echo.uri
+        );
+    }
+    // The remainder after strip_path cannot climb out of the service path.
+    let echo = get(&gw.url("/public../secret")).await.echo();
+    assert_eq!(echo.uri, "/pub/secret");
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reused_idle_upstream_connection_gets_a_full_read_timeout() {
+    let up = echo_upstream().await;
+    let gw = start_gateway(&one_service(
+        up.addr,
+        "\n  read_timeout: 600",
+        r#"paths: ["/"]
+    strip_path: false"#,
+    ))
+    .await;
+    assert_eq!(get(&gw.url("/warm")).await.status, StatusCode::OK);
+    // The pooled connection idles for most of its read timeout, then carries a request whose
+    // answer takes 300 ms: that is well inside the 600 ms read timeout.
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    let resp = get(&gw.url("/slow/300")).await;
+    assert_eq!(
+        resp.status,
+        StatusCode::OK,
+        "{}",
+        String::from_utf8_lossy(&resp.body)
+    );
+    gw.shutdown().await;
+}
+
+async fn raw(addr: std::net::SocketAddr, request: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(request.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).to_string()
+}
+
+fn raw_echo(answer: &str) -> Echo {
+    let body = answer.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {answer}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunked_get_body_reaches_the_upstream() {
+    let up = echo_upstream().await;
+    let gw = start_gateway(&one_service(up.addr, "", r#"paths: ["/"]"#)).await;
+    let answer = raw(
+        gw.addr,
+        "GET /search HTTP/1.1\r\nhost: x\r\nconnection: close\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!(raw_echo(&answer).body_len, 11);
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_absolute_form_target_decides_the_host_for_routing_and_upstream_alike() {
+    let allowed = echo_upstream().await;
+    let gw = start_gateway(&format!(
+        r#"_format_version: "3.0"
+services:
+- name: s
+  url: http://{}
+  routes: [{{name: r, hosts: ["allowed.example"], preserve_host: true}}]
+"#,
+        allowed.addr
+    ))
+    .await;
+    let answer = raw(gw.addr, "GET http://allowed.example/x HTTP/1.1\r\nhost: admin.internal\r\nconnection: close\r\n\r\n").await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!(raw_echo(&answer).header("host"), Some("allowed.example"));
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_forwarded_header_is_dropped_and_h2_cookies_are_joined() {
+    let up = echo_upstream().await;
+    let gw = start_gateway(&one_service(up.addr, "", r#"paths: ["/"]"#)).await;
+    let h2 = h2_client();
+    let req = Request::get(gw.url("/c"))
+        .header("cookie", "a=1")
+        .header("cookie", "b=2")
+        .header("forwarded", "for=10.0.0.1;proto=https;host=admin")
+        .body(full(""))
+        .unwrap();
+    let resp = h2.request(req).await.unwrap();
+    let body = http_body_util::BodyExt::collect(resp.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    let echo: Echo = serde_json::from_slice(&body).unwrap();
+    assert_eq!(
+        echo.headers.get("cookie"),
+        Some(&vec!["a=1; b=2".to_string()])
+    );
+    assert_eq!(echo.header("forwarded"), None);
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_connection_is_retried_for_get_but_never_for_post() {
+    use tokio::io::AsyncReadExt;
+    // A target that reads the request and hangs up without answering.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dropper = listener.local_addr().unwrap();
+    let drops = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = drops.clone();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                break;
+            };
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf).await;
+            drop(s);
+        }
+    });
+    let live = echo_upstream().await;
+    let gw = start_gateway(&format!(
+        r#"_format_version: "3.0"
+upstreams:
+- name: pool
+  targets: [{{target: "{dropper}"}}, {{target: "{live}"}}]
+services:
+- {{name: s, host: pool, retries: 1, routes: [{{name: r, paths: ["/"]}}]}}
+"#,
+        live = live.addr
+    ))
+    .await;
+    for _ in 0..4 {
+        let resp = get(&gw.url("/idempotent")).await;
+        assert_eq!(
+            resp.status,
+            StatusCode::OK,
+            "{}",
+            String::from_utf8_lossy(&resp.body)
+        );
+        assert_eq!(resp.echo().upstream, live.addr.to_string());
+    }
+    let mut post_failures = 0;
+    for _ in 0..4 {
+        let resp = send(
+            Request::post(gw.url("/not-idempotent"))
+                .body(full("payload"))
+                .unwrap(),
+        )
+        .await;
+        match resp.status {
+            StatusCode::OK => assert_eq!(resp.echo().upstream, live.addr.to_string()),
+            StatusCode::BAD_GATEWAY => post_failures += 1,
+            other => panic!("unexpected {other}"),
+        }
+    }
+    assert_eq!(
+        post_failures, 2,
+        "a POST that reached the dropping target must not be replayed"
+    );
+    assert!(drops.load(std::sync::atomic::Ordering::SeqCst) >= 4);
+    task.abort();
+    gw.shutdown().await;
 }

@@ -113,7 +113,7 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
         "m" => n * 60.0,
         _ => return Err(format!("`{s}`: unknown unit `{unit}` (use ms, s or m)")),
     };
-    Ok(Duration::from_secs_f64(secs))
+    Duration::try_from_secs_f64(secs).map_err(|_| format!("`{s}` is out of range"))
 }
 
 fn main() -> ExitCode {

@@ -1,10 +1,16 @@
 //! The pooled keep-alive upstream client, with nginx-style timeouts on the socket.
 //!
-//! hyper-util's client pools connections per authority; this module only adds a connector that
-//! wraps each TCP stream in `tokio-io-timeout`, so `read_timeout` and `write_timeout` mean what
-//! they mean in Kong and nginx: the longest wait between two successive reads (writes) on the
-//! upstream connection. A timer that fires surfaces as an `io::ErrorKind::TimedOut` inside the
-//! hyper error, which the proxy answers with 504.
+//! hyper-util's client pools connections per authority; this module adds a connector whose
+//! streams enforce `read_timeout` and `write_timeout` the way Kong and nginx mean them: the
+//! longest wait for the next read (write) on the upstream connection. A timer that fires
+//! surfaces as an `io::ErrorKind::TimedOut` inside the hyper error, which the proxy answers
+//! with 504.
+//!
+//! Hand-written rather than `tokio-io-timeout` because a proxy needs one twist: every
+//! successful write pushes the read deadline back. hyper keeps a read pending on idle pooled
+//! connections and while it uploads a request body; without the push-back, a connection that
+//! sat idle would give the next request only what is left of the timer, and a slow upload
+//! would time out although the upstream reads it.
 
 use std::future::Future;
 use std::io;
@@ -17,7 +23,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
-use tokio_io_timeout::TimeoutStream;
+use tokio::time::{Instant, Sleep};
 
 use crate::body::{BoxError, ProxyBody};
 
@@ -70,22 +76,74 @@ impl tower_service::Service<Uri> for TimeoutConnector {
         let connecting = self.http.call(uri);
         let (read, write) = (self.read, self.write);
         Box::pin(async move {
-            let tcp = connecting.await?.into_inner();
-            let mut stream = TimeoutStream::new(tcp);
-            stream.set_read_timeout(Some(read));
-            stream.set_write_timeout(Some(write));
-            Ok(TimedIo(TokioIo::new(Box::pin(stream))))
+            let io = connecting.await?;
+            Ok(TimedIo {
+                io,
+                read: Deadline::new(read),
+                write: Deadline::new(write),
+            })
         })
     }
 }
 
+/// A timer armed while an operation is pending and disarmed when it completes.
+#[derive(Debug)]
+struct Deadline {
+    limit: Duration,
+    sleep: Pin<Box<Sleep>>,
+    armed: bool,
+}
+
+impl Deadline {
+    fn new(limit: Duration) -> Self {
+        Deadline {
+            limit,
+            sleep: Box::pin(tokio::time::sleep(limit)),
+            armed: false,
+        }
+    }
+
+    /// Called when the operation is pending: arms the timer on the first call and reports
+    /// whether it has fired.
+    fn poll_expired(&mut self, cx: &mut Context<'_>) -> bool {
+        if !self.armed {
+            self.sleep.as_mut().reset(Instant::now() + self.limit);
+            self.armed = true;
+        }
+        self.sleep.as_mut().poll(cx).is_ready()
+    }
+
+    /// The operation made progress.
+    fn disarm(&mut self) {
+        self.armed = false;
+    }
+
+    /// Pushes an armed timer back to a full period from now.
+    fn push_back(&mut self) {
+        if self.armed {
+            self.sleep.as_mut().reset(Instant::now() + self.limit);
+        }
+    }
+}
+
+fn timed_out(what: &str) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::TimedOut,
+        format!("upstream {what} timed out"),
+    )
+}
+
 /// An upstream connection with read/write timeouts.
 #[derive(Debug)]
-pub(crate) struct TimedIo(TokioIo<Pin<Box<TimeoutStream<TcpStream>>>>);
+pub(crate) struct TimedIo {
+    io: TokioIo<TcpStream>,
+    read: Deadline,
+    write: Deadline,
+}
 
 impl Connection for TimedIo {
     fn connected(&self) -> Connected {
-        Connected::new()
+        self.io.connected()
     }
 }
 
@@ -95,7 +153,35 @@ impl hyper::rt::Read for TimedIo {
         cx: &mut Context<'_>,
         buf: hyper::rt::ReadBufCursor<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().0).poll_read(cx, buf)
+        let this = self.get_mut();
+        match Pin::new(&mut this.io).poll_read(cx, buf) {
+            Poll::Ready(r) => {
+                this.read.disarm();
+                Poll::Ready(r)
+            }
+            Poll::Pending if this.read.poll_expired(cx) => Poll::Ready(Err(timed_out("read"))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl TimedIo {
+    fn after_write<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        r: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        match r {
+            Poll::Ready(r) => {
+                self.write.disarm();
+                if r.is_ok() {
+                    self.read.push_back();
+                }
+                Poll::Ready(r)
+            }
+            Poll::Pending if self.write.poll_expired(cx) => Poll::Ready(Err(timed_out("write"))),
+            Poll::Pending => Poll::Pending,
+        }
     }
 }
 
@@ -105,22 +191,28 @@ impl hyper::rt::Write for TimedIo {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.io).poll_write(cx, buf);
+        this.after_write(cx, r)
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().0).poll_flush(cx)
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.io).poll_flush(cx);
+        this.after_write(cx, r)
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
     }
     fn is_write_vectored(&self) -> bool {
-        self.0.is_write_vectored()
+        self.io.is_write_vectored()
     }
     fn poll_write_vectored(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().0).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
+        this.after_write(cx, r)
     }
 }

@@ -8,14 +8,19 @@
 //!   `-Path` (the client's path), `-Prefix` (the stripped prefix) and `X-Real-IP` are set from
 //!   what the gateway saw, replacing what the client sent;
 //! - `Via` is appended on the way up and on the way back;
-//! - every response carries `X-Request-Id`, which the upstream also receives.
+//! - every response carries `X-Request-Id`, which the upstream also receives;
+//! - a client's `Forwarded` header is dropped (the `X-Forwarded-*` set replaces it);
+//! - the path is normalised before routing (see [`path`]) and the upstream gets that path;
+//! - HTTP/2 `cookie` fields are joined into one for the HTTP/1.1 upstream (RFC 9113 8.2.3).
 //!
 //! Failures become JSON answers `{"message": ..., "request_id": ...}` in exactly one place,
 //! [`error_response`]: 404 when no route matches, 502 when the upstream connection or its
 //! response fails, 503 when no target is available, 504 on an upstream timeout.
 
 pub(crate) mod client;
+pub mod path;
 
+use std::borrow::Cow;
 use std::error::Error as StdError;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -29,7 +34,7 @@ use http::{Request, Response, StatusCode, Version};
 
 use crate::body::{ProxyBody, ResponseBody};
 use crate::router::{RouteInput, split_host};
-use crate::snapshot::{ServiceRuntime, Snapshot};
+use crate::snapshot::{ServiceRuntime, Snapshot, TargetRuntime};
 
 /// Facts about the connection a request arrived on.
 ///
@@ -95,14 +100,17 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     headers.remove(header::UPGRADE);
     headers.remove(header::PROXY_AUTHORIZATION);
     headers.remove(header::PROXY_AUTHENTICATE);
-    if let Some(te) = headers.get(header::TE) {
-        if !te.as_bytes().eq_ignore_ascii_case(b"trailers") {
-            headers.remove(header::TE);
-        }
+    if headers.contains_key(header::TE)
+        && !headers
+            .get_all(header::TE)
+            .iter()
+            .all(|te| te.as_bytes().eq_ignore_ascii_case(b"trailers"))
+    {
+        headers.remove(header::TE);
     }
 }
 
-fn via_value(version: Version, previous: Option<&HeaderValue>) -> HeaderValue {
+fn via_value(version: Version, previous: http::header::GetAll<'_, HeaderValue>) -> HeaderValue {
     let ours: &'static str = match version {
         Version::HTTP_10 => "1.0 gateway",
         Version::HTTP_2 => "2 gateway",
@@ -110,20 +118,21 @@ fn via_value(version: Version, previous: Option<&HeaderValue>) -> HeaderValue {
         _ => "1.1 gateway",
     };
     debug_assert!(ours.ends_with(VIA_TOKEN));
-    match previous {
-        None => HeaderValue::from_static(ours),
-        Some(prev) => {
-            let mut b = BytesMut::with_capacity(prev.len() + 2 + ours.len());
-            b.put_slice(prev.as_bytes());
-            b.put_slice(b", ");
-            b.put_slice(ours.as_bytes());
-            HeaderValue::from_maybe_shared(b.freeze()).unwrap_or(HeaderValue::from_static(ours))
-        }
+    let mut previous = previous.iter().peekable();
+    if previous.peek().is_none() {
+        return HeaderValue::from_static(ours);
     }
+    let mut b = BytesMut::with_capacity(64);
+    for prev in previous {
+        b.put_slice(prev.as_bytes());
+        b.put_slice(b", ");
+    }
+    b.put_slice(ours.as_bytes());
+    HeaderValue::from_maybe_shared(b.freeze()).unwrap_or(HeaderValue::from_static(ours))
 }
 
 fn append_via(headers: &mut HeaderMap, version: Version) {
-    let v = via_value(version, headers.get(header::VIA));
+    let v = via_value(version, headers.get_all(header::VIA));
     headers.insert(header::VIA, v);
 }
 
@@ -196,7 +205,7 @@ pub(crate) fn upstream_path(
         return None; // unchanged: reuse the request's own path
     }
     let postfix = if strip {
-        &req_path[matched_len.min(req_path.len())..]
+        path::sanitize_postfix(req_path.get(matched_len..).unwrap_or(""))
     } else {
         ""
     };
@@ -225,7 +234,7 @@ pub(crate) fn upstream_path(
     } else if strip {
         out.push_str(base);
         if postfix.is_empty() {
-            if req_path.ends_with('/') {
+            if req_path.len() > 1 && req_path.ends_with('/') {
                 out.push('/');
             }
         } else {
@@ -306,7 +315,8 @@ pub(crate) async fn handle(
         .path_and_query()
         .cloned()
         .unwrap_or_else(|| PathAndQuery::from_static("/"));
-    let path = original_pq.path();
+    let normalized = path::normalize(original_pq.path());
+    let path: &str = &normalized;
 
     // Host: HTTP/2 carries it in :authority, HTTP/1 in the Host header.
     let raw_host = match parts.uri.authority() {
@@ -377,9 +387,10 @@ pub(crate) async fn handle(
         found.matched_len,
         route.strip_path,
     );
-    let pq = match new_path {
-        None => original_pq.clone(),
-        Some(mut p) => {
+    let pq = match (new_path, &normalized) {
+        (None, Cow::Borrowed(_)) => original_pq.clone(),
+        (new_path, _) => {
+            let mut p = new_path.unwrap_or_else(|| path.to_string());
             if let Some(q) = original_pq.query() {
                 p.push('?');
                 p.push_str(q);
@@ -398,12 +409,13 @@ pub(crate) async fn handle(
             }
         }
     };
+    // The host the router saw is the host the upstream gets: the request target's authority
+    // wins over a Host header (RFC 9112 3.2.2).
     let client_host = if route.preserve_host {
-        parts
-            .headers
-            .get(header::HOST)
-            .cloned()
-            .or_else(|| HeaderValue::from_str(raw_host).ok())
+        match parts.uri.authority() {
+            Some(a) => HeaderValue::from_str(a.as_str()).ok(),
+            None => parts.headers.get(header::HOST).cloned(),
+        }
     } else {
         None
     };
@@ -417,6 +429,19 @@ pub(crate) async fn handle(
         &request_id,
         parts.version,
     );
+    if parts.version == Version::HTTP_2 {
+        join_cookies(&mut parts.headers);
+    }
+    // A body of unknown length must be framed explicitly, or hyper sends none for GET/HEAD.
+    if !http_body::Body::is_end_stream(&body)
+        && http_body::Body::size_hint(&body).exact().is_none()
+        && !parts.headers.contains_key(header::CONTENT_LENGTH)
+    {
+        parts.headers.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+    }
     parts.version = Version::HTTP_11;
 
     let result = send_with_retries(
@@ -443,6 +468,24 @@ pub(crate) async fn handle(
     resp
 }
 
+/// RFC 9113 8.2.3: HTTP/2 may split `cookie` into several fields; HTTP/1.1 needs one.
+fn join_cookies(h: &mut HeaderMap) {
+    let mut values = h.get_all(header::COOKIE).iter();
+    if values.next().is_none() || values.next().is_none() {
+        return;
+    }
+    let mut joined = BytesMut::with_capacity(256);
+    for (i, v) in h.get_all(header::COOKIE).iter().enumerate() {
+        if i > 0 {
+            joined.put_slice(b"; ");
+        }
+        joined.put_slice(v.as_bytes());
+    }
+    if let Ok(v) = HeaderValue::from_maybe_shared(joined.freeze()) {
+        h.insert(header::COOKIE, v);
+    }
+}
+
 fn set_forwarding_headers(
     h: &mut HeaderMap,
     conn: &ConnInfo,
@@ -453,7 +496,8 @@ fn set_forwarding_headers(
     version: Version,
 ) {
     remove_hop_by_hop(h);
-    let ip = conn.client.ip();
+    h.remove(header::FORWARDED);
+    let ip = conn.client.ip().to_canonical();
     let mut ip_buf = String::with_capacity(40);
     let _ = write!(ip_buf, "{ip}");
     let xff = match h.get(&X_FORWARDED_FOR) {
@@ -502,6 +546,19 @@ fn set_forwarding_headers(
 
 type Failure = (StatusCode, &'static str);
 
+fn is_idempotent(m: &http::Method) -> bool {
+    use http::Method;
+    [
+        Method::GET,
+        Method::HEAD,
+        Method::OPTIONS,
+        Method::TRACE,
+        Method::PUT,
+        Method::DELETE,
+    ]
+    .contains(m)
+}
+
 async fn send_with_retries<'a>(
     service: &'a ServiceRuntime,
     parts: &mut http::request::Parts,
@@ -517,8 +574,9 @@ async fn send_with_retries<'a>(
         (body, None)
     };
     let mut attempt = 0u32;
+    let mut failed: Option<&TargetRuntime> = None;
     loop {
-        let Some(target) = service.balancer.pick() else {
+        let Some(target) = service.balancer.pick_avoiding(failed) else {
             return Err((
                 StatusCode::SERVICE_UNAVAILABLE,
                 "failure to get a peer from the ring-balancer",
@@ -560,7 +618,10 @@ async fn send_with_retries<'a>(
             }
             Err(err) => {
                 let timeout = is_timeout(&err);
-                let retry_body = if err.is_connect() && !last {
+                // Connection failures are retried for any method (nothing was sent); other
+                // failures only for idempotent methods, and only while the body is still ours.
+                let retryable = err.is_connect() || (!timeout && is_idempotent(&parts.method));
+                let retry_body = if retryable && !last {
                     match &slot {
                         None => Some(ProxyBody::Empty),
                         Some(slot) => slot.reclaim(),
@@ -580,6 +641,7 @@ async fn send_with_retries<'a>(
                     Some(b) => {
                         body = b;
                         attempt += 1;
+                        failed = Some(target);
                     }
                     None => {
                         return Err(if timeout {
@@ -651,6 +713,9 @@ mod tests {
             (None, "/foo/bar", 4, true, "/bar"),
             (None, "/foo", 4, true, "/"),
             (None, "/foobar", 4, true, "/bar"),
+            (Some("/api"), "/", 1, true, "/api"),
+            (Some("/api/v1"), "/foo../admin", 4, true, "/api/v1/admin"),
+            (Some("/api/v1"), "/foo..", 4, true, "/api/v1"),
         ];
         for (base, req, m, strip, want) in cases {
             let got = upstream_path(*base, req, *m, *strip).unwrap_or_else(|| req.to_string());

@@ -353,6 +353,25 @@ fn bad_specs_are_errors_not_panics() {
     assert_eq!(err.route, 1);
     let err = Router::new(vec![kong(&["a.*.com"], &[])]).unwrap_err();
     assert!(err.message.contains("invalid host"), "{}", err.message);
+    // A port on a wildcard host could never match: refused, not silently dead.
+    let err = Router::new(vec![kong(&["*.example.com:8080"], &[])]).unwrap_err();
+    assert!(
+        err.message.contains("invalid wildcard host"),
+        "{}",
+        err.message
+    );
+}
+
+#[test]
+fn all_slash_element_prefixes_match_like_root_and_never_panic() {
+    check(
+        ingress(&[("//", PathKind::ElementPrefix)], "", false),
+        &[
+            case("h", "*", None),
+            case("h", "/x", Some(0)),
+            case("h", "", None),
+        ],
+    );
 }
 
 #[test]

@@ -37,6 +37,8 @@ pub struct Echo {
     pub headers: BTreeMap<String, Vec<String>>,
     pub body_len: u64,
     pub upstream: String,
+    /// The address the request came from: the gateway's side of the upstream connection.
+    pub peer: String,
 }
 
 impl Echo {
@@ -64,6 +66,7 @@ pub type Handler = std::sync::Arc<
     dyn Fn(
             Request<Incoming>,
             SocketAddr,
+            SocketAddr,
         ) -> Pin<Box<dyn Future<Output = Response<TestBody>> + Send>>
         + Send
         + Sync,
@@ -75,13 +78,13 @@ pub async fn upstream_with(handler: Handler) -> Upstream {
     let addr = listener.local_addr().unwrap();
     let task = tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else {
+            let Ok((stream, peer)) = listener.accept().await else {
                 continue;
             };
             let handler = handler.clone();
             tokio::spawn(async move {
                 let svc = service_fn(move |req| {
-                    let fut = handler(req, addr);
+                    let fut = handler(req, addr, peer);
                     async move { Ok::<_, Infallible>(fut.await) }
                 });
                 let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
@@ -101,7 +104,7 @@ pub fn full(b: impl Into<Bytes>) -> TestBody {
 /// body. `/slow/<ms>` waits that long first.
 pub async fn echo_upstream() -> Upstream {
     upstream_with(std::sync::Arc::new(
-        |req: Request<Incoming>, addr: SocketAddr| {
+        |req: Request<Incoming>, addr: SocketAddr, peer: SocketAddr| {
             Box::pin(async move {
                 if let Some(ms) = req
                     .uri()
@@ -133,6 +136,7 @@ pub async fn echo_upstream() -> Upstream {
                     "headers": headers,
                     "body_len": body_len,
                     "upstream": addr.to_string(),
+                "peer": peer.to_string(),
                 });
                 Response::builder()
                     .header("content-type", "application/json")
@@ -213,6 +217,13 @@ pub async fn start_gateway_with(yaml: &str, settings: ServerSettings) -> Running
 
 pub fn client() -> Client<HttpConnector, TestBody> {
     Client::builder(TokioExecutor::new()).build(HttpConnector::new())
+}
+
+/// A client that speaks HTTP/2 with prior knowledge (h2c).
+pub fn h2_client() -> Client<HttpConnector, TestBody> {
+    Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build(HttpConnector::new())
 }
 
 pub struct Answer {

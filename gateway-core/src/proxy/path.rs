@@ -1,0 +1,162 @@
+//! Request path normalisation, applied once before routing; the upstream receives the same
+//! path the router saw, so a route (and the plugins on it) cannot be bypassed by spelling a
+//! path differently.
+//!
+//! Applied (RFC 3986 6.2.2): percent-escapes of unreserved characters are decoded (`%61` is
+//! `a`), the remaining escapes get upper-case hex digits, and dot segments are removed
+//! (`/a/./b/../c` is `/a/c`). Escaped reserved characters stay escaped (`%2F` is not a
+//! slash). Repeated slashes are kept.
+
+use std::borrow::Cow;
+
+fn unreserved(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
+}
+
+fn hex(b: u8) -> Option<u8> {
+    match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
+    }
+}
+
+/// Normalises a path; borrows when there is nothing to change (the common case).
+pub fn normalize(path: &str) -> Cow<'_, str> {
+    let bytes = path.as_bytes();
+    let has_escape = bytes.contains(&b'%');
+    let has_dot_segment = path.split('/').any(|s| s == "." || s == "..");
+    if !has_escape && !has_dot_segment {
+        return Cow::Borrowed(path);
+    }
+    let decoded: Cow<'_, str> = if has_escape {
+        let mut out = String::with_capacity(path.len());
+        let mut i = 0;
+        while i < bytes.len() {
+            if bytes[i] == b'%' && i + 2 < bytes.len() {
+                if let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                    let v = h * 16 + l;
+                    if unreserved(v) {
+                        out.push(v as char);
+                    } else {
+                        out.push('%');
+                        out.push(bytes[i + 1].to_ascii_uppercase() as char);
+                        out.push(bytes[i + 2].to_ascii_uppercase() as char);
+                    }
+                    i += 3;
+                    continue;
+                }
+            }
+            // `path` is a str and every byte pushed here is copied whole, char by char.
+            let ch_len = utf8_len(bytes[i]);
+            out.push_str(&path[i..i + ch_len]);
+            i += ch_len;
+        }
+        Cow::Owned(out)
+    } else {
+        Cow::Borrowed(path)
+    };
+    if !decoded.split('/').any(|s| s == "." || s == "..") {
+        return Cow::Owned(decoded.into_owned());
+    }
+    Cow::Owned(remove_dot_segments(&decoded))
+}
+
+fn utf8_len(first: u8) -> usize {
+    match first {
+        0x00..=0x7F => 1,
+        0xC0..=0xDF => 2,
+        0xE0..=0xEF => 3,
+        _ => 4,
+    }
+}
+
+/// RFC 3986 5.2.4 for an absolute path.
+fn remove_dot_segments(path: &str) -> String {
+    let mut out: Vec<&str> = Vec::new();
+    let segments: Vec<&str> = path.split('/').skip(1).collect();
+    let last = segments.len().saturating_sub(1);
+    let mut trailing_slash = false;
+    for (i, seg) in segments.iter().enumerate() {
+        match *seg {
+            "." => trailing_slash = i == last,
+            ".." => {
+                out.pop();
+                trailing_slash = i == last;
+            }
+            s => {
+                out.push(s);
+                trailing_slash = false;
+            }
+        }
+    }
+    let mut result = String::with_capacity(path.len());
+    for s in &out {
+        result.push('/');
+        result.push_str(s);
+    }
+    if trailing_slash || result.is_empty() {
+        result.push('/');
+    }
+    result
+}
+
+/// Removes leading `./` and `../` from what is left of a path after `strip_path`, so the
+/// remainder cannot climb out of the service path (`/foo../admin` with route `/foo`).
+pub(crate) fn sanitize_postfix(mut postfix: &str) -> &str {
+    loop {
+        if let Some(rest) = postfix
+            .strip_prefix("../")
+            .or_else(|| postfix.strip_prefix("./"))
+        {
+            postfix = rest;
+        } else if postfix == ".." || postfix == "." {
+            return "";
+        } else {
+            return postfix;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normalises_like_rfc_3986() {
+        let cases = [
+            ("/plain/path", "/plain/path"),
+            ("/public/../admin", "/admin"),
+            ("/public/%2e%2e/admin", "/admin"),
+            ("/a/./b/../c", "/a/c"),
+            ("/a/b/..", "/a/"),
+            ("/a/b/.", "/a/b/"),
+            ("/..", "/"),
+            ("/../../etc", "/etc"),
+            ("/%61dmin", "/admin"),
+            ("/admin%2f", "/admin%2F"),
+            ("/a%2Fb", "/a%2Fb"),
+            ("/caf%C3%A9", "/caf%C3%A9"),
+            ("/%7euser", "/~user"),
+            ("//admin", "//admin"),
+            ("/bad%zz", "/bad%zz"),
+            ("/trailing%", "/trailing%"),
+            ("/ünïcode/./x", "/ünïcode/x"),
+            ("/a..b/c", "/a..b/c"),
+        ];
+        for (input, want) in cases {
+            assert_eq!(normalize(input), want, "{input}");
+        }
+        assert!(matches!(normalize("/nothing/to/do"), Cow::Borrowed(_)));
+    }
+
+    #[test]
+    fn postfix_cannot_climb() {
+        assert_eq!(sanitize_postfix("../admin"), "admin");
+        assert_eq!(sanitize_postfix("./../x"), "x");
+        assert_eq!(sanitize_postfix(".."), "");
+        assert_eq!(sanitize_postfix("/ok"), "/ok");
+        assert_eq!(sanitize_postfix("..hidden"), "..hidden");
+    }
+}
