@@ -27,40 +27,23 @@ pub fn ingress_like(n: usize) -> (Vec<RouteSpec>, Vec<Lookup>) {
     for i in 0..n {
         let h = i % hosts;
         let wildcard = h % 10 == 9;
-        let host = if wildcard {
-            format!("*.team{h}.example.com")
-        } else {
-            format!("svc{h}.ns{}.example.com", h % 37)
-        };
+        let host = if wildcard { format!("*.team{h}.example.com") } else { format!("svc{h}.ns{}.example.com", h % 37) };
         let (path, kind) = match i / hosts {
             0 => ("/".to_string(), PathKind::ElementPrefix),
             1 => (format!("/api/v1/orders{i}"), PathKind::ElementPrefix),
             2 => (format!("/api/v2/users{i}"), PathKind::ElementPrefix),
             _ => (format!("/healthz{i}"), PathKind::Exact),
         };
-        let req_host = if wildcard {
-            format!("web.team{h}.example.com")
-        } else {
-            host.clone()
-        };
+        let req_host = if wildcard { format!("web.team{h}.example.com") } else { host.clone() };
         let req_path = match kind {
             PathKind::Exact => path.clone(),
             _ if path == "/" => "/index.html".to_string(),
             _ => format!("{path}/items/42"),
         };
-        lookups.push(Lookup {
-            host: req_host.clone(),
-            path: req_path,
-        });
+        lookups.push(Lookup { host: req_host.clone(), path: req_path });
         if i % 8 == 0 {
-            lookups.push(Lookup {
-                host: req_host,
-                path: "/api/v9/unknown".to_string(),
-            });
-            lookups.push(Lookup {
-                host: format!("nohost{i}.example.org"),
-                path: "/x".to_string(),
-            });
+            lookups.push(Lookup { host: req_host, path: "/api/v9/unknown".to_string() });
+            lookups.push(Lookup { host: format!("nohost{i}.example.org"), path: "/x".to_string() });
         }
         routes.push(RouteSpec {
             hosts: vec![host],

@@ -46,12 +46,8 @@ impl ProxyBody {
         B::Error: Into<BoxError>,
     {
         let mut slot = Some(body);
-        if let Some(incoming) =
-            (&mut slot as &mut dyn std::any::Any).downcast_mut::<Option<Incoming>>()
-        {
-            return incoming
-                .take()
-                .map_or(ProxyBody::Empty, ProxyBody::Incoming);
+        if let Some(incoming) = (&mut slot as &mut dyn std::any::Any).downcast_mut::<Option<Incoming>>() {
+            return incoming.take().map_or(ProxyBody::Empty, ProxyBody::Incoming);
         }
         match slot {
             Some(body) if body.is_end_stream() => ProxyBody::Empty,
@@ -65,14 +61,7 @@ impl ProxyBody {
     pub(crate) fn defer(self) -> (ProxyBody, BodySlot) {
         let hint = self.size_hint();
         let slot = Arc::new(Mutex::new(Some(self)));
-        (
-            ProxyBody::Deferred(Deferred {
-                slot: slot.clone(),
-                taken: None,
-                hint,
-            }),
-            BodySlot(slot),
-        )
+        (ProxyBody::Deferred(Deferred { slot: slot.clone(), taken: None, hint }), BodySlot(slot))
     }
 }
 
@@ -102,11 +91,7 @@ impl ProxyBody {
         if let Ok(mut guard) = slot.0.lock() {
             *guard = Some(self);
         }
-        ProxyBody::Deferred(Deferred {
-            slot: slot.0,
-            taken: None,
-            hint,
-        })
+        ProxyBody::Deferred(Deferred { slot: slot.0, taken: None, hint })
     }
 }
 
@@ -114,10 +99,7 @@ impl Body for ProxyBody {
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             ProxyBody::Empty => Poll::Ready(None),
             ProxyBody::Incoming(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
@@ -129,9 +111,7 @@ impl Body for ProxyBody {
                         // Never forward a truncated body: an empty slot means another attempt
                         // already took it.
                         None => {
-                            return Poll::Ready(Some(Err(
-                                "request body already taken by another attempt".into(),
-                            )));
+                            return Poll::Ready(Some(Err("request body already taken by another attempt".into())));
                         }
                     }
                 }
@@ -195,10 +175,7 @@ impl Body for ResponseBody {
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             ResponseBody::Upstream(b) => {
                 let frame = ready!(Pin::new(b).poll_frame(cx));

@@ -57,6 +57,7 @@
 //! ```
 
 pub mod body;
+mod chain;
 pub mod config;
 pub mod plugin;
 pub mod proxy;
@@ -104,9 +105,7 @@ pub struct Gateway {
 
 impl std::fmt::Debug for Gateway {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Gateway")
-            .field("routes", &self.shared.snapshot.load().router.len())
-            .finish()
+        f.debug_struct("Gateway").field("routes", &self.shared.snapshot.load().router.len()).finish()
     }
 }
 
@@ -126,16 +125,10 @@ impl GatewayBuilder {
 
     /// Compiles `config` and returns a gateway serving it.
     pub fn build(self, config: &Config) -> Result<Gateway, ConfigError> {
-        let mut state = CompileState {
-            clients: ClientCache::default(),
-            plugins: self.plugins,
-        };
+        let mut state = CompileState { clients: ClientCache::default(), plugins: self.plugins };
         let snapshot = compile(config, &state.plugins, &mut state.clients)?;
         Ok(Gateway {
-            shared: Arc::new(Shared {
-                snapshot: ArcSwap::from_pointee(snapshot),
-                compile_state: Mutex::new(state),
-            }),
+            shared: Arc::new(Shared { snapshot: ArcSwap::from_pointee(snapshot), compile_state: Mutex::new(state) }),
         })
     }
 }
@@ -153,6 +146,8 @@ pub struct RouteLine {
     pub methods: String,
     /// The service name, or `-`.
     pub service: String,
+    /// The route's plugins in execution order.
+    pub plugins: Vec<String>,
 }
 
 impl Gateway {
@@ -174,11 +169,7 @@ impl Gateway {
     /// Compiles `config` beside the current snapshot and swaps it in. On error nothing
     /// changes: the current snapshot keeps serving.
     pub fn reload(&self, config: &Config) -> Result<(), ConfigError> {
-        let mut state = self
-            .shared
-            .compile_state
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut state = self.shared.compile_state.lock().unwrap_or_else(|p| p.into_inner());
         let state = &mut *state;
         let snapshot = compile(config, &state.plugins, &mut state.clients)?;
         self.shared.snapshot.store(Arc::new(snapshot));
@@ -187,11 +178,7 @@ impl Gateway {
 
     /// Checks a config the way [`Gateway::reload`] would, without swapping anything in.
     pub fn validate(&self, config: &Config) -> Result<(), ConfigError> {
-        let state = self
-            .shared
-            .compile_state
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let state = self.shared.compile_state.lock().unwrap_or_else(|p| p.into_inner());
         compile(config, &state.plugins, &mut ClientCache::default()).map(drop)
     }
 
@@ -209,10 +196,8 @@ impl Gateway {
                     hosts: d.hosts,
                     path: d.path,
                     methods: d.methods,
-                    service: rt
-                        .service
-                        .as_ref()
-                        .map_or_else(|| "-".to_string(), |s| s.name.to_string()),
+                    service: rt.service.as_ref().map_or_else(|| "-".to_string(), |s| s.name.to_string()),
+                    plugins: rt.chain.names(),
                 }
             })
             .collect()
@@ -220,9 +205,7 @@ impl Gateway {
 
     /// This gateway as a tower service. Always ready; see [`GatewayService`].
     pub fn service(&self) -> GatewayService {
-        GatewayService {
-            shared: self.shared.clone(),
-        }
+        GatewayService { shared: self.shared.clone() }
     }
 
     /// Serves on `listeners` until `shutdown` resolves, then drains gracefully.
@@ -265,11 +248,7 @@ where
     }
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        let conn = req
-            .extensions()
-            .get::<ConnInfo>()
-            .copied()
-            .unwrap_or_default();
+        let conn = req.extensions().get::<ConnInfo>().copied().unwrap_or_default();
         let snapshot = self.shared.snapshot.load_full();
         let req = req.map(ProxyBody::from_body);
         Box::pin(async move { Ok(proxy::handle(snapshot, req, conn).await) })

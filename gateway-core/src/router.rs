@@ -69,10 +69,7 @@ pub struct PathSpec {
 impl PathSpec {
     /// A path spec.
     pub fn new(pattern: impl Into<String>, kind: PathKind) -> Self {
-        Self {
-            pattern: pattern.into(),
-            kind,
-        }
+        Self { pattern: pattern.into(), kind }
     }
 }
 
@@ -175,11 +172,11 @@ impl Entry {
             return false;
         }
         self.headers.iter().all(|(name, wanted)| {
-            input.headers.get_all(name).iter().any(|value| {
-                wanted
-                    .iter()
-                    .any(|w| w.as_bytes().eq_ignore_ascii_case(value.as_bytes()))
-            })
+            input
+                .headers
+                .get_all(name)
+                .iter()
+                .any(|value| wanted.iter().any(|w| w.as_bytes().eq_ignore_ascii_case(value.as_bytes())))
         })
     }
 
@@ -225,17 +222,10 @@ impl Trie {
                 return;
             }
             let first = rest[0];
-            match self.nodes[node]
-                .children
-                .binary_search_by_key(&first, |c| c.0)
-            {
+            match self.nodes[node].children.binary_search_by_key(&first, |c| c.0) {
                 Err(at) => {
                     let id = self.nodes.len() as u32;
-                    self.nodes.push(Node {
-                        label: rest.into(),
-                        entries: vec![entry],
-                        children: Vec::new(),
-                    });
+                    self.nodes.push(Node { label: rest.into(), entries: vec![entry], children: Vec::new() });
                     self.nodes[node].children.insert(at, (first, id));
                     return;
                 }
@@ -253,11 +243,7 @@ impl Trie {
                     let tail: Box<[u8]> = label[common..].into();
                     let head: Box<[u8]> = label[..common].into();
                     self.nodes[child].label = tail.clone();
-                    self.nodes.push(Node {
-                        label: head,
-                        entries: Vec::new(),
-                        children: vec![(tail[0], child as u32)],
-                    });
+                    self.nodes.push(Node { label: head, entries: Vec::new(), children: vec![(tail[0], child as u32)] });
                     self.nodes[node].children[at].1 = mid;
                     node = mid as usize;
                     rest = &rest[common..];
@@ -325,11 +311,7 @@ impl Table {
     }
 
     fn sort(&mut self, entries: &[Entry]) {
-        let by_priority = |a: &u32, b: &u32| {
-            entries[*b as usize]
-                .priority
-                .cmp(&entries[*a as usize].priority)
-        };
+        let by_priority = |a: &u32, b: &u32| entries[*b as usize].priority.cmp(&entries[*a as usize].priority);
         for node in &mut self.trie.nodes {
             node.entries.sort_by(by_priority);
         }
@@ -340,8 +322,7 @@ impl Table {
     #[inline]
     fn find(&self, entries: &[Entry], input: &RouteInput<'_>, best: &mut Option<Best>) {
         let path = input.path;
-        let beaten =
-            |best: &Option<Best>, p: &Priority| best.as_ref().is_some_and(|b| b.priority >= *p);
+        let beaten = |best: &Option<Best>, p: &Priority| best.as_ref().is_some_and(|b| b.priority >= *p);
         self.trie.walk(path.as_bytes(), |ids, consumed| {
             for &id in ids {
                 let e = &entries[id as usize];
@@ -349,10 +330,7 @@ impl Table {
                     break;
                 }
                 if e.trie_match(path, consumed) && e.filters_pass(input) {
-                    *best = Some(Best {
-                        priority: e.priority,
-                        found: e.found(consumed),
-                    });
+                    *best = Some(Best { priority: e.priority, found: e.found(consumed) });
                     break;
                 }
             }
@@ -365,10 +343,7 @@ impl Table {
             if let Matcher::Regex(re) = &e.matcher {
                 if let Some(m) = re.find(path) {
                     if e.filters_pass(input) {
-                        *best = Some(Best {
-                            priority: e.priority,
-                            found: e.found(m.end()),
-                        });
+                        *best = Some(Best { priority: e.priority, found: e.found(m.end()) });
                         break;
                     }
                 }
@@ -380,10 +355,7 @@ impl Table {
                 break;
             }
             if e.filters_pass(input) {
-                *best = Some(Best {
-                    priority: e.priority,
-                    found: e.found(0),
-                });
+                *best = Some(Best { priority: e.priority, found: e.found(0) });
                 break;
             }
         }
@@ -392,11 +364,7 @@ impl Table {
 
 impl Entry {
     fn found(&self, matched_len: usize) -> RouteMatch {
-        RouteMatch {
-            route: self.route as usize,
-            path: self.path_index as usize,
-            matched_len,
-        }
+        RouteMatch { route: self.route as usize, path: self.path_index as usize, matched_len }
     }
 }
 
@@ -418,9 +386,7 @@ pub struct Router {
 
 impl fmt::Debug for Router {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Router")
-            .field("entries", &self.entries.len())
-            .finish_non_exhaustive()
+        f.debug_struct("Router").field("entries", &self.entries.len()).finish_non_exhaustive()
     }
 }
 
@@ -444,70 +410,42 @@ impl Router {
         let mut router = Router::default();
         let mut order = 0u32;
         for (index, spec) in routes.iter().enumerate() {
-            let err = |message: String| RouteError {
-                route: index,
-                message,
-            };
+            let err = |message: String| RouteError { route: index, message };
             let hosts: Vec<(HostKind, String)> = spec
                 .hosts
                 .iter()
                 .map(|h| parse_host(h, spec.wildcard_single_label).map_err(&err))
                 .collect::<Result<_, _>>()?;
-            let plain_hosts_only =
-                !hosts.is_empty() && hosts.iter().all(|(k, _)| *k == HostKind::Exact);
+            let plain_hosts_only = !hosts.is_empty() && hosts.iter().all(|(k, _)| *k == HostKind::Exact);
             if hosts.iter().any(|(_, h)| h.contains(':')) {
                 router.hosts_with_port = true;
             }
-            let match_weight = [
-                !spec.hosts.is_empty(),
-                !spec.paths.is_empty(),
-                !spec.methods.is_empty(),
-                !spec.headers.is_empty(),
-            ]
-            .iter()
-            .filter(|b| **b)
-            .count() as u8;
+            let match_weight =
+                [!spec.hosts.is_empty(), !spec.paths.is_empty(), !spec.methods.is_empty(), !spec.headers.is_empty()]
+                    .iter()
+                    .filter(|b| **b)
+                    .count() as u8;
             let headers: Box<[_]> = spec
                 .headers
                 .iter()
-                .map(|(n, vals)| {
-                    (
-                        n.clone(),
-                        vals.iter()
-                            .map(|v| v.to_ascii_lowercase().into_boxed_str())
-                            .collect(),
-                    )
-                })
+                .map(|(n, vals)| (n.clone(), vals.iter().map(|v| v.to_ascii_lowercase().into_boxed_str()).collect()))
                 .collect();
-            let host_text = if spec.hosts.is_empty() {
-                "*".to_string()
-            } else {
-                spec.hosts.join(",")
-            };
+            let host_text = if spec.hosts.is_empty() { "*".to_string() } else { spec.hosts.join(",") };
             let any_path = [PathSpec::new("", PathKind::Prefix)];
-            let paths: &[PathSpec] = if spec.paths.is_empty() {
-                &any_path
-            } else {
-                &spec.paths
-            };
+            let paths: &[PathSpec] = if spec.paths.is_empty() { &any_path } else { &spec.paths };
             for (path_index, path) in paths.iter().enumerate() {
                 let (matcher, path_len) = if spec.paths.is_empty() {
                     (Matcher::Any, 0)
                 } else {
                     match path.kind {
                         PathKind::Regex => {
-                            let re =
-                                Regex::new(&format!("^(?:{})", path.pattern)).map_err(|e| {
-                                    err(format!("invalid regex path `{}`: {e}", path.pattern))
-                                })?;
+                            let re = Regex::new(&format!("^(?:{})", path.pattern))
+                                .map_err(|e| err(format!("invalid regex path `{}`: {e}", path.pattern)))?;
                             (Matcher::Regex(re), 0)
                         }
                         kind => {
                             if !path.pattern.starts_with('/') {
-                                return Err(err(format!(
-                                    "path `{}` must start with `/`",
-                                    path.pattern
-                                )));
+                                return Err(err(format!("path `{}` must start with `/`", path.pattern)));
                             }
                             let m = match kind {
                                 PathKind::Prefix => Matcher::Prefix,
@@ -557,9 +495,7 @@ impl Router {
                         HostKind::SuffixOneLabel => &mut router.suffix_one,
                         HostKind::Prefix => &mut router.prefix,
                     };
-                    map.entry(key.as_str().into())
-                        .or_default()
-                        .add(entries, id, &path.pattern);
+                    map.entry(key.as_str().into()).or_default().add(entries, id, &path.pattern);
                 }
             }
         }
@@ -647,11 +583,7 @@ impl Router {
                 methods: if e.methods.is_empty() {
                     "*".to_string()
                 } else {
-                    e.methods
-                        .iter()
-                        .map(Method::as_str)
-                        .collect::<Vec<_>>()
-                        .join(",")
+                    e.methods.iter().map(Method::as_str).collect::<Vec<_>>().join(",")
                 },
             })
             .collect()
@@ -668,20 +600,12 @@ enum HostKind {
 
 fn parse_host(host: &str, single_label: bool) -> Result<(HostKind, String), String> {
     let lower = host.to_ascii_lowercase();
-    let valid = |s: &str| {
-        !s.is_empty()
-            && s.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"-._:[]".contains(&b))
-    };
+    let valid = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._:[]".contains(&b));
     if let Some(rest) = lower.strip_prefix("*.") {
         if !valid(rest) || rest.contains('*') || rest.contains(':') {
             return Err(format!("invalid wildcard host `{host}`"));
         }
-        let kind = if single_label {
-            HostKind::SuffixOneLabel
-        } else {
-            HostKind::Suffix
-        };
+        let kind = if single_label { HostKind::SuffixOneLabel } else { HostKind::Suffix };
         return Ok((kind, rest.to_string()));
     }
     if let Some(rest) = lower.strip_suffix(".*") {

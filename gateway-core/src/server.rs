@@ -110,20 +110,14 @@ pub(crate) async fn serve(
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let conn_info = ConnInfo {
-                    client,
-                    local,
-                    tls: false,
-                };
+                let conn_info = ConnInfo { client, local, tls: false };
                 let shared = shared.clone();
                 let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
                     let snapshot = shared.snapshot.load_full();
                     let req = req.map(ProxyBody::Incoming);
                     async move { Ok::<_, Infallible>(handle(snapshot, req, conn_info).await) }
                 });
-                let conn = builder
-                    .serve_connection_with_upgrades(TokioIo::new(stream), svc)
-                    .into_owned();
+                let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc).into_owned();
                 let fut = graceful.watch(conn);
                 tokio::spawn(async move {
                     if let Err(e) = fut.await {
@@ -138,12 +132,8 @@ pub(crate) async fn serve(
     accept_tasks.abort_all();
     while accept_tasks.join_next().await.is_some() {}
     // The accept loops are gone, so this is the last handle.
-    let graceful =
-        Arc::try_unwrap(graceful).unwrap_or_else(|_| unreachable!("accept loops hold no handle"));
-    if tokio::time::timeout(settings.shutdown_grace, graceful.shutdown())
-        .await
-        .is_err()
-    {
+    let graceful = Arc::try_unwrap(graceful).unwrap_or_else(|_| unreachable!("accept loops hold no handle"));
+    if tokio::time::timeout(settings.shutdown_grace, graceful.shutdown()).await.is_err() {
         tracing::warn!(grace = ?settings.shutdown_grace, "grace period over; closing remaining connections");
     }
     Ok(())

@@ -11,11 +11,13 @@ use http::uri::{Authority, Scheme};
 use http::{HeaderName, HeaderValue, Method, StatusCode};
 use serde_json::{Value, json};
 
+use crate::chain::Chain;
 use crate::config::{
-    Algorithm, Config, ConfigError, DEFAULT_RETRIES, DEFAULT_TIMEOUT_MS, DEFAULT_WEIGHT, PathType,
-    Plugin, Problem, Route, RouteProtocol, Service, ServiceProtocol, Upstream, unsupported_fields,
+    Algorithm, Config, ConfigError, DEFAULT_RETRIES, DEFAULT_TIMEOUT_MS, DEFAULT_WEIGHT, PathType, Plugin, Problem,
+    Route, RouteProtocol, Service, ServiceProtocol, Upstream, unsupported_fields,
 };
-use crate::plugin::PluginRegistry;
+use crate::plugin::{PluginRegistry, UpstreamService};
+use crate::proxy::UpstreamCall;
 use crate::proxy::client::{Timeouts, UpstreamClient, build_client};
 use crate::router::{PathKind, PathSpec, RouteSpec, Router};
 
@@ -38,6 +40,10 @@ pub(crate) struct RouteRuntime {
     pub(crate) allow_http: bool,
     pub(crate) allow_https: bool,
     pub(crate) redirect_status: StatusCode,
+    /// The route's plugins, in execution order.
+    pub(crate) chain: Chain,
+    /// The upstream call wrapped in the layers plugins contributed (none: call it directly).
+    pub(crate) upstream: Option<UpstreamService>,
 }
 
 /// A compiled service: where and how to send requests.
@@ -57,7 +63,7 @@ pub(crate) struct ServiceRuntime {
 pub(crate) struct TargetRuntime {
     pub(crate) authority: Authority,
     pub(crate) host_header: HeaderValue,
-    pub(crate) label: Box<str>,
+    pub(crate) label: Arc<str>,
 }
 
 /// Weighted round-robin over targets: a pre-computed smooth schedule walked by an atomic counter.
@@ -79,9 +85,7 @@ impl Balancer {
         // Keep the schedule small: scale big weight sums down (ratios kept to ~0.1%).
         let sum: u64 = weights.iter().sum();
         if sum > 1000 {
-            weights
-                .iter_mut()
-                .for_each(|w| *w = (*w * 1000 / sum).max(1));
+            weights.iter_mut().for_each(|w| *w = (*w * 1000 / sum).max(1));
         }
         let total: i64 = weights.iter().map(|w| *w as i64).sum();
         let mut current = vec![0i64; weights.len()];
@@ -90,11 +94,8 @@ impl Balancer {
             for (c, w) in current.iter_mut().zip(&weights) {
                 *c += *w as i64;
             }
-            let (best, _) = current
-                .iter()
-                .enumerate()
-                .max_by_key(|(i, c)| (**c, std::cmp::Reverse(*i)))
-                .expect("non-empty");
+            let (best, _) =
+                current.iter().enumerate().max_by_key(|(i, c)| (**c, std::cmp::Reverse(*i))).expect("non-empty");
             current[best] -= total;
             schedule.push(best as u32);
         }
@@ -116,10 +117,7 @@ impl Balancer {
             return Some(first);
         }
         // Walk the schedule forward (bounded) to the next other target.
-        (0..self.schedule.len().min(64))
-            .filter_map(|_| self.pick())
-            .find(|t| !std::ptr::eq(*t, avoid))
-            .or(Some(first))
+        (0..self.schedule.len().min(64)).filter_map(|_| self.pick()).find(|t| !std::ptr::eq(*t, avoid)).or(Some(first))
     }
 
     /// The next target in rotation, or `None` when no target has a weight.
@@ -193,20 +191,12 @@ struct Compiler<'a> {
 
 impl Compiler<'_> {
     fn problem(&mut self, at: impl Into<String>, message: impl Into<String>) {
-        self.problems.push(Problem {
-            at: at.into(),
-            message: message.into(),
-            line: None,
-            column: None,
-        });
+        self.problems.push(Problem { at: at.into(), message: message.into(), line: None, column: None });
     }
 
     fn unsupported(&mut self, at: &str, fields: Vec<&'static str>) {
         for f in fields {
-            self.problem(
-                at,
-                format!("`{f}` is a Kong field this gateway does not support yet"),
-            );
+            self.problem(at, format!("`{f}` is a Kong field this gateway does not support yet"));
         }
     }
 
@@ -215,10 +205,7 @@ impl Compiler<'_> {
             let at = format!("{at}plugins[{i}]");
             if !self.plugins.contains(&p.name) {
                 if KONG_PLUGINS.contains(&p.name.as_str()) {
-                    self.problem(
-                        &at,
-                        format!("Kong plugin `{}` is not supported yet", p.name),
-                    );
+                    self.problem(&at, format!("Kong plugin `{}` is not supported yet", p.name));
                 } else {
                     self.problem(&at, format!("unknown plugin `{}`", p.name));
                 }
@@ -237,10 +224,7 @@ fn label(kind: &str, index: usize, name: Option<&str>) -> String {
 fn timeout(c: &mut Compiler<'_>, at: &str, field: &str, value: Option<u64>) -> Duration {
     let ms = value.unwrap_or(DEFAULT_TIMEOUT_MS);
     if ms == 0 || ms > i32::MAX as u64 {
-        c.problem(
-            at,
-            format!("`{field}` must be between 1 and {} ms, got {ms}", i32::MAX),
-        );
+        c.problem(at, format!("`{field}` must be between 1 and {} ms, got {ms}", i32::MAX));
     }
     Duration::from_millis(ms.max(1))
 }
@@ -248,19 +232,11 @@ fn timeout(c: &mut Compiler<'_>, at: &str, field: &str, value: Option<u64>) -> D
 /// `host[:port]` with a default port; IPv6 literals in brackets.
 fn parse_host_port(s: &str, default_port: u16) -> Result<(String, u16), String> {
     let (host, port) = if let Some(rest) = s.strip_prefix('[') {
-        let end = rest
-            .find(']')
-            .ok_or_else(|| format!("`{s}`: unclosed `[`"))?;
+        let end = rest.find(']').ok_or_else(|| format!("`{s}`: unclosed `[`"))?;
         let host = &s[..end + 2];
         match &rest[end + 1..] {
             "" => (host, None),
-            p => (
-                host,
-                Some(
-                    p.strip_prefix(':')
-                        .ok_or_else(|| format!("`{s}`: expected `:port` after `]`"))?,
-                ),
-            ),
+            p => (host, Some(p.strip_prefix(':').ok_or_else(|| format!("`{s}`: expected `:port` after `]`"))?)),
         }
     } else {
         match s.rsplit_once(':') {
@@ -273,44 +249,23 @@ fn parse_host_port(s: &str, default_port: u16) -> Result<(String, u16), String> 
     }
     let port = match port {
         None => default_port,
-        Some(p) => p
-            .parse::<u16>()
-            .ok()
-            .filter(|p| *p > 0)
-            .ok_or_else(|| format!("`{s}`: invalid port `{p}`"))?,
+        Some(p) => p.parse::<u16>().ok().filter(|p| *p > 0).ok_or_else(|| format!("`{s}`: invalid port `{p}`"))?,
     };
     Ok((host.to_string(), port))
 }
 
 fn host_header_for(host: &str, port: u16, scheme: &Scheme) -> String {
     let default = if *scheme == Scheme::HTTPS { 443 } else { 80 };
-    if port == default {
-        host.to_string()
-    } else {
-        format!("{host}:{port}")
-    }
+    if port == default { host.to_string() } else { format!("{host}:{port}") }
 }
 
-fn target_runtime(
-    host: &str,
-    port: u16,
-    host_header: Option<&str>,
-    scheme: &Scheme,
-) -> Result<TargetRuntime, String> {
+fn target_runtime(host: &str, port: u16, host_header: Option<&str>, scheme: &Scheme) -> Result<TargetRuntime, String> {
     let label = format!("{host}:{port}");
-    let authority: Authority = label
-        .parse()
-        .map_err(|e| format!("`{label}` is not a valid address: {e}"))?;
-    let header = host_header
-        .map(str::to_string)
-        .unwrap_or_else(|| host_header_for(host, port, scheme));
-    let host_header = HeaderValue::from_str(&header)
-        .map_err(|e| format!("`{header}` is not a valid Host header: {e}"))?;
-    Ok(TargetRuntime {
-        authority,
-        host_header,
-        label: label.into(),
-    })
+    let authority: Authority = label.parse().map_err(|e| format!("`{label}` is not a valid address: {e}"))?;
+    let header = host_header.map(str::to_string).unwrap_or_else(|| host_header_for(host, port, scheme));
+    let host_header =
+        HeaderValue::from_str(&header).map_err(|e| format!("`{header}` is not a valid Host header: {e}"))?;
+    Ok(TargetRuntime { authority, host_header, label: label.into() })
 }
 
 fn healthchecks_enabled(v: &Value) -> bool {
@@ -334,10 +289,7 @@ pub(crate) fn compile(
     plugins: &PluginRegistry,
     clients: &mut ClientCache,
 ) -> Result<Snapshot, ConfigError> {
-    let mut c = Compiler {
-        problems: Vec::new(),
-        plugins,
-    };
+    let mut c = Compiler { problems: Vec::new(), plugins };
 
     if config.format_version != "3.0" {
         c.problem(
@@ -350,10 +302,7 @@ pub(crate) fn compile(
     }
     if let Some(ws) = &config.workspace {
         if ws != "default" {
-            c.problem(
-                "_workspace",
-                format!("workspaces are not supported (only `default`), got `{ws}`"),
-            );
+            c.problem("_workspace", format!("workspaces are not supported (only `default`), got `{ws}`"));
         }
     }
     let u = &config;
@@ -362,12 +311,6 @@ pub(crate) fn compile(
         ("snis", &u.snis, &[]),
         ("ca_certificates", &u.ca_certificates, &[]),
         ("vaults", &u.vaults, &[]),
-        ("keyauth_credentials", &u.keyauth_credentials, &[]),
-        ("jwt_secrets", &u.jwt_secrets, &[]),
-        ("acls", &u.acls, &[]),
-        ("basicauth_credentials", &u.basicauth_credentials, &[]),
-        ("hmacauth_credentials", &u.hmacauth_credentials, &[]),
-        ("oauth2_credentials", &u.oauth2_credentials, &[]),
         ("consumer_groups", &u.consumer_groups, &[]),
         ("key_sets", &u.key_sets, &[]),
         ("keys", &u.keys, &[]),
@@ -375,10 +318,7 @@ pub(crate) fn compile(
         ("parameters", &u.parameters, &[]),
     ]);
     for entity in top {
-        c.problem(
-            entity,
-            format!("the Kong entity `{entity}` is not supported yet"),
-        );
+        c.problem(entity, format!("the Kong entity `{entity}` is not supported yet"));
     }
 
     // Upstreams and their targets.
@@ -395,10 +335,7 @@ pub(crate) fn compile(
             );
         }
         if up.healthchecks.as_ref().is_some_and(healthchecks_enabled) {
-            c.problem(
-                &at,
-                "health checks are not supported yet (set their intervals and thresholds to 0)",
-            );
+            c.problem(&at, "health checks are not supported yet (set their intervals and thresholds to 0)");
         }
         let none = [json!("none")];
         let slash = [json!("/")];
@@ -413,11 +350,7 @@ pub(crate) fn compile(
             ("hash_on_query_arg", &up.hash_on_query_arg, &[]),
             ("hash_fallback_query_arg", &up.hash_fallback_query_arg, &[]),
             ("hash_on_uri_capture", &up.hash_on_uri_capture, &[]),
-            (
-                "hash_fallback_uri_capture",
-                &up.hash_fallback_uri_capture,
-                &[],
-            ),
+            ("hash_fallback_uri_capture", &up.hash_fallback_uri_capture, &[]),
             ("client_certificate", &up.client_certificate, &[]),
             ("use_srv_name", &up.use_srv_name, &fls),
         ]);
@@ -430,16 +363,7 @@ pub(crate) fn compile(
             }
             push_target(&mut c, &tat, t, &mut targets);
         }
-        if upstreams
-            .insert(
-                up.name.as_str(),
-                ParsedUpstream {
-                    upstream: up,
-                    targets,
-                },
-            )
-            .is_some()
-        {
+        if upstreams.insert(up.name.as_str(), ParsedUpstream { upstream: up, targets }).is_some() {
             c.problem(&at, format!("duplicate upstream name `{}`", up.name));
         }
     }
@@ -449,13 +373,11 @@ pub(crate) fn compile(
             c.problem(&tat, "a top-level target needs `upstream`");
             continue;
         };
-        let found = upstreams.keys().copied().find(|k| *k == key).or_else(|| {
-            config
-                .upstreams
-                .iter()
-                .find(|u| u.id.as_deref() == Some(key))
-                .map(|u| u.name.as_str())
-        });
+        let found = upstreams
+            .keys()
+            .copied()
+            .find(|k| *k == key)
+            .or_else(|| config.upstreams.iter().find(|u| u.id.as_deref() == Some(key)).map(|u| u.name.as_str()));
         let Some(name) = found else {
             c.problem(&tat, format!("upstream `{key}` does not exist"));
             continue;
@@ -494,11 +416,7 @@ pub(crate) fn compile(
                     "a nested route must not name a `service`",
                 );
             }
-            routes.push((
-                label(&format!("{sat}.routes"), j, r.name.as_deref()),
-                r,
-                Some(i),
-            ));
+            routes.push((label(&format!("{sat}.routes"), j, r.name.as_deref()), r, Some(i)));
         }
     }
     for (j, r) in config.routes.iter().enumerate() {
@@ -508,13 +426,7 @@ pub(crate) fn compile(
             Some(reference) => match reference.key().and_then(|k| service_keys.get(k)) {
                 Some(i) => Some(*i),
                 None => {
-                    c.problem(
-                        &at,
-                        format!(
-                            "service `{}` does not exist",
-                            reference.key().unwrap_or("?")
-                        ),
-                    );
+                    c.problem(&at, format!("service `{}` does not exist", reference.key().unwrap_or("?")));
                     continue;
                 }
             },
@@ -522,11 +434,18 @@ pub(crate) fn compile(
         routes.push((at, r, service));
     }
 
+    let mut plugin_problems = Vec::new();
+    let mut plan = crate::chain::compile(config, plugins, &routes, &mut plugin_problems);
+    for (at, message) in plugin_problems {
+        c.problem(at, message);
+    }
+
     let mut route_names = HashSet::new();
     let mut specs = Vec::new();
     let mut runtimes = Vec::new();
     let mut locations = Vec::new();
-    for (at, r, service) in routes {
+    for (ri, (at, r, service)) in routes.into_iter().enumerate() {
+        let chain = std::mem::take(&mut plan.chains[ri]);
         for key in [r.name.as_deref(), r.id.as_deref()].into_iter().flatten() {
             if !route_names.insert(key) {
                 c.problem(&at, format!("duplicate route name or id `{key}`"));
@@ -536,8 +455,7 @@ pub(crate) fn compile(
         if service.is_some_and(|s| config.services[s].enabled == Some(false)) {
             continue;
         }
-        let Some((spec, runtime)) =
-            compile_route(&mut c, &at, r, service.and_then(|s| services[s].clone()))
+        let Some((spec, runtime)) = compile_route(&mut c, &at, r, service.and_then(|s| services[s].clone()), chain)
         else {
             continue;
         };
@@ -554,45 +472,20 @@ pub(crate) fn compile(
         if consumer.username.is_none() && consumer.custom_id.is_none() {
             c.problem(&at, "a consumer needs `username` or `custom_id`");
         }
-        for key in [
-            consumer.username.as_deref(),
-            consumer.custom_id.as_deref(),
-            consumer.id.as_deref(),
-        ]
-        .into_iter()
-        .flatten()
+        for key in
+            [consumer.username.as_deref(), consumer.custom_id.as_deref(), consumer.id.as_deref()].into_iter().flatten()
         {
             if !consumer_keys.insert(key) {
-                c.problem(
-                    &at,
-                    format!("duplicate consumer username, custom_id or id `{key}`"),
-                );
+                c.problem(&at, format!("duplicate consumer username, custom_id or id `{key}`"));
             }
         }
         c.check_plugins(&format!("{at}."), &consumer.plugins);
-        let fields = unsupported_fields(&[
-            ("keyauth_credentials", &consumer.keyauth_credentials, &[]),
-            ("jwt_secrets", &consumer.jwt_secrets, &[]),
-            ("acls", &consumer.acls, &[]),
-            (
-                "basicauth_credentials",
-                &consumer.basicauth_credentials,
-                &[],
-            ),
-            ("hmacauth_credentials", &consumer.hmacauth_credentials, &[]),
-            ("oauth2_credentials", &consumer.oauth2_credentials, &[]),
-            ("groups", &consumer.groups, &[]),
-        ]);
-        c.unsupported(&at, fields);
     }
 
     let router = match Router::new(specs) {
         Ok(r) => Some(r),
         Err(e) => {
-            c.problem(
-                locations.get(e.route).cloned().unwrap_or_default(),
-                e.message,
-            );
+            c.problem(locations.get(e.route).cloned().unwrap_or_default(), e.message);
             None
         }
     };
@@ -602,32 +495,18 @@ pub(crate) fn compile(
             clients.clients = fresh_clients;
             Ok(Snapshot {
                 router,
-                route_names: runtimes
-                    .iter()
-                    .map(|r: &RouteRuntime| r.name.clone())
-                    .collect(),
+                route_names: runtimes.iter().map(|r: &RouteRuntime| r.name.clone()).collect(),
                 routes: runtimes.into(),
             })
         }
-        _ => Err(ConfigError {
-            source_name: None,
-            problems: c.problems,
-        }),
+        _ => Err(ConfigError { source_name: None, problems: c.problems }),
     }
 }
 
-fn push_target(
-    c: &mut Compiler<'_>,
-    at: &str,
-    t: &crate::config::Target,
-    out: &mut Vec<(String, u16, u32)>,
-) {
+fn push_target(c: &mut Compiler<'_>, at: &str, t: &crate::config::Target, out: &mut Vec<(String, u16, u32)>) {
     let weight = t.weight.unwrap_or(DEFAULT_WEIGHT);
     if weight > 65535 {
-        c.problem(
-            at,
-            format!("`weight` must be between 0 and 65535, got {weight}"),
-        );
+        c.problem(at, format!("`weight` must be between 0 and 65535, got {weight}"));
     }
     match parse_host_port(&t.target, 8000) {
         Ok((host, port)) => out.push((host, port, weight)),
@@ -652,8 +531,7 @@ fn compile_service(
     ]);
     c.unsupported(at, fields);
 
-    let (mut protocol, mut host, mut port, mut path) =
-        (s.protocol, s.host.clone(), s.port, s.path.clone());
+    let (mut protocol, mut host, mut port, mut path) = (s.protocol, s.host.clone(), s.port, s.path.clone());
     if let Some(url) = &s.url {
         if s.host.is_some() || s.port.is_some() || s.path.is_some() || s.protocol.is_some() {
             c.problem(at, "`url` is shorthand for protocol, host, port and path: set either `url` or those fields");
@@ -688,10 +566,7 @@ fn compile_service(
     if protocol != ServiceProtocol::Http {
         c.problem(
             at,
-            format!(
-                "service protocol `{}` is not supported yet (only http)",
-                json!(protocol).as_str().unwrap_or("?")
-            ),
+            format!("service protocol `{}` is not supported yet (only http)", json!(protocol).as_str().unwrap_or("?")),
         );
     }
     let Some(host) = host else {
@@ -707,10 +582,7 @@ fn compile_service(
     }
     let retries = s.retries.unwrap_or(DEFAULT_RETRIES);
     if retries > 32767 {
-        c.problem(
-            at,
-            format!("`retries` must be between 0 and 32767, got {retries}"),
-        );
+        c.problem(at, format!("`retries` must be between 0 and 32767, got {retries}"));
     }
     let timeouts = Timeouts {
         connect: timeout(c, at, "connect_timeout", s.connect_timeout),
@@ -742,21 +614,10 @@ fn compile_service(
     };
     let client = fresh_clients
         .entry(timeouts)
-        .or_insert_with(|| {
-            old_clients
-                .clients
-                .get(&timeouts)
-                .cloned()
-                .unwrap_or_else(|| build_client(timeouts))
-        })
+        .or_insert_with(|| old_clients.clients.get(&timeouts).cloned().unwrap_or_else(|| build_client(timeouts)))
         .clone();
     Some(ServiceRuntime {
-        name: s
-            .name
-            .clone()
-            .or_else(|| s.id.clone())
-            .unwrap_or_else(|| host.clone())
-            .into(),
+        name: s.name.clone().or_else(|| s.id.clone()).unwrap_or_else(|| host.clone()).into(),
         scheme,
         base_path: path.filter(|p| p != "/").map(Into::into),
         balancer: Balancer::new(targets),
@@ -770,6 +631,7 @@ fn compile_route(
     at: &str,
     r: &Route,
     service: Option<Arc<ServiceRuntime>>,
+    chain: Chain,
 ) -> Option<(RouteSpec, RouteRuntime)> {
     let before = c.problems.len();
     let empty = [json!([])];
@@ -783,22 +645,13 @@ fn compile_route(
     c.unsupported(at, fields);
     if let Some(ph) = &r.path_handling {
         if ph != "v0" {
-            c.problem(
-                at,
-                format!("`path_handling: {ph}` is not supported (only v0, Kong's default)"),
-            );
+            c.problem(at, format!("`path_handling: {ph}` is not supported (only v0, Kong's default)"));
         }
     }
     if r.methods.is_empty() && r.hosts.is_empty() && r.paths.is_empty() && r.headers.is_empty() {
-        c.problem(
-            at,
-            "a route must set at least one of `methods`, `hosts`, `headers` or `paths`",
-        );
+        c.problem(at, "a route must set at least one of `methods`, `hosts`, `headers` or `paths`");
     }
-    let protocols = r
-        .protocols
-        .clone()
-        .unwrap_or_else(|| vec![RouteProtocol::Http, RouteProtocol::Https]);
+    let protocols = r.protocols.clone().unwrap_or_else(|| vec![RouteProtocol::Http, RouteProtocol::Https]);
     for p in &protocols {
         if !matches!(p, RouteProtocol::Http | RouteProtocol::Https) {
             c.problem(
@@ -818,27 +671,18 @@ fn compile_route(
     for (i, m) in r.methods.iter().enumerate() {
         match Method::from_bytes(m.to_ascii_uppercase().as_bytes()) {
             Ok(m) => methods.push(m),
-            Err(_) => c.problem(
-                format!("{at}.methods[{i}]"),
-                format!("`{m}` is not a valid method"),
-            ),
+            Err(_) => c.problem(format!("{at}.methods[{i}]"), format!("`{m}` is not a valid method")),
         }
     }
     let mut headers = Vec::new();
     for (name, values) in &r.headers {
         match HeaderName::from_bytes(name.as_bytes()) {
-            Ok(n) if n == http::header::HOST => c.problem(
-                format!("{at}.headers"),
-                "use `hosts` to match the Host header",
-            ),
-            Ok(n) if values.is_empty() => {
-                c.problem(format!("{at}.headers.{n}"), "needs at least one value")
+            Ok(n) if n == http::header::HOST => {
+                c.problem(format!("{at}.headers"), "use `hosts` to match the Host header")
             }
+            Ok(n) if values.is_empty() => c.problem(format!("{at}.headers.{n}"), "needs at least one value"),
             Ok(n) => headers.push((n, values.clone())),
-            Err(_) => c.problem(
-                format!("{at}.headers"),
-                format!("`{name}` is not a valid header name"),
-            ),
+            Err(_) => c.problem(format!("{at}.headers"), format!("`{name}` is not a valid header name")),
         }
     }
     let mut paths = Vec::new();
@@ -860,19 +704,13 @@ fn compile_route(
                 continue;
             }
         } else if !spec.pattern.starts_with('/') {
-            c.problem(
-                &pat,
-                format!("a path must start with `/` (or `~` for a regex), got `{p}`"),
-            );
+            c.problem(&pat, format!("a path must start with `/` (or `~` for a regex), got `{p}`"));
             continue;
         }
         paths.push(spec);
     }
     for (i, h) in r.hosts.iter().enumerate() {
-        if let Err(e) = Router::new(vec![RouteSpec {
-            hosts: vec![h.clone()],
-            ..Default::default()
-        }]) {
+        if let Err(e) = Router::new(vec![RouteSpec { hosts: vec![h.clone()], ..Default::default() }]) {
             c.problem(format!("{at}.hosts[{i}]"), e.message);
         }
     }
@@ -887,16 +725,22 @@ fn compile_route(
         headers,
         regex_priority: r.regex_priority.unwrap_or(0),
     };
+    let preserve_host = r.preserve_host.unwrap_or(false);
+    // Layers are applied once, here; a request clones the one erased service at most.
+    let upstream = match (&service, chain.layers.is_empty()) {
+        (Some(s), false) => {
+            let base = UpstreamService::new(UpstreamCall { service: s.clone(), preserve_host });
+            Some(chain.layers.iter().rev().fold(base, |inner, layer| layer(inner)))
+        }
+        _ => None,
+    };
     let runtime = RouteRuntime {
-        name: r
-            .name
-            .clone()
-            .or_else(|| r.id.clone())
-            .unwrap_or_else(|| at.to_string())
-            .into(),
+        name: r.name.clone().or_else(|| r.id.clone()).unwrap_or_else(|| at.to_string()).into(),
         service,
         strip_path: r.strip_path.unwrap_or(true),
-        preserve_host: r.preserve_host.unwrap_or(false),
+        preserve_host,
+        chain,
+        upstream,
         allow_http: protocols.contains(&RouteProtocol::Http),
         allow_https: protocols.contains(&RouteProtocol::Https),
         redirect_status: StatusCode::from_u16(redirect).unwrap_or(StatusCode::UPGRADE_REQUIRED),
@@ -910,17 +754,9 @@ mod tests {
 
     fn errors(yaml: &str) -> Vec<String> {
         let config = Config::from_yaml(yaml).expect("parses");
-        match compile(
-            &config,
-            &PluginRegistry::default(),
-            &mut ClientCache::default(),
-        ) {
+        match compile(&config, &PluginRegistry::default(), &mut ClientCache::default()) {
             Ok(_) => Vec::new(),
-            Err(e) => e
-                .problems
-                .iter()
-                .map(|p| format!("{}: {}", p.at, p.message))
-                .collect(),
+            Err(e) => e.problems.iter().map(|p| format!("{}: {}", p.at, p.message)).collect(),
         }
     }
 
@@ -973,10 +809,7 @@ upstreams:
             "plugins[1]: unknown plugin `no-such-plugin`",
         ];
         for w in want {
-            assert!(
-                e.iter().any(|got| got.starts_with(w)),
-                "missing {w:?} in {e:#?}"
-            );
+            assert!(e.iter().any(|got| got.starts_with(w)), "missing {w:?} in {e:#?}");
         }
     }
 
@@ -1014,9 +847,7 @@ services:
         let b = Balancer::new(vec![(t("a"), 300), (t("b"), 100), (t("c"), 0)]);
         let mut counts = HashMap::new();
         for _ in 0..400 {
-            *counts
-                .entry(b.pick().unwrap().label.to_string())
-                .or_insert(0) += 1;
+            *counts.entry(b.pick().unwrap().label.to_string()).or_insert(0) += 1;
         }
         assert_eq!(counts.get("a:1"), Some(&300));
         assert_eq!(counts.get("b:1"), Some(&100));

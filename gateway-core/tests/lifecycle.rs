@@ -40,10 +40,7 @@ async fn reload_under_continuous_load_fails_no_request() {
                 let req = http::Request::get(&url).body(full("")).unwrap();
                 match client.request(req).await {
                     Ok(resp) if resp.status() == StatusCode::OK => {
-                        let body = http_body_util::BodyExt::collect(resp.into_body())
-                            .await
-                            .unwrap()
-                            .to_bytes();
+                        let body = http_body_util::BodyExt::collect(resp.into_body()).await.unwrap().to_bytes();
                         let echo: Echo = serde_json::from_slice(&body).unwrap();
                         assert!(echo.uri == "/one/x" || echo.uri == "/two/x", "{}", echo.uri);
                         if echo.uri == "/two/x" {
@@ -60,9 +57,7 @@ async fn reload_under_continuous_load_fails_no_request() {
     }
     let mut reloads = 0;
     while Instant::now() < deadline {
-        gw.gateway
-            .reload(if reloads % 2 == 0 { &two } else { &one })
-            .unwrap();
+        gw.gateway.reload(if reloads % 2 == 0 { &two } else { &one }).unwrap();
         reloads += 1;
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -70,22 +65,10 @@ async fn reload_under_continuous_load_fails_no_request() {
     for w in workers {
         failures.extend(w.await.unwrap());
     }
-    assert!(
-        failures.is_empty(),
-        "{} failed requests, e.g. {:?}",
-        failures.len(),
-        &failures[..failures.len().min(5)]
-    );
+    assert!(failures.is_empty(), "{} failed requests, e.g. {:?}", failures.len(), &failures[..failures.len().min(5)]);
     assert!(reloads > 50, "only {reloads} reloads");
-    assert!(
-        ok.load(Ordering::Relaxed) > 100,
-        "only {} requests",
-        ok.load(Ordering::Relaxed)
-    );
-    assert!(
-        seen_two.load(Ordering::Relaxed) > 0,
-        "the reloaded config never served"
-    );
+    assert!(ok.load(Ordering::Relaxed) > 100, "only {} requests", ok.load(Ordering::Relaxed));
+    assert!(seen_two.load(Ordering::Relaxed) > 0, "the reloaded config never served");
     gw.shutdown().await;
 }
 
@@ -99,11 +82,7 @@ async fn an_invalid_reload_is_refused_and_the_old_config_keeps_serving() {
     ))
     .unwrap();
     let err = gw.gateway.reload(&bad).unwrap_err();
-    assert!(
-        err.to_string()
-            .contains("routes[0] (name \"r\").paths[0]: invalid regex"),
-        "{err}"
-    );
+    assert!(err.to_string().contains("routes[0] (name \"r\").paths[0]: invalid regex"), "{err}");
     assert_eq!(get(&gw.url("/x")).await.echo().uri, "/good/x");
     gw.shutdown().await;
 }
@@ -119,18 +98,12 @@ async fn graceful_shutdown_lets_an_in_flight_request_finish() {
     let server = gw.begin_shutdown();
     // New connections are refused once the listener is closed.
     tokio::time::sleep(Duration::from_millis(100)).await;
-    assert!(
-        tokio::net::TcpStream::connect(gw.addr).await.is_err(),
-        "still accepting after shutdown began"
-    );
+    assert!(tokio::net::TcpStream::connect(gw.addr).await.is_err(), "still accepting after shutdown began");
     let answer = in_flight.await.unwrap();
     assert_eq!(answer.status, StatusCode::OK);
     assert_eq!(answer.echo().uri, "/slow/700");
     server.await.unwrap().unwrap();
-    assert!(
-        started.elapsed() >= Duration::from_millis(400),
-        "server stopped before the request finished"
-    );
+    assert!(started.elapsed() >= Duration::from_millis(400), "server stopped before the request finished");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -139,24 +112,14 @@ async fn upstream_connections_survive_a_reload_of_an_unchanged_service() {
     let gw = start_gateway(&config_for(up.addr, "")).await;
     // One client connection, sequential requests: the gateway reuses one pooled upstream connection.
     let first = get(&gw.url("/a")).await.echo().peer;
-    assert_eq!(
-        get(&gw.url("/b")).await.echo().peer,
-        first,
-        "no keep-alive to the upstream"
-    );
+    assert_eq!(get(&gw.url("/b")).await.echo().peer, first, "no keep-alive to the upstream");
     // Same service, a new route: the pool carries over.
     let reloaded = format!(
         "_format_version: \"3.0\"\nservices:\n- name: s\n  url: http://{}\n  routes: [{{name: r, paths: [\"/\"]}}, {{name: extra, paths: [\"/extra\"]}}]\n",
         up.addr
     );
-    gw.gateway
-        .reload(&Config::from_yaml(&reloaded).unwrap())
-        .unwrap();
+    gw.gateway.reload(&Config::from_yaml(&reloaded).unwrap()).unwrap();
     assert_eq!(gw.gateway.routes().len(), 2);
-    assert_eq!(
-        get(&gw.url("/c")).await.echo().peer,
-        first,
-        "the reload dropped the upstream pool"
-    );
+    assert_eq!(get(&gw.url("/c")).await.echo().peer, first, "the reload dropped the upstream pool");
     gw.shutdown().await;
 }

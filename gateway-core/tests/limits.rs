@@ -28,11 +28,7 @@ async fn oversized_header_block_gets_431() {
     let up = echo_upstream().await;
     let gw = start_gateway(&config(up.addr)).await;
     let big = "a".repeat(40 * 1024);
-    let answer = raw_exchange(
-        gw.addr,
-        format!("GET / HTTP/1.1\r\nhost: x\r\nx-big: {big}\r\n\r\n").as_bytes(),
-    )
-    .await;
+    let answer = raw_exchange(gw.addr, format!("GET / HTTP/1.1\r\nhost: x\r\nx-big: {big}\r\n\r\n").as_bytes()).await;
     assert!(answer.starts_with("HTTP/1.1 431"), "{answer:.200}");
     // Just under the limit is fine.
     let ok = "a".repeat(16 * 1024);
@@ -62,10 +58,7 @@ async fn too_many_headers_get_431() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_header_trickle_is_cut_off_by_the_header_timeout() {
     let up = echo_upstream().await;
-    let settings = ServerSettings {
-        header_read_timeout: Duration::from_millis(400),
-        ..Default::default()
-    };
+    let settings = ServerSettings { header_read_timeout: Duration::from_millis(400), ..Default::default() };
     let gw = start_gateway_with(&config(up.addr), settings).await;
     let mut s = TcpStream::connect(gw.addr).await.unwrap();
     let start = Instant::now();
@@ -85,26 +78,17 @@ async fn a_header_trickle_is_cut_off_by_the_header_timeout() {
         }
     }
     assert!(closed, "slow header trickle was never cut off");
-    assert!(
-        start.elapsed() < Duration::from_secs(3),
-        "cut off only after {:?}",
-        start.elapsed()
-    );
+    assert!(start.elapsed() < Duration::from_secs(3), "cut off only after {:?}", start.elapsed());
     gw.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_keep_alive_connection_is_closed() {
     let up = echo_upstream().await;
-    let settings = ServerSettings {
-        header_read_timeout: Duration::from_millis(300),
-        ..Default::default()
-    };
+    let settings = ServerSettings { header_read_timeout: Duration::from_millis(300), ..Default::default() };
     let gw = start_gateway_with(&config(up.addr), settings).await;
     let mut s = TcpStream::connect(gw.addr).await.unwrap();
-    s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
-        .await
-        .unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
     let mut buf = vec![0u8; 65536];
     let n = s.read(&mut buf).await.unwrap();
     assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
@@ -113,10 +97,6 @@ async fn an_idle_keep_alive_connection_is_closed() {
     let mut rest = Vec::new();
     let read = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest)).await;
     assert!(read.is_ok(), "idle connection still open after 5 s");
-    assert!(
-        start.elapsed() >= Duration::from_millis(250),
-        "closed too early: {:?}",
-        start.elapsed()
-    );
+    assert!(start.elapsed() >= Duration::from_millis(250), "closed too early: {:?}", start.elapsed());
     gw.shutdown().await;
 }

@@ -41,24 +41,12 @@ services:
         a.addr, b.addr, c.addr
     ))
     .await;
-    assert_eq!(
-        get(&gw.url("/anything")).await.echo().upstream,
-        a.addr.to_string()
-    );
-    assert_eq!(
-        get_host(&gw.url("/anything"), "api.example.com")
-            .await
-            .echo()
-            .upstream,
-        b.addr.to_string()
-    );
+    assert_eq!(get(&gw.url("/anything")).await.echo().upstream, a.addr.to_string());
+    assert_eq!(get_host(&gw.url("/anything"), "api.example.com").await.echo().upstream, b.addr.to_string());
     let users = get(&gw.url("/users/42")).await.echo();
     assert_eq!(users.upstream, c.addr.to_string());
     assert_eq!(users.uri, "/users/42");
-    assert_eq!(
-        get(&gw.url("/users/abc")).await.echo().upstream,
-        a.addr.to_string()
-    );
+    assert_eq!(get(&gw.url("/users/abc")).await.echo().upstream, a.addr.to_string());
     gw.shutdown().await;
 }
 
@@ -81,10 +69,7 @@ services:
         up.addr
     ))
     .await;
-    assert_eq!(
-        get(&gw.url("/strip/a/b?x=1&y=2")).await.echo().uri,
-        "/base/a/b?x=1&y=2"
-    );
+    assert_eq!(get(&gw.url("/strip/a/b?x=1&y=2")).await.echo().uri, "/base/a/b?x=1&y=2");
     assert_eq!(get(&gw.url("/strip")).await.echo().uri, "/base");
     assert_eq!(get(&gw.url("/keep/a")).await.echo().uri, "/base/keep/a");
     assert_eq!(get(&gw.url("/plain/x")).await.echo().uri, "/x");
@@ -108,17 +93,11 @@ services:
     ))
     .await;
     assert_eq!(
-        get_host(&gw.url("/keep"), "client.example:8080")
-            .await
-            .echo()
-            .header("host"),
+        get_host(&gw.url("/keep"), "client.example:8080").await.echo().header("host"),
         Some("client.example:8080")
     );
     assert_eq!(
-        get_host(&gw.url("/rewrite"), "client.example")
-            .await
-            .echo()
-            .header("host"),
+        get_host(&gw.url("/rewrite"), "client.example").await.echo().header("host"),
         Some(up.addr.to_string().as_str())
     );
     gw.shutdown().await;
@@ -148,42 +127,20 @@ async fn hop_by_hop_headers_are_removed_and_forwarding_headers_set() {
     .await;
     assert_eq!(resp.status, StatusCode::OK);
     let echo = resp.echo();
-    for gone in [
-        "connection",
-        "x-drop-me",
-        "keep-alive",
-        "proxy-authorization",
-        "te",
-        "transfer-encoding",
-        "upgrade",
-    ] {
-        assert_eq!(
-            echo.header(gone),
-            None,
-            "{gone} reached the upstream: {:?}",
-            echo.headers
-        );
+    for gone in ["connection", "x-drop-me", "keep-alive", "proxy-authorization", "te", "transfer-encoding", "upgrade"] {
+        assert_eq!(echo.header(gone), None, "{gone} reached the upstream: {:?}", echo.headers);
     }
     assert_eq!(echo.header("x-end-to-end"), Some("kept"));
-    assert_eq!(
-        echo.header("x-forwarded-for"),
-        Some("203.0.113.9, 127.0.0.1")
-    );
+    assert_eq!(echo.header("x-forwarded-for"), Some("203.0.113.9, 127.0.0.1"));
     assert_eq!(echo.header("x-forwarded-proto"), Some("http"));
     assert_eq!(echo.header("x-forwarded-host"), Some("shop.example.com"));
-    assert_eq!(
-        echo.header("x-forwarded-port"),
-        Some(gw.addr.port().to_string().as_str())
-    );
+    assert_eq!(echo.header("x-forwarded-port"), Some(gw.addr.port().to_string().as_str()));
     assert_eq!(echo.header("x-forwarded-path"), Some("/api/items"));
     assert_eq!(echo.header("x-forwarded-prefix"), Some("/api"));
     assert_eq!(echo.header("x-real-ip"), Some("127.0.0.1"));
     assert_eq!(echo.header("via"), Some("1.1 edge, 1.1 gateway"));
     assert_eq!(echo.uri, "/items?q=1");
-    let id = echo
-        .header("x-request-id")
-        .expect("upstream gets the request id")
-        .to_string();
+    let id = echo.header("x-request-id").expect("upstream gets the request id").to_string();
     // The response: the upstream's hop-by-hop headers are gone, ours are there.
     assert_eq!(resp.headers.get("x-request-id").unwrap(), id.as_str());
     assert!(resp.headers.get("x-hop-from-upstream").is_none());
@@ -219,21 +176,14 @@ services:
     .await;
     let cases = [
         ("/nothing", 404, "no Route matched with those values"),
-        (
-            "/dead",
-            502,
-            "An invalid response was received from the upstream server",
-        ),
+        ("/dead", 502, "An invalid response was received from the upstream server"),
         ("/none", 503, "failure to get a peer from the ring-balancer"),
         ("/slow/2000", 504, "The upstream server is timing out"),
     ];
     for (path, status, message) in cases {
         let resp = get(&gw.url(path)).await;
         assert_eq!(resp.status.as_u16(), status, "{path}");
-        assert_eq!(
-            resp.headers["content-type"],
-            "application/json; charset=utf-8"
-        );
+        assert_eq!(resp.headers["content-type"], "application/json; charset=utf-8");
         let json = resp.json();
         assert_eq!(json["message"], message, "{path}");
         let id = resp.headers["x-request-id"].to_str().unwrap();
@@ -265,18 +215,8 @@ services:
     .await;
     for i in 0..6 {
         // Half of these first try the dead target; the retry goes to the live one, body and all.
-        let resp = send(
-            Request::post(gw.url("/upload"))
-                .body(full(vec![b'x'; 1000 + i]))
-                .unwrap(),
-        )
-        .await;
-        assert_eq!(
-            resp.status,
-            StatusCode::OK,
-            "attempt {i}: {}",
-            String::from_utf8_lossy(&resp.body)
-        );
+        let resp = send(Request::post(gw.url("/upload")).body(full(vec![b'x'; 1000 + i])).unwrap()).await;
+        assert_eq!(resp.status, StatusCode::OK, "attempt {i}: {}", String::from_utf8_lossy(&resp.body));
         let echo = resp.echo();
         assert_eq!(echo.upstream, live.addr.to_string());
         assert_eq!(echo.body_len, 1000 + i as u64);
@@ -314,17 +254,11 @@ async fn http2_prior_knowledge_is_served_on_the_same_listener() {
     let up = echo_upstream().await;
     let gw = start_gateway(&one_service(up.addr, "", r#"paths: ["/"]"#)).await;
     let h2 = h2_client();
-    let resp = h2
-        .request(Request::get(gw.url("/h2")).body(full("")).unwrap())
-        .await
-        .unwrap();
+    let resp = h2.request(Request::get(gw.url("/h2")).body(full("")).unwrap()).await.unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
     assert_eq!(resp.version(), http::Version::HTTP_2);
     assert_eq!(resp.headers()["via"], "1.1 gateway");
-    let body = http_body_util::BodyExt::collect(resp.into_body())
-        .await
-        .unwrap()
-        .to_bytes();
+    let body = http_body_util::BodyExt::collect(resp.into_body()).await.unwrap().to_bytes();
     let echo: Echo = serde_json::from_slice(&body).unwrap();
     assert_eq!(echo.version, "HTTP/1.1");
     assert_eq!(echo.header("via"), Some("2 gateway"));
@@ -363,21 +297,12 @@ async fn streaming_download_reaches_the_client_before_the_upstream_finishes() {
     let up = upstream_with(std::sync::Arc::new(move |_req, _addr, _peer| {
         let mut release = release_rx.clone();
         Box::pin(async move {
-            let (tx, rx) =
-                tokio::sync::mpsc::channel::<Result<http_body::Frame<bytes::Bytes>, BoxError>>(1);
+            let (tx, rx) = tokio::sync::mpsc::channel::<Result<http_body::Frame<bytes::Bytes>, BoxError>>(1);
             tokio::spawn(async move {
-                let _ = tx
-                    .send(Ok(http_body::Frame::data(bytes::Bytes::from_static(
-                        b"first chunk;",
-                    ))))
-                    .await;
+                let _ = tx.send(Ok(http_body::Frame::data(bytes::Bytes::from_static(b"first chunk;")))).await;
                 // The rest only comes once the client proves it already has the first chunk.
                 let _ = release.wait_for(|r| *r).await;
-                let _ = tx
-                    .send(Ok(http_body::Frame::data(bytes::Bytes::from_static(
-                        b"second chunk",
-                    ))))
-                    .await;
+                let _ = tx.send(Ok(http_body::Frame::data(bytes::Bytes::from_static(b"second chunk")))).await;
             });
             let body = http_body_util::StreamBody::new(ChannelStream(rx));
             http::Response::new(body.boxed_unsync())
@@ -385,10 +310,7 @@ async fn streaming_download_reaches_the_client_before_the_upstream_finishes() {
     }))
     .await;
     let gw = start_gateway(&one_service(up.addr, "", r#"paths: ["/"]"#)).await;
-    let resp = client()
-        .request(Request::get(gw.url("/download")).body(full("")).unwrap())
-        .await
-        .unwrap();
+    let resp = client().request(Request::get(gw.url("/download")).body(full("")).unwrap()).await.unwrap();
     let mut body = resp.into_body();
     let first = tokio::time::timeout(Duration::from_secs(5), body.frame())
         .await
@@ -418,12 +340,8 @@ impl futures_util::Stream for ChannelStream {
 async fn the_gateway_works_as_a_tower_service() {
     use tower::ServiceExt;
     let up = echo_upstream().await;
-    let gateway =
-        gateway_core::Gateway::from_yaml(&one_service(up.addr, "/v1", r#"paths: ["/svc"]"#))
-            .unwrap();
-    let mut req = Request::post("http://embedded.example/svc/items")
-        .body("payload".to_string())
-        .unwrap();
+    let gateway = gateway_core::Gateway::from_yaml(&one_service(up.addr, "/v1", r#"paths: ["/svc"]"#)).unwrap();
+    let mut req = Request::post("http://embedded.example/svc/items").body("payload".to_string()).unwrap();
     req.extensions_mut().insert(gateway_core::ConnInfo {
         client: "192.0.2.7:5555".parse().unwrap(),
         local: "127.0.0.1:8000".parse().unwrap(),
@@ -459,29 +377,12 @@ async fn a_stalled_upstream_write_times_out_with_504() {
     ))
     .await;
     // Far more than loopback socket buffers hold, so the gateway's writes must block.
-    let body = Generated {
-        remaining: 256 << 20,
-        chunk: bytes::Bytes::from(vec![1u8; 64 * 1024]),
-    };
+    let body = Generated { remaining: 256 << 20, chunk: bytes::Bytes::from(vec![1u8; 64 * 1024]) };
     let started = std::time::Instant::now();
-    let resp = send(
-        Request::post(gw.url("/upload"))
-            .body(http_body_util::BodyExt::boxed_unsync(body))
-            .unwrap(),
-    )
-    .await;
-    assert_eq!(
-        resp.status,
-        StatusCode::GATEWAY_TIMEOUT,
-        "{}",
-        String::from_utf8_lossy(&resp.body)
-    );
+    let resp = send(Request::post(gw.url("/upload")).body(http_body_util::BodyExt::boxed_unsync(body)).unwrap()).await;
+    assert_eq!(resp.status, StatusCode::GATEWAY_TIMEOUT, "{}", String::from_utf8_lossy(&resp.body));
     assert_eq!(resp.json()["message"], "The upstream server is timing out");
-    assert!(
-        started.elapsed() < Duration::from_secs(10),
-        "took {:?}",
-        started.elapsed()
-    );
+    assert!(started.elapsed() < Duration::from_secs(10), "took {:?}", started.elapsed());
     stalled.abort();
     gw.shutdown().await;
 }
@@ -503,23 +404,10 @@ services:
         admin.addr, public.addr
     ))
     .await;
-    for path in [
-        "/public/../admin",
-        "/public/%2e%2e/admin",
-        "/%61dmin",
-        "/public/./../admin/",
-    ] {
+    for path in ["/public/../admin", "/public/%2e%2e/admin", "/%61dmin", "/public/./../admin/"] {
         let echo = get(&gw.url(path)).await.echo();
-        assert_eq!(
-            echo.upstream,
-            admin.addr.to_string(),
-            "{path} slipped past the /admin route"
-        );
-        assert!(
-            echo.uri.starts_with("/admin"),
-            "{path} reached the upstream as {}",
-            echo.uri
-        );
+        assert_eq!(echo.upstream, admin.addr.to_string(), "{path} slipped past the /admin route");
+        assert!(echo.uri.starts_with("/admin"), "{path} reached the upstream as {}", echo.uri);
     }
     // The remainder after strip_path cannot climb out of the service path.
     let echo = get(&gw.url("/public../secret")).await.echo();
@@ -542,12 +430,7 @@ async fn a_reused_idle_upstream_connection_gets_a_full_read_timeout() {
     // answer takes 300 ms: that is well inside the 600 ms read timeout.
     tokio::time::sleep(Duration::from_millis(450)).await;
     let resp = get(&gw.url("/slow/300")).await;
-    assert_eq!(
-        resp.status,
-        StatusCode::OK,
-        "{}",
-        String::from_utf8_lossy(&resp.body)
-    );
+    assert_eq!(resp.status, StatusCode::OK, "{}", String::from_utf8_lossy(&resp.body));
     gw.shutdown().await;
 }
 
@@ -592,7 +475,9 @@ services:
         allowed.addr
     ))
     .await;
-    let answer = raw(gw.addr, "GET http://allowed.example/x HTTP/1.1\r\nhost: admin.internal\r\nconnection: close\r\n\r\n").await;
+    let answer =
+        raw(gw.addr, "GET http://allowed.example/x HTTP/1.1\r\nhost: admin.internal\r\nconnection: close\r\n\r\n")
+            .await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert_eq!(raw_echo(&answer).header("host"), Some("allowed.example"));
     gw.shutdown().await;
@@ -610,15 +495,9 @@ async fn client_forwarded_header_is_dropped_and_h2_cookies_are_joined() {
         .body(full(""))
         .unwrap();
     let resp = h2.request(req).await.unwrap();
-    let body = http_body_util::BodyExt::collect(resp.into_body())
-        .await
-        .unwrap()
-        .to_bytes();
+    let body = http_body_util::BodyExt::collect(resp.into_body()).await.unwrap().to_bytes();
     let echo: Echo = serde_json::from_slice(&body).unwrap();
-    assert_eq!(
-        echo.headers.get("cookie"),
-        Some(&vec!["a=1; b=2".to_string()])
-    );
+    assert_eq!(echo.headers.get("cookie"), Some(&vec!["a=1; b=2".to_string()]));
     assert_eq!(echo.header("forwarded"), None);
     gw.shutdown().await;
 }
@@ -656,32 +535,19 @@ services:
     .await;
     for _ in 0..4 {
         let resp = get(&gw.url("/idempotent")).await;
-        assert_eq!(
-            resp.status,
-            StatusCode::OK,
-            "{}",
-            String::from_utf8_lossy(&resp.body)
-        );
+        assert_eq!(resp.status, StatusCode::OK, "{}", String::from_utf8_lossy(&resp.body));
         assert_eq!(resp.echo().upstream, live.addr.to_string());
     }
     let mut post_failures = 0;
     for _ in 0..4 {
-        let resp = send(
-            Request::post(gw.url("/not-idempotent"))
-                .body(full("payload"))
-                .unwrap(),
-        )
-        .await;
+        let resp = send(Request::post(gw.url("/not-idempotent")).body(full("payload")).unwrap()).await;
         match resp.status {
             StatusCode::OK => assert_eq!(resp.echo().upstream, live.addr.to_string()),
             StatusCode::BAD_GATEWAY => post_failures += 1,
             other => panic!("unexpected {other}"),
         }
     }
-    assert_eq!(
-        post_failures, 2,
-        "a POST that reached the dropping target must not be replayed"
-    );
+    assert_eq!(post_failures, 2, "a POST that reached the dropping target must not be replayed");
     assert!(drops.load(std::sync::atomic::Ordering::SeqCst) >= 4);
     task.abort();
     gw.shutdown().await;

@@ -26,24 +26,12 @@ async fn one_gib_upload_streams_with_bounded_memory() {
     ))
     .await;
     let before = peak_rss_kib();
-    let body = Generated {
-        remaining: SIZE,
-        chunk: bytes::Bytes::from(vec![7u8; 256 * 1024]),
-    };
-    let req = Request::post(gw.url("/upload"))
-        .body(body.boxed_unsync())
-        .unwrap();
+    let body = Generated { remaining: SIZE, chunk: bytes::Bytes::from(vec![7u8; 256 * 1024]) };
+    let req = Request::post(gw.url("/upload")).body(body.boxed_unsync()).unwrap();
     let resp = send(req).await;
     assert_eq!(resp.status, StatusCode::OK);
-    assert_eq!(
-        resp.echo().body_len,
-        SIZE,
-        "the upstream received every byte"
-    );
+    assert_eq!(resp.echo().body_len, SIZE, "the upstream received every byte");
     let grown_mib = (peak_rss_kib().saturating_sub(before)) / 1024;
-    assert!(
-        grown_mib < 128,
-        "peak RSS grew by {grown_mib} MiB while streaming 1 GiB"
-    );
+    assert!(grown_mib < 128, "peak RSS grew by {grown_mib} MiB while streaming 1 GiB");
     gw.shutdown().await;
 }

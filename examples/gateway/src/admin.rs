@@ -35,10 +35,8 @@ pub(crate) async fn serve(listener: TcpListener, gateway: Gateway) {
                     };
                     let mut resp = http::Response::new(Full::new(Bytes::from(body.to_string())));
                     *resp.status_mut() = http::StatusCode::from_u16(status).unwrap_or_default();
-                    resp.headers_mut().insert(
-                        http::header::CONTENT_TYPE,
-                        http::HeaderValue::from_static("application/json"),
-                    );
+                    resp.headers_mut()
+                        .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
                     Ok::<_, Infallible>(resp)
                 }
             });

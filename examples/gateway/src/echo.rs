@@ -21,9 +21,8 @@ pub(crate) async fn spawn() -> std::io::Result<SocketAddr> {
                 continue;
             };
             tokio::spawn(async move {
-                let svc = service_fn(|req: http::Request<Incoming>| async move {
-                    Ok::<_, Infallible>(echo(req).await)
-                });
+                let svc =
+                    service_fn(|req: http::Request<Incoming>| async move { Ok::<_, Infallible>(echo(req).await) });
                 let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                     .serve_connection(TokioIo::new(stream), svc)
                     .await;
@@ -35,17 +34,10 @@ pub(crate) async fn spawn() -> std::io::Result<SocketAddr> {
 
 async fn echo(req: http::Request<Incoming>) -> http::Response<Full<Bytes>> {
     let (parts, body) = req.into_parts();
-    let body = body
-        .collect()
-        .await
-        .map(|b| b.to_bytes())
-        .unwrap_or_default();
+    let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
     let mut headers: BTreeMap<&str, Vec<String>> = BTreeMap::new();
     for (k, v) in &parts.headers {
-        headers
-            .entry(k.as_str())
-            .or_default()
-            .push(String::from_utf8_lossy(v.as_bytes()).into_owned());
+        headers.entry(k.as_str()).or_default().push(String::from_utf8_lossy(v.as_bytes()).into_owned());
     }
     let json = serde_json::json!({
         "method": parts.method.as_str(),
@@ -53,12 +45,7 @@ async fn echo(req: http::Request<Incoming>) -> http::Response<Full<Bytes>> {
         "headers": headers,
         "body": String::from_utf8_lossy(&body),
     });
-    let mut resp = http::Response::new(Full::new(Bytes::from(
-        serde_json::to_vec_pretty(&json).unwrap_or_default(),
-    )));
-    resp.headers_mut().insert(
-        http::header::CONTENT_TYPE,
-        http::HeaderValue::from_static("application/json"),
-    );
+    let mut resp = http::Response::new(Full::new(Bytes::from(serde_json::to_vec_pretty(&json).unwrap_or_default())));
+    resp.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
     resp
 }

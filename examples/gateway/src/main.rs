@@ -23,11 +23,7 @@ mod admin;
 mod echo;
 
 #[derive(Parser, Debug)]
-#[command(
-    name = "gateway",
-    version,
-    about = "An API gateway that serves Kong-format configs"
-)]
+#[command(name = "gateway", version, about = "An API gateway that serves Kong-format configs")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -101,12 +97,8 @@ impl ServeArgs {
 /// `250ms`, `10s`, `2m`, or plain seconds.
 fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
-    let (num, unit) = s
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .map_or((s, "s"), |i| s.split_at(i));
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("`{s}` is not a duration like 500ms, 10s or 2m"))?;
+    let (num, unit) = s.find(|c: char| !c.is_ascii_digit() && c != '.').map_or((s, "s"), |i| s.split_at(i));
+    let n: f64 = num.parse().map_err(|_| format!("`{s}` is not a duration like 500ms, 10s or 2m"))?;
     let secs = match unit {
         "ms" => n / 1000.0,
         "s" => n,
@@ -127,18 +119,16 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match cli.command {
-        Command::Validate { file } => {
-            match Config::from_file(&file).and_then(|c| Gateway::new(&c).map(drop)) {
-                Ok(()) => {
-                    println!("{}: valid", file.display());
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("{}", e.in_file_if_unnamed(&file));
-                    ExitCode::FAILURE
-                }
+        Command::Validate { file } => match Config::from_file(&file).and_then(|c| Gateway::new(&c).map(drop)) {
+            Ok(()) => {
+                println!("{}: valid", file.display());
+                ExitCode::SUCCESS
             }
-        }
+            Err(e) => {
+                eprintln!("{}", e.in_file_if_unnamed(&file));
+                ExitCode::FAILURE
+            }
+        },
         Command::Routes { config } => match load(&config) {
             Ok(gateway) => {
                 print_routes(&gateway);
@@ -149,9 +139,7 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Run(args) => {
-            runtime(args.serve.workers).block_on(run(Some(args.config), args.serve))
-        }
+        Command::Run(args) => runtime(args.serve.workers).block_on(run(Some(args.config), args.serve)),
         Command::Demo(args) => runtime(args.workers).block_on(run(None, args)),
     }
 }
@@ -162,23 +150,13 @@ trait InFile {
 
 impl InFile for ConfigError {
     fn in_file_if_unnamed(self, file: &Path) -> ConfigError {
-        if self.source_name.is_some() {
-            self
-        } else {
-            self.in_file(file.display().to_string())
-        }
+        if self.source_name.is_some() { self } else { self.in_file(file.display().to_string()) }
     }
 }
 
 fn runtime(workers: Option<usize>) -> tokio::runtime::Runtime {
-    let workers = workers
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
-        .max(1);
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(workers)
-        .enable_all()
-        .build()
-        .expect("tokio runtime")
+    let workers = workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())).max(1);
+    tokio::runtime::Builder::new_multi_thread().worker_threads(workers).enable_all().build().expect("tokio runtime")
 }
 
 fn load(path: &Path) -> Result<Gateway, ConfigError> {
@@ -189,26 +167,18 @@ fn load(path: &Path) -> Result<Gateway, ConfigError> {
 fn print_routes(gateway: &Gateway) {
     let routes = gateway.routes();
     let w = |f: fn(&gateway_core::RouteLine) -> &str, min: usize| {
-        routes
-            .iter()
-            .map(|r| f(r).len())
-            .max()
-            .unwrap_or(0)
-            .max(min)
+        routes.iter().map(|r| f(r).len()).max().unwrap_or(0).max(min)
     };
-    let (wr, wh, wp, wm) = (
-        w(|r| &r.route, 5),
-        w(|r| &r.hosts, 5),
-        w(|r| &r.path, 4),
-        w(|r| &r.methods, 7),
-    );
+    let (wr, wh, wp, wm) = (w(|r| &r.route, 5), w(|r| &r.hosts, 5), w(|r| &r.path, 4), w(|r| &r.methods, 7));
+    let ws = w(|r| &r.service, 7);
     println!(
-        "{:>3}  {:wr$}  {:wh$}  {:wp$}  {:wm$}  SERVICE",
-        "#", "ROUTE", "HOSTS", "PATH", "METHODS"
+        "{:>3}  {:wr$}  {:wh$}  {:wp$}  {:wm$}  {:ws$}  PLUGINS (in order)",
+        "#", "ROUTE", "HOSTS", "PATH", "METHODS", "SERVICE"
     );
     for (i, r) in routes.iter().enumerate() {
+        let plugins = if r.plugins.is_empty() { "-".to_string() } else { r.plugins.join(" -> ") };
         println!(
-            "{:>3}  {:wr$}  {:wh$}  {:wp$}  {:wm$}  {}",
+            "{:>3}  {:wr$}  {:wh$}  {:wp$}  {:wm$}  {:ws$}  {plugins}",
             i + 1,
             r.route,
             r.hosts,
@@ -246,10 +216,7 @@ async fn run(config_path: Option<PathBuf>, args: ServeArgs) -> ExitCode {
             }
         }
     }
-    let proxy_addrs: Vec<SocketAddr> = listeners
-        .iter()
-        .filter_map(|l| l.local_addr().ok())
-        .collect();
+    let proxy_addrs: Vec<SocketAddr> = listeners.iter().filter_map(|l| l.local_addr().ok()).collect();
     let admin = match TcpListener::bind(args.admin_listen).await {
         Ok(l) => l,
         Err(e) => {
@@ -266,10 +233,7 @@ async fn run(config_path: Option<PathBuf>, args: ServeArgs) -> ExitCode {
         print_demo_help(*addr, admin_addr);
     }
     tracing::info!(proxy = ?proxy_addrs, admin = ?admin_addr, routes = gateway.routes().len(), "gateway started");
-    match gateway
-        .serve(listeners, args.settings(), shutdown_signal())
-        .await
-    {
+    match gateway.serve(listeners, args.settings(), shutdown_signal()).await {
         Ok(()) => {
             tracing::info!("stopped");
             ExitCode::SUCCESS
@@ -317,11 +281,7 @@ fn spawn_reloader(gateway: Gateway, path: PathBuf) {
     // Watch the directory, not the file: editors replace files by rename, and Kubernetes
     // ConfigMap volumes swap a `..data` symlink. Any event there triggers a check; the file is
     // reloaded only when its content changed.
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."))
-        .to_path_buf();
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf();
     let watcher = {
         let tx = tx.clone();
         notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
@@ -358,18 +318,11 @@ fn spawn_reloader(gateway: Gateway, path: PathBuf) {
                 continue;
             }
             last = current;
-            let result = Config::from_file(&path)
-                .and_then(|c| gateway.reload(&c).map_err(|e| e.in_file_if_unnamed(&path)));
+            let result =
+                Config::from_file(&path).and_then(|c| gateway.reload(&c).map_err(|e| e.in_file_if_unnamed(&path)));
             match result {
-                Ok(()) => tracing::info!(
-                    trigger = why,
-                    routes = gateway.routes().len(),
-                    "config reloaded"
-                ),
-                Err(e) => tracing::error!(
-                    trigger = why,
-                    "config rejected, the previous config keeps serving:\n{e}"
-                ),
+                Ok(()) => tracing::info!(trigger = why, routes = gateway.routes().len(), "config reloaded"),
+                Err(e) => tracing::error!(trigger = why, "config rejected, the previous config keeps serving:\n{e}"),
             }
         }
     });
@@ -392,19 +345,11 @@ async fn demo_gateway() -> Result<Gateway, Box<dyn std::error::Error>> {
 
 fn print_demo_help(proxy: SocketAddr, admin: Option<SocketAddr>) {
     println!("gateway demo: proxy on http://{proxy}, built-in echo upstream behind it. Try:");
-    println!(
-        "  curl -i http://{proxy}/echo/hello              # strip_path: the upstream sees /hello"
-    );
-    println!(
-        "  curl -i http://{proxy}/api/items?page=2        # service path /v1: the upstream sees /v1/items?page=2"
-    );
-    println!(
-        "  curl -i http://{proxy}/users/42                # regex route, path kept: /v1/users/42"
-    );
+    println!("  curl -i http://{proxy}/echo/hello              # strip_path: the upstream sees /hello");
+    println!("  curl -i http://{proxy}/api/items?page=2        # service path /v1: the upstream sees /v1/items?page=2");
+    println!("  curl -i http://{proxy}/users/42                # regex route, path kept: /v1/users/42");
     println!("  curl -i -H 'Host: demo.local' http://{proxy}/  # host route");
-    println!(
-        "  curl -i http://{proxy}/nope                    # 404 with a JSON body and a request id"
-    );
+    println!("  curl -i http://{proxy}/nope                    # 404 with a JSON body and a request id");
     if let Some(admin) = admin {
         println!("  curl -s http://{admin}/status                 # admin: status");
     }

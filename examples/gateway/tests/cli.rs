@@ -19,10 +19,7 @@ fn temp_dir(name: &str) -> PathBuf {
 }
 
 fn free_port() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
 }
 
 /// A blocking upstream that answers every request with its request line's target.
@@ -44,11 +41,7 @@ fn spawn_upstream() -> SocketAddr {
                     while reader.read_line(&mut header).unwrap_or(0) > 0 && header != "\r\n" {
                         header.clear();
                     }
-                    let resp = format!(
-                        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{}",
-                        target.len(),
-                        target
-                    );
+                    let resp = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{}", target.len(), target);
                     if stream.write_all(resp.as_bytes()).is_err() {
                         return;
                     }
@@ -63,18 +56,11 @@ fn spawn_upstream() -> SocketAddr {
 fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
     let mut s = TcpStream::connect(addr).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nhost: test\r\nconnection: close\r\n\r\n"
-    )
-    .ok()?;
+    write!(s, "GET {path} HTTP/1.1\r\nhost: test\r\nconnection: close\r\n\r\n").ok()?;
     let mut out = String::new();
     s.read_to_string(&mut out).ok()?;
     let status = out.split_whitespace().nth(1)?.parse().ok()?;
-    let body = out
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
+    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
     Some((status, body))
 }
 
@@ -97,14 +83,7 @@ impl Running {
         let mut child = bin()
             .args(["run", "--config"])
             .arg(config)
-            .args([
-                "--listen",
-                &addr.to_string(),
-                "--admin-listen",
-                &admin.to_string(),
-                "--workers",
-                "2",
-            ])
+            .args(["--listen", &addr.to_string(), "--admin-listen", &admin.to_string(), "--workers", "2"])
             .args(["--shutdown-grace", "5s"])
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -118,11 +97,7 @@ impl Running {
                 sink.lock().unwrap().push_str(&(line + "\n"));
             }
         });
-        let r = Running {
-            child,
-            stderr,
-            addr,
-        };
+        let r = Running { child, stderr, addr };
         r.wait_for(|| http_get(addr, "/").is_some(), "the gateway to listen");
         r
     }
@@ -135,18 +110,11 @@ impl Running {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        panic!(
-            "timed out waiting for {what}; stderr:\n{}",
-            self.stderr.lock().unwrap()
-        );
+        panic!("timed out waiting for {what}; stderr:\n{}", self.stderr.lock().unwrap());
     }
 
     fn signal(&self, sig: &str) {
-        let ok = Command::new("kill")
-            .args([sig, &self.child.id().to_string()])
-            .status()
-            .unwrap()
-            .success();
+        let ok = Command::new("kill").args([sig, &self.child.id().to_string()]).status().unwrap().success();
         assert!(ok, "kill {sig}");
     }
 }
@@ -164,14 +132,11 @@ fn validate_accepts_a_good_file_and_explains_a_bad_one() {
     let good = dir.join("good.yml");
     std::fs::write(&good, config("127.0.0.1:9".parse().unwrap(), "")).unwrap();
     let out = bin().arg("validate").arg(&good).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 
     let bad = dir.join("bad.yml");
-    std::fs::write(&bad, "_format_version: \"3.0\"\nservices:\n- name: s\n  url: http://127.0.0.1:9\n  colour: red\n").unwrap();
+    std::fs::write(&bad, "_format_version: \"3.0\"\nservices:\n- name: s\n  url: http://127.0.0.1:9\n  colour: red\n")
+        .unwrap();
     let out = bin().arg("validate").arg(&bad).output().unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
@@ -179,18 +144,11 @@ fn validate_accepts_a_good_file_and_explains_a_bad_one() {
     assert!(err.contains("unknown field `colour`"), "{err}");
 
     let semantic = dir.join("semantic.yml");
-    std::fs::write(
-        &semantic,
-        "_format_version: \"3.0\"\nroutes:\n- name: r\n  paths: [\"~/(\"]\n",
-    )
-    .unwrap();
+    std::fs::write(&semantic, "_format_version: \"3.0\"\nroutes:\n- name: r\n  paths: [\"~/(\"]\n").unwrap();
     let out = bin().arg("validate").arg(&semantic).output().unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("semantic.yml: routes[0] (name \"r\").paths[0]: invalid regex"),
-        "{err}"
-    );
+    assert!(err.contains("semantic.yml: routes[0] (name \"r\").paths[0]: invalid regex"), "{err}");
 }
 
 #[test]
@@ -202,22 +160,10 @@ fn routes_prints_the_table_in_precedence_order() {
         "_format_version: \"3.0\"\nservices:\n- name: s\n  url: http://127.0.0.1:9\n  routes:\n  - {name: catch-all, paths: [\"/\"]}\n  - {name: api, paths: [\"/api\"]}\n  - {name: host, hosts: [a.example], paths: [\"/\"]}\n",
     )
     .unwrap();
-    let out = bin()
-        .args(["routes", "--config"])
-        .arg(&file)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = bin().args(["routes", "--config"]).arg(&file).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let text = String::from_utf8_lossy(&out.stdout);
-    let order: Vec<&str> = text
-        .lines()
-        .skip(1)
-        .filter_map(|l| l.split_whitespace().nth(1))
-        .collect();
+    let order: Vec<&str> = text.lines().skip(1).filter_map(|l| l.split_whitespace().nth(1)).collect();
     assert_eq!(order, vec!["host", "api", "catch-all"], "{text}");
 }
 
@@ -228,42 +174,23 @@ fn run_reloads_on_file_change_and_rename_and_survives_a_bad_file() {
     let file = dir.join("kong.yml");
     std::fs::write(&file, config(upstream, "/one")).unwrap();
     let gw = Running::start(&file);
-    assert_eq!(
-        http_get(gw.addr, "/x").unwrap(),
-        (200, "/one/x".to_string())
-    );
+    assert_eq!(http_get(gw.addr, "/x").unwrap(), (200, "/one/x".to_string()));
 
     // Edit in place: the file watcher reloads.
     std::fs::write(&file, config(upstream, "/two")).unwrap();
-    gw.wait_for(
-        || http_get(gw.addr, "/x").is_some_and(|r| r.1 == "/two/x"),
-        "the file change to apply",
-    );
+    gw.wait_for(|| http_get(gw.addr, "/x").is_some_and(|r| r.1 == "/two/x"), "the file change to apply");
 
     // A broken file is refused; the running config keeps serving.
-    std::fs::write(
-        &file,
-        "_format_version: \"3.0\"\nservices: [{name: s, url: http://x, bogus: 1}]\n",
-    )
-    .unwrap();
-    gw.wait_for(
-        || gw.stderr.lock().unwrap().contains("config rejected"),
-        "the bad file to be rejected",
-    );
+    std::fs::write(&file, "_format_version: \"3.0\"\nservices: [{name: s, url: http://x, bogus: 1}]\n").unwrap();
+    gw.wait_for(|| gw.stderr.lock().unwrap().contains("config rejected"), "the bad file to be rejected");
     assert!(gw.stderr.lock().unwrap().contains("unknown field `bogus`"));
-    assert_eq!(
-        http_get(gw.addr, "/x").unwrap(),
-        (200, "/two/x".to_string())
-    );
+    assert_eq!(http_get(gw.addr, "/x").unwrap(), (200, "/two/x".to_string()));
 
     // Replace the file by rename, as editors do.
     let tmp = dir.join("kong.yml.tmp");
     std::fs::write(&tmp, config(upstream, "/three")).unwrap();
     std::fs::rename(&tmp, &file).unwrap();
-    gw.wait_for(
-        || http_get(gw.addr, "/x").is_some_and(|r| r.1 == "/three/x"),
-        "the renamed file to apply",
-    );
+    gw.wait_for(|| http_get(gw.addr, "/x").is_some_and(|r| r.1 == "/three/x"), "the renamed file to apply");
 }
 
 #[test]
@@ -279,33 +206,20 @@ fn run_reloads_on_sighup_and_follows_a_configmap_style_symlink_swap() {
     std::os::unix::fs::symlink("..v1", dir.join("..data")).unwrap();
     std::os::unix::fs::symlink("..data/kong.yml", dir.join("kong.yml")).unwrap();
     let gw = Running::start(&dir.join("kong.yml"));
-    assert_eq!(
-        http_get(gw.addr, "/x").unwrap(),
-        (200, "/one/x".to_string())
-    );
+    assert_eq!(http_get(gw.addr, "/x").unwrap(), (200, "/one/x".to_string()));
 
     // Editing the target in its own folder is invisible to the watcher: only SIGHUP applies it.
     std::fs::write(v1.join("kong.yml"), config(upstream, "/edited")).unwrap();
     std::thread::sleep(Duration::from_millis(600));
-    assert_eq!(
-        http_get(gw.addr, "/x").unwrap(),
-        (200, "/one/x".to_string()),
-        "reloaded without a trigger"
-    );
+    assert_eq!(http_get(gw.addr, "/x").unwrap(), (200, "/one/x".to_string()), "reloaded without a trigger");
     gw.signal("-HUP");
-    gw.wait_for(
-        || http_get(gw.addr, "/x").is_some_and(|r| r.1 == "/edited/x"),
-        "the SIGHUP reload",
-    );
+    gw.wait_for(|| http_get(gw.addr, "/x").is_some_and(|r| r.1 == "/edited/x"), "the SIGHUP reload");
 
     // The ConfigMap update: a new version folder and an atomic swap of `..data`.
     std::fs::write(v2.join("kong.yml"), config(upstream, "/two")).unwrap();
     std::os::unix::fs::symlink("..v2", dir.join("..data_tmp")).unwrap();
     std::fs::rename(dir.join("..data_tmp"), dir.join("..data")).unwrap();
-    gw.wait_for(
-        || http_get(gw.addr, "/x").is_some_and(|r| r.1 == "/two/x"),
-        "the symlink swap to apply",
-    );
+    gw.wait_for(|| http_get(gw.addr, "/x").is_some_and(|r| r.1 == "/two/x"), "the symlink swap to apply");
 }
 
 #[test]
@@ -321,17 +235,11 @@ fn sigterm_stops_the_gateway_cleanly() {
         if let Some(s) = gw.child.try_wait().unwrap() {
             break s;
         }
-        assert!(
-            Instant::now() < deadline,
-            "still running 10 s after SIGTERM"
-        );
+        assert!(Instant::now() < deadline, "still running 10 s after SIGTERM");
         std::thread::sleep(Duration::from_millis(50));
     };
     assert!(status.success(), "exit status {status}");
-    assert!(
-        http_get(gw.addr, "/").is_none(),
-        "still accepting after exit"
-    );
+    assert!(http_get(gw.addr, "/").is_none(), "still accepting after exit");
 }
 
 #[test]
@@ -339,12 +247,7 @@ fn a_bad_config_at_start_exits_1_with_the_problem() {
     let dir = temp_dir("badstart");
     let file = dir.join("kong.yml");
     std::fs::write(&file, "_format_version: \"1.1\"\n").unwrap();
-    let out = bin()
-        .args(["run", "--config"])
-        .arg(&file)
-        .args(["--listen", &free_port().to_string()])
-        .output()
-        .unwrap();
+    let out = bin().args(["run", "--config"]).arg(&file).args(["--listen", &free_port().to_string()]).output().unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("only \"3.0\" is supported"));
 }

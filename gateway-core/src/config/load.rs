@@ -32,12 +32,7 @@ impl ConfigError {
     pub fn single(at: impl Into<String>, message: impl Into<String>) -> Self {
         ConfigError {
             source_name: None,
-            problems: vec![Problem {
-                at: at.into(),
-                message: message.into(),
-                line: None,
-                column: None,
-            }],
+            problems: vec![Problem { at: at.into(), message: message.into(), line: None, column: None }],
         }
     }
 
@@ -94,9 +89,7 @@ fn split_location(message: String) -> (String, Option<usize>, Option<usize>) {
 /// keep it as `at`.
 fn split_path(message: String) -> (String, String) {
     match message.split_once(": ") {
-        Some((path, rest)) if !path.contains(' ') && !path.is_empty() => {
-            (path.to_string(), rest.to_string())
-        }
+        Some((path, rest)) if !path.contains(' ') && !path.is_empty() => (path.to_string(), rest.to_string()),
         _ => (String::new(), message),
     }
 }
@@ -106,20 +99,12 @@ impl Config {
     /// messages for it).
     pub fn from_yaml(text: &str) -> Result<Config, ConfigError> {
         serde_norway::from_str(text).map_err(|e| {
-            let (line, column) = e
-                .location()
-                .map(|l| (Some(l.line()), Some(l.column())))
-                .unwrap_or((None, None));
+            let (line, column) = e.location().map(|l| (Some(l.line()), Some(l.column()))).unwrap_or((None, None));
             let (message, l2, c2) = split_location(e.to_string());
             let (at, message) = split_path(message);
             ConfigError {
                 source_name: None,
-                problems: vec![Problem {
-                    at,
-                    message,
-                    line: line.or(l2),
-                    column: column.or(c2),
-                }],
+                problems: vec![Problem { at, message, line: line.or(l2), column: column.or(c2) }],
             }
         })
     }
@@ -130,36 +115,23 @@ impl Config {
             let (message, _, _) = split_location(e.to_string());
             ConfigError {
                 source_name: None,
-                problems: vec![Problem {
-                    at: String::new(),
-                    message,
-                    line: Some(e.line()),
-                    column: Some(e.column()),
-                }],
+                problems: vec![Problem { at: String::new(), message, line: Some(e.line()), column: Some(e.column()) }],
             }
         })
     }
 
     /// Parses text as JSON when it starts with `{`, YAML otherwise.
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
-        if text.trim_start().starts_with('{') {
-            Config::from_json(text)
-        } else {
-            Config::from_yaml(text)
-        }
+        if text.trim_start().starts_with('{') { Config::from_json(text) } else { Config::from_yaml(text) }
     }
 
     /// Reads and parses a file (JSON for `*.json`, YAML otherwise). Errors name the file.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Config, ConfigError> {
         let path = path.as_ref();
         let name = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            ConfigError::single("", format!("cannot read the file: {e}")).in_file(&name)
-        })?;
-        let parsed = if path
-            .extension()
-            .is_some_and(|e| e.eq_ignore_ascii_case("json"))
-        {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::single("", format!("cannot read the file: {e}")).in_file(&name))?;
+        let parsed = if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("json")) {
             Config::from_json(&text)
         } else {
             Config::parse(&text)
@@ -174,8 +146,10 @@ mod tests {
 
     #[test]
     fn unknown_fields_are_refused_by_name_with_their_location() {
-        let err = Config::from_yaml("_format_version: \"3.0\"\nservices:\n  - name: a\n    url: http://x\n    colour: blue\n")
-            .unwrap_err();
+        let err = Config::from_yaml(
+            "_format_version: \"3.0\"\nservices:\n  - name: a\n    url: http://x\n    colour: blue\n",
+        )
+        .unwrap_err();
         let p = &err.problems[0];
         assert!(p.message.contains("unknown field `colour`"), "{p:?}");
         assert_eq!(p.at, "services[0]");
@@ -185,8 +159,7 @@ mod tests {
 
     #[test]
     fn json_errors_carry_line_and_column() {
-        let err = Config::from_json("{\n \"_format_version\": \"3.0\",\n \"services\": 7\n}")
-            .unwrap_err();
+        let err = Config::from_json("{\n \"_format_version\": \"3.0\",\n \"services\": 7\n}").unwrap_err();
         let p = &err.problems[0];
         assert_eq!(p.line, Some(3));
         assert!(p.message.contains("invalid type"), "{p:?}");
@@ -195,10 +168,6 @@ mod tests {
     #[test]
     fn file_errors_name_the_file() {
         let err = Config::from_file("/nonexistent/kong.yml").unwrap_err();
-        assert!(
-            err.to_string()
-                .starts_with("/nonexistent/kong.yml: cannot read the file"),
-            "{err}"
-        );
+        assert!(err.to_string().starts_with("/nonexistent/kong.yml: cannot read the file"), "{err}");
     }
 }

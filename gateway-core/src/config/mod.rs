@@ -46,18 +46,10 @@ pub struct Config {
     #[serde(rename = "_format_version")]
     pub format_version: String,
     /// Kong's flag for hashing credentials on load; accepted and ignored.
-    #[serde(
-        rename = "_transform",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(rename = "_transform", default, skip_serializing_if = "Option::is_none")]
     pub transform: Option<bool>,
     /// Kong's workspace; only `default` exists here.
-    #[serde(
-        rename = "_workspace",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(rename = "_workspace", default, skip_serializing_if = "Option::is_none")]
     pub workspace: Option<String>,
     /// A free-form comment.
     #[serde(rename = "_comment", default, skip_serializing_if = "Option::is_none")]
@@ -544,10 +536,37 @@ pub struct Consumer {
     pub(crate) groups: Option<Value>,
 }
 
+impl Consumer {
+    /// The credential sections of this consumer (`keyauth_credentials`, `jwt_secrets`, ...).
+    pub fn credential_sections(&self) -> [(&'static str, Option<&Value>); 7] {
+        [
+            ("keyauth_credentials", self.keyauth_credentials.as_ref()),
+            ("jwt_secrets", self.jwt_secrets.as_ref()),
+            ("acls", self.acls.as_ref()),
+            ("basicauth_credentials", self.basicauth_credentials.as_ref()),
+            ("hmacauth_credentials", self.hmacauth_credentials.as_ref()),
+            ("oauth2_credentials", self.oauth2_credentials.as_ref()),
+            ("groups", self.groups.as_ref()),
+        ]
+    }
+}
+
+impl Config {
+    /// Top-level credential entities (each item names its `consumer`).
+    pub fn top_level_credentials(&self) -> [(&'static str, Option<&Value>); 6] {
+        [
+            ("keyauth_credentials", self.keyauth_credentials.as_ref()),
+            ("jwt_secrets", self.jwt_secrets.as_ref()),
+            ("acls", self.acls.as_ref()),
+            ("basicauth_credentials", self.basicauth_credentials.as_ref()),
+            ("hmacauth_credentials", self.hmacauth_credentials.as_ref()),
+            ("oauth2_credentials", self.oauth2_credentials.as_ref()),
+        ]
+    }
+}
+
 /// Lists the Kong-only fields of an entity that hold something other than Kong's default.
-pub(crate) fn unsupported_fields(
-    fields: &[(&'static str, &Option<Value>, &[Value])],
-) -> Vec<&'static str> {
+pub(crate) fn unsupported_fields(fields: &[(&'static str, &Option<Value>, &[Value])]) -> Vec<&'static str> {
     fields
         .iter()
         .filter_map(|(name, value, defaults)| match value {

@@ -48,11 +48,7 @@ pub(crate) fn build_client(t: Timeouts) -> UpstreamClient {
         .pool_timer(TokioTimer::new())
         // An idle pooled connection must be dropped before its own read timer would fire.
         .pool_idle_timeout(t.read.min(Duration::from_secs(60)).mul_f32(0.9))
-        .build(TimeoutConnector {
-            http,
-            read: t.read,
-            write: t.write,
-        })
+        .build(TimeoutConnector { http, read: t.read, write: t.write })
 }
 
 /// `HttpConnector` plus read/write timeouts on the stream.
@@ -77,11 +73,7 @@ impl tower_service::Service<Uri> for TimeoutConnector {
         let (read, write) = (self.read, self.write);
         Box::pin(async move {
             let io = connecting.await?;
-            Ok(TimedIo {
-                io,
-                read: Deadline::new(read),
-                write: Deadline::new(write),
-            })
+            Ok(TimedIo { io, read: Deadline::new(read), write: Deadline::new(write) })
         })
     }
 }
@@ -96,11 +88,7 @@ struct Deadline {
 
 impl Deadline {
     fn new(limit: Duration) -> Self {
-        Deadline {
-            limit,
-            sleep: Box::pin(tokio::time::sleep(limit)),
-            armed: false,
-        }
+        Deadline { limit, sleep: Box::pin(tokio::time::sleep(limit)), armed: false }
     }
 
     /// Called when the operation is pending: arms the timer on the first call and reports
@@ -127,10 +115,7 @@ impl Deadline {
 }
 
 fn timed_out(what: &str) -> io::Error {
-    io::Error::new(
-        io::ErrorKind::TimedOut,
-        format!("upstream {what} timed out"),
-    )
+    io::Error::new(io::ErrorKind::TimedOut, format!("upstream {what} timed out"))
 }
 
 /// An upstream connection with read/write timeouts.
@@ -166,11 +151,7 @@ impl hyper::rt::Read for TimedIo {
 }
 
 impl TimedIo {
-    fn after_write<T>(
-        &mut self,
-        cx: &mut Context<'_>,
-        r: Poll<io::Result<T>>,
-    ) -> Poll<io::Result<T>> {
+    fn after_write<T>(&mut self, cx: &mut Context<'_>, r: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
         match r {
             Poll::Ready(r) => {
                 self.write.disarm();
@@ -186,11 +167,7 @@ impl TimedIo {
 }
 
 impl hyper::rt::Write for TimedIo {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let r = Pin::new(&mut this.io).poll_write(cx, buf);
         this.after_write(cx, r)

@@ -32,7 +32,10 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{PathAndQuery, Uri};
 use http::{Request, Response, StatusCode, Version};
 
+use std::ops::ControlFlow;
+
 use crate::body::{ProxyBody, ResponseBody};
+use crate::plugin::RequestContext;
 use crate::router::{RouteInput, split_host};
 use crate::snapshot::{ServiceRuntime, Snapshot, TargetRuntime};
 
@@ -53,11 +56,7 @@ pub struct ConnInfo {
 impl Default for ConnInfo {
     fn default() -> Self {
         let unspecified = SocketAddr::from(([0, 0, 0, 0], 0));
-        ConnInfo {
-            client: unspecified,
-            local: unspecified,
-            tls: false,
-        }
+        ConnInfo { client: unspecified, local: unspecified, tls: false }
     }
 }
 
@@ -101,10 +100,7 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     headers.remove(header::PROXY_AUTHORIZATION);
     headers.remove(header::PROXY_AUTHENTICATE);
     if headers.contains_key(header::TE)
-        && !headers
-            .get_all(header::TE)
-            .iter()
-            .all(|te| te.as_bytes().eq_ignore_ascii_case(b"trailers"))
+        && !headers.get_all(header::TE).iter().all(|te| te.as_bytes().eq_ignore_ascii_case(b"trailers"))
     {
         headers.remove(header::TE);
     }
@@ -156,12 +152,7 @@ pub(crate) fn next_request_id() -> HeaderValue {
     });
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut out = [0u8; 32];
-    for (i, byte) in a
-        .to_be_bytes()
-        .iter()
-        .chain(b.to_be_bytes().iter())
-        .enumerate()
-    {
+    for (i, byte) in a.to_be_bytes().iter().chain(b.to_be_bytes().iter()).enumerate() {
         out[2 * i] = HEX[(byte >> 4) as usize];
         out[2 * i + 1] = HEX[(byte & 15) as usize];
     }
@@ -169,11 +160,7 @@ pub(crate) fn next_request_id() -> HeaderValue {
 }
 
 /// Builds the one kind of answer the gateway writes itself: a short JSON body.
-pub fn error_response(
-    status: StatusCode,
-    message: &str,
-    request_id: &HeaderValue,
-) -> Response<ResponseBody> {
+pub fn error_response(status: StatusCode, message: &str, request_id: &HeaderValue) -> Response<ResponseBody> {
     let id = request_id.to_str().unwrap_or("");
     let mut body = String::with_capacity(message.len() + id.len() + 32);
     body.push_str("{\"message\":");
@@ -184,31 +171,19 @@ pub fn error_response(
     let mut resp = Response::new(ResponseBody::full(body));
     *resp.status_mut() = status;
     let h = resp.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json; charset=utf-8"),
-    );
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json; charset=utf-8"));
     h.insert(X_REQUEST_ID.clone(), request_id.clone());
     resp
 }
 
 /// Kong's v0 path joining of the service path and the (stripped) request path.
-pub(crate) fn upstream_path(
-    base: Option<&str>,
-    req_path: &str,
-    matched_len: usize,
-    strip: bool,
-) -> Option<String> {
+pub(crate) fn upstream_path(base: Option<&str>, req_path: &str, matched_len: usize, strip: bool) -> Option<String> {
     let base = base.unwrap_or("/");
     let base_trimmed = base.strip_suffix('/').unwrap_or(base);
     if base == "/" && (!strip || matched_len == 0) {
         return None; // unchanged: reuse the request's own path
     }
-    let postfix = if strip {
-        path::sanitize_postfix(req_path.get(matched_len..).unwrap_or(""))
-    } else {
-        ""
-    };
+    let postfix = if strip { path::sanitize_postfix(req_path.get(matched_len..).unwrap_or("")) } else { "" };
     let mut out = String::with_capacity(base.len() + req_path.len());
     if base.ends_with('/') {
         if strip {
@@ -285,7 +260,7 @@ struct LogFacts<'a> {
     method: http::Method,
     path: &'a str,
     route: &'a str,
-    upstream: &'a str,
+    upstream: Option<Arc<str>>,
     start: Instant,
 }
 
@@ -296,36 +271,55 @@ fn access_log(f: &LogFacts<'_>, status: StatusCode) {
         path = f.path,
         status = status.as_u16(),
         route = f.route,
-        upstream = f.upstream,
+        upstream = f.upstream.as_deref().unwrap_or("-"),
         latency_us = f.start.elapsed().as_micros() as u64,
     );
 }
 
+/// Upstream-bound values computed from the request head before plugins run.
+struct Forwarding {
+    pq: PathAndQuery,
+    host: Option<HeaderValue>,
+    path: Option<HeaderValue>,
+    prefix: Option<HeaderValue>,
+    client_host: Option<HeaderValue>,
+}
+
+/// Turns the client's request into the upstream's: path, forwarding headers, framing.
+fn prepare(req: Request<ProxyBody>, fwd: Forwarding, conn: &ConnInfo, request_id: &HeaderValue) -> Request<ProxyBody> {
+    let (mut parts, body) = req.into_parts();
+    set_forwarding_headers(&mut parts.headers, conn, fwd.host, fwd.path, fwd.prefix, request_id, parts.version);
+    if parts.version == Version::HTTP_2 {
+        join_cookies(&mut parts.headers);
+    }
+    // A body of unknown length must be framed explicitly, or hyper sends none for GET/HEAD.
+    if !http_body::Body::is_end_stream(&body)
+        && http_body::Body::size_hint(&body).exact().is_none()
+        && !parts.headers.contains_key(header::CONTENT_LENGTH)
+    {
+        parts.headers.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+    }
+    if let Some(h) = fwd.client_host {
+        parts.headers.insert(header::HOST, h);
+    }
+    parts.version = Version::HTTP_11;
+    parts.uri = Uri::from(fwd.pq);
+    Request::from_parts(parts, body)
+}
+
 /// Handles one request against one snapshot. Never fails: every error is an HTTP answer.
-pub(crate) async fn handle(
-    snapshot: Arc<Snapshot>,
-    req: Request<ProxyBody>,
-    conn: ConnInfo,
-) -> Response<ResponseBody> {
+pub(crate) async fn handle(snapshot: Arc<Snapshot>, req: Request<ProxyBody>, conn: ConnInfo) -> Response<ResponseBody> {
     let start = Instant::now();
     let request_id = next_request_id();
-    let (mut parts, body) = req.into_parts();
-    let original_pq = parts
-        .uri
-        .path_and_query()
-        .cloned()
-        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    let (parts, body) = req.into_parts();
+    let original_pq = parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
     let normalized = path::normalize(original_pq.path());
     let path: &str = &normalized;
 
     // Host: HTTP/2 carries it in :authority, HTTP/1 in the Host header.
     let raw_host = match parts.uri.authority() {
         Some(a) => a.as_str(),
-        None => parts
-            .headers
-            .get(header::HOST)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or(""),
+        None => parts.headers.get(header::HOST).and_then(|v| v.to_str().ok()).unwrap_or(""),
     };
     let (host, host_port) = split_host(raw_host);
     let found = snapshot.router.find(&RouteInput {
@@ -335,19 +329,9 @@ pub(crate) async fn handle(
         method: &parts.method,
         headers: &parts.headers,
     });
-    let mut facts = LogFacts {
-        method: parts.method.clone(),
-        path,
-        route: "-",
-        upstream: "-",
-        start,
-    };
+    let mut facts = LogFacts { method: parts.method.clone(), path, route: "-", upstream: None, start };
     let Some(found) = found else {
-        let resp = error_response(
-            StatusCode::NOT_FOUND,
-            "no Route matched with those values",
-            &request_id,
-        );
+        let resp = error_response(StatusCode::NOT_FOUND, "no Route matched with those values", &request_id);
         access_log(&facts, resp.status());
         return resp;
     };
@@ -355,38 +339,28 @@ pub(crate) async fn handle(
     facts.route = &route.name;
 
     if (conn.tls && !route.allow_https) || (!conn.tls && !route.allow_http) {
-        let resp = protocol_mismatch(
-            route.redirect_status,
-            conn.tls,
-            raw_host,
-            &original_pq,
-            &request_id,
+        let resp = protocol_mismatch(route.redirect_status, conn.tls, raw_host, &original_pq, &request_id);
+        access_log(&facts, resp.status());
+        return resp;
+    }
+    if let Some(failure) = &route.chain.failure {
+        tracing::error!(
+            route = &*route.name,
+            problem = &**failure,
+            "route refused: its plugin configuration is invalid"
         );
+        let resp = error_response(StatusCode::INTERNAL_SERVER_ERROR, "An unexpected error occurred", &request_id);
         access_log(&facts, resp.status());
         return resp;
     }
     let Some(service) = route.service.as_deref() else {
-        let resp = error_response(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "no Service found with those values",
-            &request_id,
-        );
+        let resp = error_response(StatusCode::SERVICE_UNAVAILABLE, "no Service found with those values", &request_id);
         access_log(&facts, resp.status());
         return resp;
     };
 
-    // Everything below only reads the request head it owns; compute values that borrow it first.
-    let forwarded_host = HeaderValue::from_str(&host).ok();
-    let forwarded_path = HeaderValue::from_str(path).ok();
-    let prefix = (route.strip_path && found.matched_len > 1)
-        .then(|| HeaderValue::from_str(&path[..found.matched_len]).ok())
-        .flatten();
-    let new_path = upstream_path(
-        service.base_path.as_deref(),
-        path,
-        found.matched_len,
-        route.strip_path,
-    );
+    // Everything the upstream request needs from the head, computed while the head is intact.
+    let new_path = upstream_path(service.base_path.as_deref(), path, found.matched_len, route.strip_path);
     let pq = match (new_path, &normalized) {
         (None, Cow::Borrowed(_)) => original_pq.clone(),
         (new_path, _) => {
@@ -398,61 +372,155 @@ pub(crate) async fn handle(
             match PathAndQuery::from_maybe_shared(Bytes::from(p)) {
                 Ok(pq) => pq,
                 Err(_) => {
-                    let resp = error_response(
-                        StatusCode::BAD_REQUEST,
-                        "invalid request path",
-                        &request_id,
-                    );
+                    let resp = error_response(StatusCode::BAD_REQUEST, "invalid request path", &request_id);
                     access_log(&facts, resp.status());
                     return resp;
                 }
             }
         }
     };
-    // The host the router saw is the host the upstream gets: the request target's authority
-    // wins over a Host header (RFC 9112 3.2.2).
-    let client_host = if route.preserve_host {
-        match parts.uri.authority() {
-            Some(a) => HeaderValue::from_str(a.as_str()).ok(),
-            None => parts.headers.get(header::HOST).cloned(),
-        }
-    } else {
-        None
-    };
-
-    set_forwarding_headers(
-        &mut parts.headers,
-        &conn,
-        forwarded_host,
-        forwarded_path,
-        prefix,
-        &request_id,
-        parts.version,
-    );
-    if parts.version == Version::HTTP_2 {
-        join_cookies(&mut parts.headers);
-    }
-    // A body of unknown length must be framed explicitly, or hyper sends none for GET/HEAD.
-    if !http_body::Body::is_end_stream(&body)
-        && http_body::Body::size_hint(&body).exact().is_none()
-        && !parts.headers.contains_key(header::CONTENT_LENGTH)
-    {
-        parts.headers.insert(
-            header::TRANSFER_ENCODING,
-            HeaderValue::from_static("chunked"),
-        );
-    }
-    parts.version = Version::HTTP_11;
-
-    let result = send_with_retries(
-        service,
-        &mut parts,
-        body,
+    let fwd = Forwarding {
         pq,
-        client_host.as_ref(),
-        &mut facts,
-    )
-    .await;
+        host: HeaderValue::from_str(&host).ok(),
+        path: HeaderValue::from_str(path).ok(),
+        prefix: (route.strip_path && found.matched_len > 1)
+            .then(|| HeaderValue::from_str(&path[..found.matched_len]).ok())
+            .flatten(),
+        // The host the router saw is the host the upstream gets: the request target's
+        // authority wins over a Host header (RFC 9112 3.2.2).
+        client_host: if route.preserve_host {
+            match parts.uri.authority() {
+                Some(a) => HeaderValue::from_str(a.as_str()).ok(),
+                None => parts.headers.get(header::HOST).cloned(),
+            }
+        } else {
+            None
+        },
+    };
+    let req = Request::from_parts(parts, body);
+
+    let slots = &route.chain.slots;
+    if slots.is_empty() {
+        let up = prepare(req, fwd, &conn, &request_id);
+        let (resp, target) = call_upstream(service, route.preserve_host, up).await;
+        facts.upstream = target;
+        access_log(&facts, resp.status());
+        return resp;
+    }
+
+    let mut ctx = RequestContext {
+        conn,
+        route: route.name.clone(),
+        service: Some(service.name.clone()),
+        request_id: request_id.clone(),
+        started: start,
+        consumer: None,
+        credential: None,
+        extensions: http::Extensions::new(),
+    };
+    let consumer = |ctx: &RequestContext| ctx.consumer.as_ref().map(|c| c.index);
+    let mut req = req;
+    let mut answered = None;
+    for slot in slots.iter() {
+        let Some(p) = slot.pick(consumer(&ctx)) else { continue };
+        let flow = if p.is_async() { p.access_async(&mut ctx, &mut req).await } else { p.access(&mut ctx, &mut req) };
+        if let ControlFlow::Break(answer) = flow {
+            answered = Some(answer);
+            break;
+        }
+    }
+    let mut resp = match answered {
+        Some(mut answer) => {
+            answer.headers_mut().insert(X_REQUEST_ID.clone(), request_id);
+            answer
+        }
+        None => {
+            let mut up = prepare(req, fwd, &ctx.conn, &request_id);
+            for slot in slots.iter() {
+                if let Some(p) = slot.pick(consumer(&ctx)) {
+                    p.before_upstream(&mut ctx, &mut up);
+                }
+            }
+            match &route.upstream {
+                Some(layered) => {
+                    let resp = tower::ServiceExt::oneshot(layered.clone(), up).await.unwrap_or_else(|e| match e {});
+                    facts.upstream = resp.extensions().get::<UpstreamTarget>().map(|t| t.0.clone());
+                    resp
+                }
+                None => {
+                    let (resp, target) = call_upstream(service, route.preserve_host, up).await;
+                    facts.upstream = target;
+                    resp
+                }
+            }
+        }
+    };
+    for slot in slots.iter().rev() {
+        if let Some(p) = slot.pick(consumer(&ctx)) {
+            p.response(&mut ctx, &mut resp);
+        }
+    }
+    let status = resp.status();
+    for slot in slots.iter() {
+        if let Some(p) = slot.pick(consumer(&ctx)) {
+            p.log(&ctx, status);
+        }
+    }
+    access_log(&facts, status);
+    resp
+}
+
+/// The upstream target that answered, in the response extensions of a layered call.
+#[derive(Debug, Clone)]
+pub struct UpstreamTarget(pub Arc<str>);
+
+/// The upstream call as a tower service: what plugin layers wrap. Built once per route.
+#[derive(Clone)]
+pub(crate) struct UpstreamCall {
+    pub(crate) service: Arc<ServiceRuntime>,
+    pub(crate) preserve_host: bool,
+}
+
+impl tower_service::Service<Request<ProxyBody>> for UpstreamCall {
+    type Response = Response<ResponseBody>;
+    type Error = std::convert::Infallible;
+    type Future = crate::plugin::BoxFuture<'static, Result<Response<ResponseBody>, std::convert::Infallible>>;
+
+    fn poll_ready(&mut self, _cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<ProxyBody>) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move {
+            let (mut resp, target) = call_upstream(&this.service, this.preserve_host, req).await;
+            if let Some(t) = target {
+                resp.extensions_mut().insert(UpstreamTarget(t));
+            }
+            Ok(resp)
+        })
+    }
+}
+
+type Failure = (StatusCode, &'static str);
+
+fn is_idempotent(m: &http::Method) -> bool {
+    use http::Method;
+    [Method::GET, Method::HEAD, Method::OPTIONS, Method::TRACE, Method::PUT, Method::DELETE].contains(m)
+}
+
+/// Sends a prepared request to one of the service's targets, retrying connection-level
+/// failures on another target; answers failures as JSON errors.
+async fn call_upstream(
+    service: &ServiceRuntime,
+    preserve_host: bool,
+    req: Request<ProxyBody>,
+) -> (Response<ResponseBody>, Option<Arc<str>>) {
+    let request_id = req.headers().get(&X_REQUEST_ID).cloned().unwrap_or_else(next_request_id);
+    let (mut parts, body) = req.into_parts();
+    let pq = parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
+    let mut target_label = None;
+    let result = send_with_retries(service, &mut parts, body, pq, preserve_host, &mut target_label).await;
     let resp = match result {
         Ok(resp) => {
             let (mut rparts, rbody) = resp.into_parts();
@@ -464,8 +532,7 @@ pub(crate) async fn handle(
         }
         Err((status, message)) => error_response(status, message, &request_id),
     };
-    access_log(&facts, resp.status());
-    resp
+    (resp, target_label)
 }
 
 /// RFC 9113 8.2.3: HTTP/2 may split `cookie` into several fields; HTTP/1.1 needs one.
@@ -520,18 +587,12 @@ fn set_forwarding_headers(
     if let Ok(v) = HeaderValue::from_str(&ip_buf) {
         h.insert(X_REAL_IP.clone(), v);
     }
-    h.insert(
-        X_FORWARDED_PROTO.clone(),
-        HeaderValue::from_static(if conn.tls { "https" } else { "http" }),
-    );
+    h.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(if conn.tls { "https" } else { "http" }));
     match host {
         Some(v) => h.insert(X_FORWARDED_HOST.clone(), v),
         None => h.remove(&X_FORWARDED_HOST),
     };
-    h.insert(
-        X_FORWARDED_PORT.clone(),
-        HeaderValue::from(conn.local.port()),
-    );
+    h.insert(X_FORWARDED_PORT.clone(), HeaderValue::from(conn.local.port()));
     match path {
         Some(v) => h.insert(X_FORWARDED_PATH.clone(), v),
         None => h.remove(&X_FORWARDED_PATH),
@@ -544,28 +605,13 @@ fn set_forwarding_headers(
     append_via(h, version);
 }
 
-type Failure = (StatusCode, &'static str);
-
-fn is_idempotent(m: &http::Method) -> bool {
-    use http::Method;
-    [
-        Method::GET,
-        Method::HEAD,
-        Method::OPTIONS,
-        Method::TRACE,
-        Method::PUT,
-        Method::DELETE,
-    ]
-    .contains(m)
-}
-
-async fn send_with_retries<'a>(
-    service: &'a ServiceRuntime,
+async fn send_with_retries(
+    service: &ServiceRuntime,
     parts: &mut http::request::Parts,
     body: ProxyBody,
     pq: PathAndQuery,
-    client_host: Option<&HeaderValue>,
-    facts: &mut LogFacts<'a>,
+    preserve_host: bool,
+    target_label: &mut Option<Arc<str>>,
 ) -> Result<Response<hyper::body::Incoming>, Failure> {
     let (mut body, slot) = if service.retries > 0 && !http_body::Body::is_end_stream(&body) {
         let (b, s) = body.defer();
@@ -577,12 +623,9 @@ async fn send_with_retries<'a>(
     let mut failed: Option<&TargetRuntime> = None;
     loop {
         let Some(target) = service.balancer.pick_avoiding(failed) else {
-            return Err((
-                StatusCode::SERVICE_UNAVAILABLE,
-                "failure to get a peer from the ring-balancer",
-            ));
+            return Err((StatusCode::SERVICE_UNAVAILABLE, "failure to get a peer from the ring-balancer"));
         };
-        facts.upstream = &target.label;
+        *target_label = Some(target.label.clone());
         let uri = Uri::from_parts({
             let mut p = http::uri::Parts::default();
             p.scheme = Some(service.scheme.clone());
@@ -590,28 +633,16 @@ async fn send_with_retries<'a>(
             p.path_and_query = Some(pq.clone());
             p
         })
-        .map_err(|_| {
-            (
-                StatusCode::BAD_GATEWAY,
-                "An invalid response was received from the upstream server",
-            )
-        })?;
+        .map_err(|_| (StatusCode::BAD_GATEWAY, "An invalid response was received from the upstream server"))?;
         let last = attempt >= service.retries;
         let mut req = Request::new(body);
         *req.method_mut() = parts.method.clone();
         *req.uri_mut() = uri;
         *req.version_mut() = Version::HTTP_11;
-        *req.headers_mut() = if last {
-            std::mem::take(&mut parts.headers)
-        } else {
-            parts.headers.clone()
-        };
-        req.headers_mut().insert(
-            header::HOST,
-            client_host
-                .cloned()
-                .unwrap_or_else(|| target.host_header.clone()),
-        );
+        *req.headers_mut() = if last { std::mem::take(&mut parts.headers) } else { parts.headers.clone() };
+        if !preserve_host {
+            req.headers_mut().insert(header::HOST, target.host_header.clone());
+        }
         match service.client.request(req).await {
             Ok(resp) => {
                 return Ok(resp);
@@ -645,15 +676,9 @@ async fn send_with_retries<'a>(
                     }
                     None => {
                         return Err(if timeout {
-                            (
-                                StatusCode::GATEWAY_TIMEOUT,
-                                "The upstream server is timing out",
-                            )
+                            (StatusCode::GATEWAY_TIMEOUT, "The upstream server is timing out")
                         } else {
-                            (
-                                StatusCode::BAD_GATEWAY,
-                                "An invalid response was received from the upstream server",
-                            )
+                            (StatusCode::BAD_GATEWAY, "An invalid response was received from the upstream server")
                         });
                     }
                 }
@@ -670,18 +695,10 @@ fn protocol_mismatch(
     request_id: &HeaderValue,
 ) -> Response<ResponseBody> {
     if status == StatusCode::UPGRADE_REQUIRED || tls {
-        let mut resp = error_response(
-            StatusCode::UPGRADE_REQUIRED,
-            "Please use HTTPS protocol",
-            request_id,
-        );
+        let mut resp = error_response(StatusCode::UPGRADE_REQUIRED, "Please use HTTPS protocol", request_id);
         if status == StatusCode::UPGRADE_REQUIRED && !tls {
-            resp.headers_mut()
-                .insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
-            resp.headers_mut().insert(
-                header::UPGRADE,
-                HeaderValue::from_static("TLS/1.2, HTTP/1.1"),
-            );
+            resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+            resp.headers_mut().insert(header::UPGRADE, HeaderValue::from_static("TLS/1.2, HTTP/1.1"));
         }
         return resp;
     }
@@ -719,16 +736,9 @@ mod tests {
         ];
         for (base, req, m, strip, want) in cases {
             let got = upstream_path(*base, req, *m, *strip).unwrap_or_else(|| req.to_string());
-            assert_eq!(
-                &got, want,
-                "base {base:?} req {req} matched {m} strip {strip}"
-            );
+            assert_eq!(&got, want, "base {base:?} req {req} matched {m} strip {strip}");
         }
-        assert_eq!(
-            upstream_path(None, "/x", 2, false),
-            None,
-            "no copy when nothing changes"
-        );
+        assert_eq!(upstream_path(None, "/x", 2, false), None, "no copy when nothing changes");
     }
 
     #[test]
@@ -752,10 +762,7 @@ mod tests {
         let mut t = HeaderMap::new();
         t.insert(header::TE, HeaderValue::from_static("trailers"));
         remove_hop_by_hop(&mut t);
-        assert!(
-            t.contains_key(header::TE),
-            "TE: trailers is end-to-end for gRPC"
-        );
+        assert!(t.contains_key(header::TE), "TE: trailers is end-to-end for gRPC");
     }
 
     #[test]
@@ -770,19 +777,10 @@ mod tests {
     #[test]
     fn error_bodies_are_kong_shaped_json() {
         let id = HeaderValue::from_static("abc");
-        let resp = error_response(
-            StatusCode::NOT_FOUND,
-            "no Route matched with those values",
-            &id,
-        );
-        let ResponseBody::Full(Some(b)) = resp.body() else {
-            panic!("full body")
-        };
+        let resp = error_response(StatusCode::NOT_FOUND, "no Route matched with those values", &id);
+        let ResponseBody::Full(Some(b)) = resp.body() else { panic!("full body") };
         let v: serde_json::Value = serde_json::from_slice(b).unwrap();
-        assert_eq!(
-            v,
-            serde_json::json!({"message": "no Route matched with those values", "request_id": "abc"})
-        );
+        assert_eq!(v, serde_json::json!({"message": "no Route matched with those values", "request_id": "abc"}));
         assert_eq!(resp.headers()["x-request-id"], "abc");
     }
 }

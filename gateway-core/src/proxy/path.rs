@@ -106,10 +106,7 @@ fn remove_dot_segments(path: &str) -> String {
 /// remainder cannot climb out of the service path (`/foo../admin` with route `/foo`).
 pub(crate) fn sanitize_postfix(mut postfix: &str) -> &str {
     loop {
-        if let Some(rest) = postfix
-            .strip_prefix("../")
-            .or_else(|| postfix.strip_prefix("./"))
-        {
+        if let Some(rest) = postfix.strip_prefix("../").or_else(|| postfix.strip_prefix("./")) {
             postfix = rest;
         } else if postfix == ".." || postfix == "." {
             return "";

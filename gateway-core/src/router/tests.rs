@@ -30,13 +30,7 @@ struct Case {
 }
 
 fn case(host: &'static str, path: &'static str, want: Option<usize>) -> Case {
-    Case {
-        host,
-        path,
-        method: Method::GET,
-        headers: &[],
-        want,
-    }
+    Case { host, path, method: Method::GET, headers: &[], want }
 }
 
 fn check(routes: Vec<RouteSpec>, cases: &[Case]) {
@@ -48,13 +42,7 @@ fn check(routes: Vec<RouteSpec>, cases: &[Case]) {
         }
         let (host, port) = split_host(c.host);
         let got = router
-            .find(&RouteInput {
-                host: &host,
-                port,
-                path: c.path,
-                method: &c.method,
-                headers: &headers,
-            })
+            .find(&RouteInput { host: &host, port, path: c.path, method: &c.method, headers: &headers })
             .map(|m| m.route);
         assert_eq!(
             got,
@@ -63,11 +51,7 @@ fn check(routes: Vec<RouteSpec>, cases: &[Case]) {
             c.method,
             c.host,
             c.path,
-            if c.headers.is_empty() {
-                ""
-            } else {
-                " (+headers)"
-            }
+            if c.headers.is_empty() { "" } else { " (+headers)" }
         );
     }
 }
@@ -75,12 +59,7 @@ fn check(routes: Vec<RouteSpec>, cases: &[Case]) {
 #[test]
 fn kong_longest_plain_prefix_wins() {
     check(
-        vec![
-            kong(&[], &["/"]),
-            kong(&[], &["/api"]),
-            kong(&[], &["/api/v1"]),
-            kong(&[], &["/apix"]),
-        ],
+        vec![kong(&[], &["/"]), kong(&[], &["/api"]), kong(&[], &["/api/v1"]), kong(&[], &["/apix"])],
         &[
             case("a.com", "/", Some(0)),
             case("a.com", "/other", Some(0)),
@@ -109,16 +88,12 @@ fn kong_more_criteria_win_over_longer_paths() {
 #[test]
 fn kong_plain_hosts_beat_wildcards() {
     check(
-        vec![
-            kong(&["*.example.com"], &["/"]),
-            kong(&["api.example.com"], &["/"]),
-            kong(&["example.*"], &["/"]),
-        ],
+        vec![kong(&["*.example.com"], &["/"]), kong(&["api.example.com"], &["/"]), kong(&["example.*"], &["/"])],
         &[
             case("api.example.com", "/x", Some(1)),
             case("web.example.com", "/x", Some(0)),
             case("a.b.example.com", "/x", Some(0)), // Kong wildcards cover any number of labels
-            case("example.com", "/x", Some(2)), // `*.example.com` needs a label; `example.*` covers it
+            case("example.com", "/x", Some(2)),     // `*.example.com` needs a label; `example.*` covers it
             case("example.org", "/x", Some(2)),
             case("API.Example.COM", "/x", Some(1)), // hosts compare without case
             case("api.example.com:8000", "/x", Some(1)), // the port does not take part
@@ -129,13 +104,7 @@ fn kong_plain_hosts_beat_wildcards() {
 
 #[test]
 fn kong_suffix_wildcard_needs_a_label() {
-    check(
-        vec![kong(&["*.example.com"], &[])],
-        &[
-            case("example.com", "/", None),
-            case("x.example.com", "/", Some(0)),
-        ],
-    );
+    check(vec![kong(&["*.example.com"], &[])], &[case("example.com", "/", None), case("x.example.com", "/", Some(0))]);
 }
 
 #[test]
@@ -157,10 +126,7 @@ fn kong_regex_beats_plain_and_orders_by_regex_priority() {
 
 #[test]
 fn kong_equal_priority_goes_to_first_declared() {
-    check(
-        vec![kong(&[], &["/same"]), kong(&[], &["/same"])],
-        &[case("a.com", "/same", Some(0))],
-    );
+    check(vec![kong(&[], &["/same"]), kong(&[], &["/same"])], &[case("a.com", "/same", Some(0))]);
 }
 
 #[test]
@@ -171,49 +137,22 @@ fn kong_methods_and_headers_are_criteria() {
     with_header.headers = vec![(HeaderName::from_static("x-version"), vec!["V2".into()])];
     let cases = [
         case("a.com", "/m", Some(0)),
-        Case {
-            host: "a.com",
-            path: "/m",
-            method: Method::POST,
-            headers: &[],
-            want: Some(2),
-        },
+        Case { host: "a.com", path: "/m", method: Method::POST, headers: &[], want: Some(2) },
         // Both routes match with weight 2; more header criteria win.
-        Case {
-            host: "a.com",
-            path: "/m",
-            method: Method::GET,
-            headers: &[("x-version", "v2")],
-            want: Some(1),
-        },
-        Case {
-            host: "a.com",
-            path: "/m",
-            method: Method::POST,
-            headers: &[("x-version", "v3")],
-            want: Some(2),
-        },
+        Case { host: "a.com", path: "/m", method: Method::GET, headers: &[("x-version", "v2")], want: Some(1) },
+        Case { host: "a.com", path: "/m", method: Method::POST, headers: &[("x-version", "v3")], want: Some(2) },
     ];
     check(vec![get_only, with_header, kong(&[], &["/m"])], &cases);
 }
 
 #[test]
 fn kong_route_with_only_hosts_or_only_methods() {
-    let post = RouteSpec {
-        methods: vec![Method::POST],
-        ..Default::default()
-    };
+    let post = RouteSpec { methods: vec![Method::POST], ..Default::default() };
     check(
         vec![kong(&["only.host"], &[]), post],
         &[
             case("only.host", "/anything", Some(0)),
-            Case {
-                host: "x.y",
-                path: "/z",
-                method: Method::POST,
-                headers: &[],
-                want: Some(1),
-            },
+            Case { host: "x.y", path: "/z", method: Method::POST, headers: &[], want: Some(1) },
             case("x.y", "/z", None),
         ],
     );
@@ -223,11 +162,7 @@ fn kong_route_with_only_hosts_or_only_methods() {
 fn host_with_port_matches_only_that_port() {
     check(
         vec![kong(&["a.com:8443"], &["/"]), kong(&["a.com"], &["/"])],
-        &[
-            case("a.com:8443", "/", Some(0)),
-            case("a.com:8000", "/", Some(1)),
-            case("a.com", "/", Some(1)),
-        ],
+        &[case("a.com:8443", "/", Some(0)), case("a.com:8000", "/", Some(1)), case("a.com", "/", Some(1))],
     );
 }
 
@@ -235,11 +170,7 @@ fn host_with_port_matches_only_that_port() {
 fn one_route_many_paths_each_with_its_own_priority() {
     check(
         vec![kong(&[], &["/a", "/b/long"]), kong(&[], &["/b"])],
-        &[
-            case("x", "/a/1", Some(0)),
-            case("x", "/b/long/1", Some(0)),
-            case("x", "/b/short", Some(1)),
-        ],
+        &[case("x", "/a/1", Some(0)), case("x", "/b/long/1", Some(0)), case("x", "/b/short", Some(1))],
     );
 }
 
@@ -247,14 +178,7 @@ fn one_route_many_paths_each_with_its_own_priority() {
 fn ingress(rows: &[(&'static str, PathKind)], host: &str, wildcard_single: bool) -> Vec<RouteSpec> {
     rows.iter()
         .map(|(p, k)| {
-            let mut r = route(
-                if host.is_empty() {
-                    &[]
-                } else {
-                    std::slice::from_ref(&host)
-                },
-                &[(p, *k)],
-            );
+            let mut r = route(if host.is_empty() { &[] } else { std::slice::from_ref(&host) }, &[(p, *k)]);
             r.wildcard_single_label = wildcard_single;
             r
         })
@@ -265,11 +189,7 @@ fn ingress(rows: &[(&'static str, PathKind)], host: &str, wildcard_single: bool)
 fn ingress_path_examples() {
     use PathKind::{ElementPrefix as P, Exact as E};
     // (route paths, request path, expected route)
-    type Row = (
-        &'static [(&'static str, PathKind)],
-        &'static str,
-        Option<usize>,
-    );
+    type Row = (&'static [(&'static str, PathKind)], &'static str, Option<usize>);
     let table: &[Row] = &[
         (&[("/", P)], "/any/path", Some(0)),
         (&[("/foo", E)], "/foo", Some(0)),
@@ -287,11 +207,7 @@ fn ingress_path_examples() {
         (&[("/aaa/bbb", P)], "/aaa/bbb/ccc", Some(0)),
         (&[("/aaa/bbb", P)], "/aaa/bbbxyz", None),
         (&[("/", P), ("/aaa", P)], "/aaa/ccc", Some(1)),
-        (
-            &[("/", P), ("/aaa", P), ("/aaa/bbb", P)],
-            "/aaa/bbb",
-            Some(2),
-        ),
+        (&[("/", P), ("/aaa", P), ("/aaa/bbb", P)], "/aaa/bbb", Some(2)),
         (&[("/", P), ("/aaa", P), ("/aaa/bbb", P)], "/ccc", Some(0)),
         (&[("/aaa", P)], "/ccc", None),
         (&[("/foo", E), ("/foo", P)], "/foo", Some(0)), // Exact beats Prefix at equal length
@@ -307,36 +223,17 @@ fn ingress_path_examples() {
 #[test]
 fn ingress_wildcard_host_covers_exactly_one_label() {
     let routes = ingress(&[("/", PathKind::ElementPrefix)], "*.foo.com", true);
-    check(
-        routes,
-        &[
-            case("bar.foo.com", "/", Some(0)),
-            case("baz.bar.foo.com", "/", None),
-            case("foo.com", "/", None),
-        ],
-    );
+    check(routes, &[case("bar.foo.com", "/", Some(0)), case("baz.bar.foo.com", "/", None), case("foo.com", "/", None)]);
 }
 
 #[test]
 fn ingress_host_rules_beat_hostless_rules() {
     let mut routes = ingress(&[("/", PathKind::ElementPrefix)], "", false);
-    routes.extend(ingress(
-        &[("/", PathKind::ElementPrefix)],
-        "foo.bar.com",
-        false,
-    ));
-    routes.extend(ingress(
-        &[("/", PathKind::ElementPrefix)],
-        "*.bar.com",
-        true,
-    ));
+    routes.extend(ingress(&[("/", PathKind::ElementPrefix)], "foo.bar.com", false));
+    routes.extend(ingress(&[("/", PathKind::ElementPrefix)], "*.bar.com", true));
     check(
         routes,
-        &[
-            case("foo.bar.com", "/x", Some(1)),
-            case("other.bar.com", "/x", Some(2)),
-            case("else.com", "/x", Some(0)),
-        ],
+        &[case("foo.bar.com", "/x", Some(1)), case("other.bar.com", "/x", Some(2)), case("else.com", "/x", Some(0))],
     );
 }
 
@@ -344,33 +241,21 @@ fn ingress_host_rules_beat_hostless_rules() {
 fn bad_specs_are_errors_not_panics() {
     let err = Router::new(vec![kong(&[], &["~/(unclosed"])]).unwrap_err();
     assert_eq!(err.route, 0);
-    assert!(
-        err.message.contains("invalid regex path"),
-        "{}",
-        err.message
-    );
+    assert!(err.message.contains("invalid regex path"), "{}", err.message);
     let err = Router::new(vec![kong(&[], &["/ok"]), kong(&[], &["nope"])]).unwrap_err();
     assert_eq!(err.route, 1);
     let err = Router::new(vec![kong(&["a.*.com"], &[])]).unwrap_err();
     assert!(err.message.contains("invalid host"), "{}", err.message);
     // A port on a wildcard host could never match: refused, not silently dead.
     let err = Router::new(vec![kong(&["*.example.com:8080"], &[])]).unwrap_err();
-    assert!(
-        err.message.contains("invalid wildcard host"),
-        "{}",
-        err.message
-    );
+    assert!(err.message.contains("invalid wildcard host"), "{}", err.message);
 }
 
 #[test]
 fn all_slash_element_prefixes_match_like_root_and_never_panic() {
     check(
         ingress(&[("//", PathKind::ElementPrefix)], "", false),
-        &[
-            case("h", "*", None),
-            case("h", "/x", Some(0)),
-            case("h", "", None),
-        ],
+        &[case("h", "*", None), case("h", "/x", Some(0)), case("h", "", None)],
     );
 }
 
@@ -378,43 +263,23 @@ fn all_slash_element_prefixes_match_like_root_and_never_panic() {
 fn matched_len_is_what_strip_path_removes() {
     let router = Router::new(vec![kong(&[], &["/api"]), kong(&[], &[r"~/u/\d+"])]).unwrap();
     let h = HeaderMap::new();
-    let find = |path| {
-        router
-            .find(&RouteInput {
-                host: "x",
-                port: None,
-                path,
-                method: &Method::GET,
-                headers: &h,
-            })
-            .unwrap()
-    };
+    let find =
+        |path| router.find(&RouteInput { host: "x", port: None, path, method: &Method::GET, headers: &h }).unwrap();
     assert_eq!(find("/api/users").matched_len, 4);
     assert_eq!(find("/u/42/x").matched_len, 5);
 }
 
 #[test]
 fn describe_lists_entries_in_precedence_order() {
-    let router = Router::new(vec![
-        kong(&[], &["/"]),
-        kong(&["a.com"], &["/x"]),
-        kong(&[], &["/long/path"]),
-    ])
-    .unwrap();
+    let router = Router::new(vec![kong(&[], &["/"]), kong(&["a.com"], &["/x"]), kong(&[], &["/long/path"])]).unwrap();
     let order: Vec<usize> = router.describe().iter().map(|d| d.route).collect();
     assert_eq!(order, vec![1, 2, 0]);
 }
 
 #[test]
 fn many_routes_use_the_host_index() {
-    let routes: Vec<RouteSpec> = (0..2000)
-        .map(|i| {
-            kong(
-                &[&format!("svc{i}.example.com")],
-                &[&format!("/api/{i}"), "/health"],
-            )
-        })
-        .collect();
+    let routes: Vec<RouteSpec> =
+        (0..2000).map(|i| kong(&[&format!("svc{i}.example.com")], &[&format!("/api/{i}"), "/health"])).collect();
     check(
         routes,
         &[

@@ -43,10 +43,7 @@ pub struct Echo {
 
 impl Echo {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .get(name)
-            .and_then(|v| v.first())
-            .map(String::as_str)
+        self.headers.get(name).and_then(|v| v.first()).map(String::as_str)
     }
 }
 
@@ -63,11 +60,7 @@ impl Drop for Upstream {
 }
 
 pub type Handler = std::sync::Arc<
-    dyn Fn(
-            Request<Incoming>,
-            SocketAddr,
-            SocketAddr,
-        ) -> Pin<Box<dyn Future<Output = Response<TestBody>> + Send>>
+    dyn Fn(Request<Incoming>, SocketAddr, SocketAddr) -> Pin<Box<dyn Future<Output = Response<TestBody>> + Send>>
         + Send
         + Sync,
 >;
@@ -103,51 +96,41 @@ pub fn full(b: impl Into<Bytes>) -> TestBody {
 /// An upstream that answers every request with a JSON description of it, after draining the
 /// body. `/slow/<ms>` waits that long first.
 pub async fn echo_upstream() -> Upstream {
-    upstream_with(std::sync::Arc::new(
-        |req: Request<Incoming>, addr: SocketAddr, peer: SocketAddr| {
-            Box::pin(async move {
-                if let Some(ms) = req
-                    .uri()
-                    .path()
-                    .rsplit_once("/slow/")
-                    .and_then(|(_, ms)| ms.parse::<u64>().ok())
-                {
-                    tokio::time::sleep(Duration::from_millis(ms)).await;
+    upstream_with(std::sync::Arc::new(|req: Request<Incoming>, addr: SocketAddr, peer: SocketAddr| {
+        Box::pin(async move {
+            if let Some(ms) = req.uri().path().rsplit_once("/slow/").and_then(|(_, ms)| ms.parse::<u64>().ok()) {
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+            }
+            let (parts, mut body) = req.into_parts();
+            let mut body_len = 0u64;
+            while let Some(frame) = body.frame().await {
+                match frame {
+                    Ok(f) => body_len += f.data_ref().map_or(0, |d| d.len() as u64),
+                    Err(_) => break,
                 }
-                let (parts, mut body) = req.into_parts();
-                let mut body_len = 0u64;
-                while let Some(frame) = body.frame().await {
-                    match frame {
-                        Ok(f) => body_len += f.data_ref().map_or(0, |d| d.len() as u64),
-                        Err(_) => break,
-                    }
-                }
-                let mut headers: BTreeMap<String, Vec<String>> = BTreeMap::new();
-                for (k, v) in &parts.headers {
-                    headers
-                        .entry(k.as_str().to_string())
-                        .or_default()
-                        .push(v.to_str().unwrap_or("<bin>").to_string());
-                }
-                let json = serde_json::json!({
-                    "method": parts.method.as_str(),
-                    "uri": parts.uri.to_string(),
-                    "version": format!("{:?}", parts.version),
-                    "headers": headers,
-                    "body_len": body_len,
-                    "upstream": addr.to_string(),
-                "peer": peer.to_string(),
-                });
-                Response::builder()
-                    .header("content-type", "application/json")
-                    .header("connection", "keep-alive, x-hop-from-upstream")
-                    .header("x-hop-from-upstream", "must not reach the client")
-                    .header("keep-alive", "timeout=5")
-                    .body(full(json.to_string()))
-                    .unwrap()
-            })
-        },
-    ))
+            }
+            let mut headers: BTreeMap<String, Vec<String>> = BTreeMap::new();
+            for (k, v) in &parts.headers {
+                headers.entry(k.as_str().to_string()).or_default().push(v.to_str().unwrap_or("<bin>").to_string());
+            }
+            let json = serde_json::json!({
+                "method": parts.method.as_str(),
+                "uri": parts.uri.to_string(),
+                "version": format!("{:?}", parts.version),
+                "headers": headers,
+                "body_len": body_len,
+                "upstream": addr.to_string(),
+            "peer": peer.to_string(),
+            });
+            Response::builder()
+                .header("content-type", "application/json")
+                .header("connection", "keep-alive, x-hop-from-upstream")
+                .header("x-hop-from-upstream", "must not reach the client")
+                .header("keep-alive", "timeout=5")
+                .body(full(json.to_string()))
+                .unwrap()
+        })
+    }))
     .await
 }
 
@@ -197,6 +180,11 @@ pub async fn start_gateway(yaml: &str) -> RunningGateway {
 
 pub async fn start_gateway_with(yaml: &str, settings: ServerSettings) -> RunningGateway {
     let gateway = Gateway::from_yaml(yaml).unwrap_or_else(|e| panic!("config: {e}\n{yaml}"));
+    start_running(gateway, settings).await
+}
+
+/// Serves an already built gateway on 127.0.0.1:0.
+pub async fn start_running(gateway: Gateway, settings: ServerSettings) -> RunningGateway {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (tx, rx) = oneshot::channel();
@@ -207,12 +195,7 @@ pub async fn start_gateway_with(yaml: &str, settings: ServerSettings) -> Running
         })
         .await
     });
-    RunningGateway {
-        addr,
-        gateway,
-        stop: Some(tx),
-        task: Some(task),
-    }
+    RunningGateway { addr, gateway, stop: Some(tx), task: Some(task) }
 }
 
 pub fn client() -> Client<HttpConnector, TestBody> {
@@ -221,9 +204,7 @@ pub fn client() -> Client<HttpConnector, TestBody> {
 
 /// A client that speaks HTTP/2 with prior knowledge (h2c).
 pub fn h2_client() -> Client<HttpConnector, TestBody> {
-    Client::builder(TokioExecutor::new())
-        .http2_only(true)
-        .build(HttpConnector::new())
+    Client::builder(TokioExecutor::new()).http2_only(true).build(HttpConnector::new())
 }
 
 pub struct Answer {
@@ -234,13 +215,8 @@ pub struct Answer {
 
 impl Answer {
     pub fn echo(&self) -> Echo {
-        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
-            panic!(
-                "not an echo ({e}): {} {}",
-                self.status,
-                String::from_utf8_lossy(&self.body)
-            )
-        })
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not an echo ({e}): {} {}", self.status, String::from_utf8_lossy(&self.body)))
     }
 
     pub fn json(&self) -> serde_json::Value {
@@ -253,11 +229,7 @@ pub async fn send(req: Request<TestBody>) -> Answer {
     let resp = client().request(req).await.expect("request");
     let (parts, body) = resp.into_parts();
     let body = body.collect().await.expect("body").to_bytes();
-    Answer {
-        status: parts.status,
-        headers: parts.headers,
-        body,
-    }
+    Answer { status: parts.status, headers: parts.headers, body }
 }
 
 pub async fn get(url: &str) -> Answer {
@@ -265,13 +237,7 @@ pub async fn get(url: &str) -> Answer {
 }
 
 pub async fn get_host(url: &str, host: &str) -> Answer {
-    send(
-        Request::get(url)
-            .header("host", host)
-            .body(full(""))
-            .unwrap(),
-    )
-    .await
+    send(Request::get(url).header("host", host).body(full("")).unwrap()).await
 }
 
 /// A body of `remaining` bytes made on the fly, in `chunk`-sized frames: no memory held.
@@ -283,10 +249,7 @@ pub struct Generated {
 impl Body for Generated {
     type Data = Bytes;
     type Error = BoxError;
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        _cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         if self.remaining == 0 {
             return Poll::Ready(None);
         }
