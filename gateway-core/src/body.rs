@@ -142,6 +142,48 @@ impl Body for ProxyBody {
     }
 }
 
+/// Why [`read_limited`] stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    /// The body is longer than the limit.
+    #[error("body larger than {0} bytes")]
+    TooLarge(usize),
+    /// The body failed while reading (client gone, malformed framing).
+    #[error("body read failed: {0}")]
+    Failed(BoxError),
+}
+
+/// Reads a whole body into memory, refusing more than `limit` bytes. For plugins that must
+/// see a body (credentials in a form, size limits on chunked uploads, body transforms); put
+/// the bytes back with `ProxyBody::from_body(http_body_util::Full::new(bytes))`.
+pub async fn read_limited(body: &mut ProxyBody, limit: usize) -> Result<Bytes, ReadError> {
+    if body.size_hint().lower() > limit as u64 {
+        return Err(ReadError::TooLarge(limit));
+    }
+    let mut buf = bytes::BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(ReadError::Failed)?;
+        if let Some(data) = frame.data_ref() {
+            if buf.len() + data.len() > limit {
+                return Err(ReadError::TooLarge(limit));
+            }
+            buf.extend_from_slice(data);
+        }
+    }
+    Ok(buf.freeze())
+}
+
+impl ProxyBody {
+    /// A complete in-memory body.
+    pub fn full(bytes: Bytes) -> ProxyBody {
+        if bytes.is_empty() {
+            ProxyBody::Empty
+        } else {
+            ProxyBody::Boxed(http_body_util::Full::new(bytes).map_err(|never| match never {}).boxed_unsync())
+        }
+    }
+}
+
 /// A response body: the upstream's, streamed, or one the gateway wrote.
 #[derive(Debug)]
 pub enum ResponseBody {

@@ -106,7 +106,9 @@ pub type UpstreamLayer = Arc<dyn Fn(UpstreamService) -> UpstreamService + Send +
 /// See the module docs for when each runs.
 pub trait Plugin: Send + Sync + 'static {
     /// After routing, in plugin order. Return `ControlFlow::Break(answer)` to answer the
-    /// request yourself (401, 403, 429, ...). Runs instead of nothing for async plugins.
+    /// request yourself (401, 403, 429, ...). The request is the client's, as received: changes
+    /// to its method, headers, query and body carry to the upstream; its path was already
+    /// decided by routing (rewrite the upstream path in [`Plugin::before_upstream`]).
     fn access(&self, ctx: &mut RequestContext, req: &mut Request<ProxyBody>) -> ControlFlow<Answer> {
         let _ = (ctx, req);
         ControlFlow::Continue(())

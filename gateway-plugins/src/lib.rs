@@ -1,21 +1,32 @@
 //! First-party plugins for `gateway-core`, each in its own module and each built only on
-//! `gateway-core`'s public plugin API (so a third-party plugin can do everything these do).
-//!
-//! The plugins themselves arrive with the plugin API; until then this crate offers the
-//! registry a binary passes to the gateway.
+//! `gateway-core`'s public plugin API, so a third-party plugin can do everything these do.
 //!
 //! ```
-//! let registry = gateway_plugins::registry();
-//! let gateway = gateway_core::Gateway::builder()
-//!     .plugins(registry)
-//!     .build(&gateway_core::config::Config::from_yaml("_format_version: \"3.0\"\n").unwrap())
-//!     .unwrap();
-//! assert!(gateway.routes().is_empty());
+//! use gateway_core::{Gateway, config::Config};
+//!
+//! let config = Config::from_yaml(r#"
+//! _format_version: "3.0"
+//! consumers:
+//!   - username: alice
+//!     keyauth_credentials: [{ key: alice-key }]
+//! services:
+//!   - name: api
+//!     url: http://127.0.0.1:9000
+//!     routes: [{ name: api, paths: ["/api"] }]
+//!     plugins: [{ name: key-auth }]
+//! "#).unwrap();
+//! let gateway = Gateway::builder().plugins(gateway_plugins::registry()).build(&config).unwrap();
+//! assert_eq!(gateway.routes()[0].plugins, vec!["key-auth"]);
 //! ```
+
+pub mod identity;
+pub mod key_auth;
 
 use gateway_core::plugin::PluginRegistry;
 
 /// A registry holding every first-party plugin.
 pub fn registry() -> PluginRegistry {
-    PluginRegistry::default()
+    let mut r = PluginRegistry::default();
+    r.register(key_auth::factory());
+    r
 }

@@ -119,7 +119,7 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match cli.command {
-        Command::Validate { file } => match Config::from_file(&file).and_then(|c| Gateway::new(&c).map(drop)) {
+        Command::Validate { file } => match Config::from_file(&file).and_then(|c| build(&c).map(drop)) {
             Ok(()) => {
                 println!("{}: valid", file.display());
                 ExitCode::SUCCESS
@@ -159,9 +159,14 @@ fn runtime(workers: Option<usize>) -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread().worker_threads(workers).enable_all().build().expect("tokio runtime")
 }
 
+/// The binary's gateway: every first-party plugin registered.
+fn build(config: &Config) -> Result<Gateway, ConfigError> {
+    Gateway::builder().plugins(gateway_plugins::registry()).build(config)
+}
+
 fn load(path: &Path) -> Result<Gateway, ConfigError> {
     let config = Config::from_file(path)?;
-    Gateway::new(&config).map_err(|e| e.in_file_if_unnamed(path))
+    build(&config).map_err(|e| e.in_file_if_unnamed(path))
 }
 
 fn print_routes(gateway: &Gateway) {
@@ -340,7 +345,7 @@ async fn demo_gateway() -> Result<Gateway, Box<dyn std::error::Error>> {
             }
         }
     }
-    Ok(Gateway::new(&config)?)
+    Ok(build(&config)?)
 }
 
 fn print_demo_help(proxy: SocketAddr, admin: Option<SocketAddr>) {
@@ -349,6 +354,8 @@ fn print_demo_help(proxy: SocketAddr, admin: Option<SocketAddr>) {
     println!("  curl -i http://{proxy}/api/items?page=2        # service path /v1: the upstream sees /v1/items?page=2");
     println!("  curl -i http://{proxy}/users/42                # regex route, path kept: /v1/users/42");
     println!("  curl -i -H 'Host: demo.local' http://{proxy}/  # host route");
+    println!("  curl -i http://{proxy}/private                 # key-auth: 401 without a key");
+    println!("  curl -i -H 'apikey: demo-key' http://{proxy}/private  # the upstream sees X-Consumer-Username: demo");
     println!("  curl -i http://{proxy}/nope                    # 404 with a JSON body and a request id");
     if let Some(admin) = admin {
         println!("  curl -s http://{admin}/status                 # admin: status");

@@ -133,7 +133,7 @@ fn append_via(headers: &mut HeaderMap, version: Version) {
 }
 
 /// A new request id: 32 hex digits from a per-thread generator seeded from the OS.
-pub(crate) fn next_request_id() -> HeaderValue {
+pub fn next_request_id() -> HeaderValue {
     use std::cell::Cell;
     use std::hash::{BuildHasher, Hasher};
     thread_local! {
@@ -303,7 +303,20 @@ fn prepare(req: Request<ProxyBody>, fwd: Forwarding, conn: &ConnInfo, request_id
         parts.headers.insert(header::HOST, h);
     }
     parts.version = Version::HTTP_11;
-    parts.uri = Uri::from(fwd.pq);
+    // The path is routing's; the query is whatever the access hooks left (key-auth may have
+    // removed a key from it).
+    let pq = if parts.uri.query() == fwd.pq.query() {
+        fwd.pq
+    } else {
+        let mut s = String::with_capacity(fwd.pq.as_str().len());
+        s.push_str(fwd.pq.path());
+        if let Some(q) = parts.uri.query().filter(|q| !q.is_empty()) {
+            s.push('?');
+            s.push_str(q);
+        }
+        PathAndQuery::from_maybe_shared(Bytes::from(s)).unwrap_or(fwd.pq)
+    };
+    parts.uri = Uri::from(pq);
     Request::from_parts(parts, body)
 }
 

@@ -1,0 +1,74 @@
+//! What authentication plugins share: the consumer headers the upstream receives, and the
+//! rule that clients can never send those headers themselves.
+
+use std::sync::Arc;
+
+use gateway_core::body::ProxyBody;
+use gateway_core::plugin::{ConsumerInfo, RequestContext};
+use http::{HeaderName, HeaderValue, Request};
+
+/// `X-Consumer-ID`
+pub static CONSUMER_ID: HeaderName = HeaderName::from_static("x-consumer-id");
+/// `X-Consumer-Username`
+pub static CONSUMER_USERNAME: HeaderName = HeaderName::from_static("x-consumer-username");
+/// `X-Consumer-Custom-ID`
+pub static CONSUMER_CUSTOM_ID: HeaderName = HeaderName::from_static("x-consumer-custom-id");
+/// `X-Credential-Identifier`
+pub static CREDENTIAL_IDENTIFIER: HeaderName = HeaderName::from_static("x-credential-identifier");
+/// `X-Anonymous-Consumer`
+pub static ANONYMOUS_CONSUMER: HeaderName = HeaderName::from_static("x-anonymous-consumer");
+/// `X-Consumer-Groups`
+pub static CONSUMER_GROUPS: HeaderName = HeaderName::from_static("x-consumer-groups");
+
+/// Removes every identity header a client could have sent to impersonate a consumer.
+pub fn strip_identity_headers(req: &mut Request<ProxyBody>) {
+    let h = req.headers_mut();
+    for name in [
+        &CONSUMER_ID,
+        &CONSUMER_USERNAME,
+        &CONSUMER_CUSTOM_ID,
+        &CREDENTIAL_IDENTIFIER,
+        &ANONYMOUS_CONSUMER,
+        &CONSUMER_GROUPS,
+    ] {
+        h.remove(name);
+    }
+}
+
+/// Records an authenticated consumer and sets the headers the upstream receives.
+pub fn set_consumer(
+    ctx: &mut RequestContext,
+    req: &mut Request<ProxyBody>,
+    consumer: &Arc<ConsumerInfo>,
+    credential: Option<&Arc<str>>,
+    anonymous: bool,
+) {
+    strip_identity_headers(req);
+    let h = req.headers_mut();
+    let value = |s: &str| HeaderValue::from_str(s).ok();
+    if let Some(v) = value(&consumer.id) {
+        h.insert(CONSUMER_ID.clone(), v);
+    }
+    if let Some(v) = consumer.username.as_deref().and_then(value) {
+        h.insert(CONSUMER_USERNAME.clone(), v);
+    }
+    if let Some(v) = consumer.custom_id.as_deref().and_then(value) {
+        h.insert(CONSUMER_CUSTOM_ID.clone(), v);
+    }
+    if let Some(v) = credential.and_then(|c| value(c)) {
+        h.insert(CREDENTIAL_IDENTIFIER.clone(), v);
+    }
+    if anonymous {
+        h.insert(ANONYMOUS_CONSUMER.clone(), HeaderValue::from_static("true"));
+    }
+    ctx.consumer = Some(consumer.clone());
+    ctx.credential = if anonymous { None } else { credential.cloned() };
+}
+
+/// Finds the consumer an `anonymous` setting names (by id, username or custom_id).
+pub fn find_consumer(consumers: &[Arc<ConsumerInfo>], key: &str) -> Option<Arc<ConsumerInfo>> {
+    consumers
+        .iter()
+        .find(|c| &*c.id == key || c.username.as_deref() == Some(key) || c.custom_id.as_deref() == Some(key))
+        .cloned()
+}

@@ -1,0 +1,359 @@
+//! `key-auth`: authenticates a consumer by an API key in a header, the query string or the
+//! body, with Kong's config fields, messages and upstream headers.
+//!
+//! ```yaml
+//! plugins:
+//!   - name: key-auth
+//!     config: { key_names: [apikey], hide_credentials: true }
+//! consumers:
+//!   - username: alice
+//!     keyauth_credentials: [{ key: alice-secret-key }]
+//! ```
+//!
+//! Keys are looked up by their SHA-256 digest, so how long a lookup takes says nothing about
+//! the stored keys. Whatever the outcome, identity headers sent by the client
+//! (`X-Consumer-*`, `X-Credential-Identifier`, `X-Anonymous-Consumer`) never reach the
+//! upstream.
+
+use std::collections::HashMap;
+use std::ops::ControlFlow;
+use std::sync::Arc;
+
+use gateway_core::body::{ProxyBody, read_limited};
+use gateway_core::plugin::{
+    Answer, BoxFuture, BuildContext, ConsumerInfo, Plugin, RequestContext, TypedFactory, typed_factory,
+};
+use http::{HeaderName, HeaderValue, Method, Request, StatusCode, header};
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+use crate::identity::{find_consumer, set_consumer, strip_identity_headers};
+
+/// Kong's priority for key-auth.
+pub const PRIORITY: i32 = 1250;
+/// The largest body read when `key_in_body` is on.
+const BODY_LIMIT: usize = 1 << 20;
+
+/// key-auth's config (Kong's fields).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyAuthConfig {
+    /// Where to look for the key: header names, query parameters, body fields.
+    #[serde(default = "default_key_names")]
+    pub key_names: Vec<String>,
+    /// Remove the key before proxying.
+    #[serde(default)]
+    pub hide_credentials: bool,
+    /// A consumer (id, username or custom_id) to use when no key is given.
+    #[serde(default)]
+    pub anonymous: Option<String>,
+    /// Look in headers.
+    #[serde(default = "yes")]
+    pub key_in_header: bool,
+    /// Look in the query string.
+    #[serde(default = "yes")]
+    pub key_in_query: bool,
+    /// Look in form or JSON bodies (reads the body, up to 1 MiB).
+    #[serde(default)]
+    pub key_in_body: bool,
+    /// Authenticate CORS preflight (`OPTIONS`) requests too.
+    #[serde(default = "yes")]
+    pub run_on_preflight: bool,
+    /// Realm in `WWW-Authenticate`.
+    #[serde(default)]
+    pub realm: Option<String>,
+    /// Kong's field; accepted and ignored.
+    #[serde(default)]
+    pub tags: Option<serde_json::Value>,
+}
+
+fn default_key_names() -> Vec<String> {
+    vec!["apikey".to_string()]
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Credential {
+    key: String,
+    #[serde(default)]
+    id: Option<String>,
+    #[serde(default)]
+    tags: Option<serde_json::Value>,
+    #[serde(default)]
+    ttl: Option<serde_json::Value>,
+    #[serde(default)]
+    created_at: Option<serde_json::Value>,
+}
+
+struct Found {
+    consumer: Arc<ConsumerInfo>,
+    credential: Arc<str>,
+}
+
+/// The key-auth plugin.
+pub struct KeyAuth {
+    config: KeyAuthConfig,
+    header_names: Vec<HeaderName>,
+    keys: HashMap<[u8; 32], Found>,
+    anonymous: Option<Arc<ConsumerInfo>>,
+    www_authenticate: HeaderValue,
+}
+
+/// The factory to register.
+pub fn factory()
+-> TypedFactory<KeyAuthConfig, impl Fn(KeyAuthConfig, &BuildContext<'_>) -> Result<KeyAuth, String> + Send + Sync> {
+    typed_factory("key-auth", PRIORITY, KeyAuth::new).with_credentials(&["keyauth_credentials"])
+}
+
+fn digest(key: &[u8]) -> [u8; 32] {
+    Sha256::digest(key).into()
+}
+
+enum Lookup {
+    Missing,
+    Duplicate,
+    Key(String, Source),
+}
+
+#[derive(Clone, Copy)]
+enum Source {
+    Header,
+    Query,
+    Body,
+}
+
+impl KeyAuth {
+    /// Builds the plugin from its config and the consumers' `keyauth_credentials`.
+    pub fn new(config: KeyAuthConfig, build: &BuildContext<'_>) -> Result<Self, String> {
+        if config.key_names.is_empty() {
+            return Err("`key_names` must name at least one key".into());
+        }
+        let header_names = config
+            .key_names
+            .iter()
+            .map(|n| {
+                HeaderName::from_bytes(n.as_bytes())
+                    .map_err(|_| format!("`key_names`: `{n}` is not a valid header name"))
+            })
+            .collect::<Result<_, _>>()?;
+        let mut keys = HashMap::new();
+        for (consumer, raw) in build.credentials("keyauth_credentials") {
+            let cred: Credential = serde_json::from_value(raw.clone())
+                .map_err(|e| format!("keyauth_credentials of consumer `{}`: {e}", consumer.id))?;
+            let _ = (&cred.tags, &cred.ttl, &cred.created_at);
+            if cred.key.is_empty() {
+                return Err(format!("keyauth_credentials of consumer `{}`: empty key", consumer.id));
+            }
+            let credential: Arc<str> = cred.id.clone().unwrap_or_else(|| format!("{}:key-auth", consumer.id)).into();
+            if keys.insert(digest(cred.key.as_bytes()), Found { consumer: consumer.clone(), credential }).is_some() {
+                return Err(format!("keyauth_credentials: a key of consumer `{}` is not unique", consumer.id));
+            }
+        }
+        let anonymous = match &config.anonymous {
+            None => None,
+            Some(a) => Some(
+                find_consumer(build.consumers(), a)
+                    .ok_or_else(|| format!("anonymous consumer `{a}` does not exist"))?,
+            ),
+        };
+        let www = match &config.realm {
+            Some(r) => format!("Key realm=\"{r}\""),
+            None => "Key".to_string(),
+        };
+        let www_authenticate =
+            HeaderValue::from_str(&www).map_err(|_| "`realm` is not a valid header value".to_string())?;
+        Ok(KeyAuth { config, header_names, keys, anonymous, www_authenticate })
+    }
+
+    fn unauthorized(&self, ctx: &RequestContext, message: &str) -> Answer {
+        let mut a = ctx.error(StatusCode::UNAUTHORIZED, message);
+        a.headers_mut().insert(header::WWW_AUTHENTICATE, self.www_authenticate.clone());
+        a
+    }
+
+    fn find_in_head(&self, req: &Request<ProxyBody>) -> Lookup {
+        for (i, name) in self.config.key_names.iter().enumerate() {
+            if self.config.key_in_header {
+                let mut values = req.headers().get_all(&self.header_names[i]).iter();
+                if let Some(v) = values.next() {
+                    if values.next().is_some() {
+                        return Lookup::Duplicate;
+                    }
+                    if let Ok(s) = v.to_str() {
+                        return Lookup::Key(s.to_string(), Source::Header);
+                    }
+                }
+            }
+            if self.config.key_in_query {
+                if let Some(q) = req.uri().query() {
+                    let mut found = form_urlencoded::parse(q.as_bytes()).filter(|(k, _)| k == name).map(|(_, v)| v);
+                    if let Some(v) = found.next() {
+                        if found.next().is_some() {
+                            return Lookup::Duplicate;
+                        }
+                        return Lookup::Key(v.into_owned(), Source::Query);
+                    }
+                }
+            }
+        }
+        Lookup::Missing
+    }
+
+    /// The key from a form or JSON body; the body is put back (without the key when hiding).
+    async fn find_in_body(&self, req: &mut Request<ProxyBody>) -> Result<Lookup, String> {
+        let content_type =
+            req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_ascii_lowercase();
+        let form = content_type.starts_with("application/x-www-form-urlencoded");
+        let json = content_type.starts_with("application/json");
+        if !form && !json {
+            return Ok(Lookup::Missing);
+        }
+        let bytes = read_limited(req.body_mut(), BODY_LIMIT).await.map_err(|e| e.to_string())?;
+        let mut found = Lookup::Missing;
+        let mut rewritten = None;
+        if form {
+            let pairs: Vec<(String, String)> = form_urlencoded::parse(&bytes).into_owned().collect();
+            for name in &self.config.key_names {
+                let hits: Vec<&String> = pairs.iter().filter(|(k, _)| k == name).map(|(_, v)| v).collect();
+                match hits.len() {
+                    0 => continue,
+                    1 => found = Lookup::Key(hits[0].clone(), Source::Body),
+                    _ => found = Lookup::Duplicate,
+                }
+                if self.config.hide_credentials {
+                    let kept = pairs.iter().filter(|(k, _)| k != name);
+                    rewritten =
+                        Some(form_urlencoded::Serializer::new(String::new()).extend_pairs(kept).finish().into_bytes());
+                }
+                break;
+            }
+        } else if let Ok(serde_json::Value::Object(mut map)) = serde_json::from_slice::<serde_json::Value>(&bytes) {
+            for name in &self.config.key_names {
+                if let Some(v) = map.get(name) {
+                    found = match v.as_str() {
+                        Some(s) => Lookup::Key(s.to_string(), Source::Body),
+                        None => Lookup::Duplicate,
+                    };
+                    if self.config.hide_credentials {
+                        map.remove(name);
+                        rewritten = serde_json::to_vec(&map).ok();
+                    }
+                    break;
+                }
+            }
+        }
+        let body = match rewritten {
+            Some(b) => {
+                req.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(b.len()));
+                bytes::Bytes::from(b)
+            }
+            None => bytes,
+        };
+        *req.body_mut() = ProxyBody::full(body);
+        Ok(found)
+    }
+
+    fn hide(&self, req: &mut Request<ProxyBody>, source: Source) {
+        match source {
+            Source::Header => {
+                for name in &self.header_names {
+                    req.headers_mut().remove(name);
+                }
+            }
+            Source::Query => {
+                let Some(q) = req.uri().query() else { return };
+                let kept: Vec<(String, String)> = form_urlencoded::parse(q.as_bytes())
+                    .into_owned()
+                    .filter(|(k, _)| !self.config.key_names.contains(k))
+                    .collect();
+                let query = form_urlencoded::Serializer::new(String::new()).extend_pairs(kept).finish();
+                let pq = if query.is_empty() {
+                    req.uri().path().to_string()
+                } else {
+                    format!("{}?{query}", req.uri().path())
+                };
+                let mut parts = req.uri().clone().into_parts();
+                if let Ok(pq) = pq.parse() {
+                    parts.path_and_query = Some(pq);
+                    if let Ok(uri) = http::Uri::from_parts(parts) {
+                        *req.uri_mut() = uri;
+                    }
+                }
+            }
+            Source::Body => {} // already rewritten while reading
+        }
+    }
+
+    fn decide(&self, ctx: &mut RequestContext, req: &mut Request<ProxyBody>, lookup: Lookup) -> ControlFlow<Answer> {
+        match lookup {
+            Lookup::Duplicate => ControlFlow::Break(self.unauthorized(ctx, "Duplicate API key found")),
+            Lookup::Missing => match &self.anonymous {
+                Some(anon) => {
+                    set_consumer(ctx, req, anon, None, true);
+                    ControlFlow::Continue(())
+                }
+                None => ControlFlow::Break(self.unauthorized(ctx, "No API key found in request")),
+            },
+            Lookup::Key(key, source) => match self.keys.get(&digest(key.as_bytes())) {
+                Some(found) => {
+                    if self.config.hide_credentials {
+                        self.hide(req, source);
+                    }
+                    set_consumer(ctx, req, &found.consumer, Some(&found.credential), false);
+                    ControlFlow::Continue(())
+                }
+                None => ControlFlow::Break(self.unauthorized(ctx, "Unauthorized")),
+            },
+        }
+    }
+
+    /// Kong's rule for several auth plugins with `anonymous`: if another one already
+    /// authenticated the request, this one steps aside.
+    fn skip(&self, ctx: &RequestContext, req: &Request<ProxyBody>) -> bool {
+        (!self.config.run_on_preflight && req.method() == Method::OPTIONS)
+            || (self.anonymous.is_some() && ctx.credential.is_some())
+    }
+}
+
+impl Plugin for KeyAuth {
+    fn access(&self, ctx: &mut RequestContext, req: &mut Request<ProxyBody>) -> ControlFlow<Answer> {
+        if self.skip(ctx, req) {
+            return ControlFlow::Continue(());
+        }
+        strip_identity_headers(req);
+        let lookup = self.find_in_head(req);
+        self.decide(ctx, req, lookup)
+    }
+
+    fn is_async(&self) -> bool {
+        self.config.key_in_body
+    }
+
+    fn access_async<'a>(
+        &'a self,
+        ctx: &'a mut RequestContext,
+        req: &'a mut Request<ProxyBody>,
+    ) -> BoxFuture<'a, ControlFlow<Answer>> {
+        Box::pin(async move {
+            if self.skip(ctx, req) {
+                return ControlFlow::Continue(());
+            }
+            strip_identity_headers(req);
+            let mut lookup = self.find_in_head(req);
+            if matches!(lookup, Lookup::Missing) {
+                lookup = match self.find_in_body(req).await {
+                    Ok(l) => l,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "key-auth could not read the body");
+                        Lookup::Missing
+                    }
+                };
+            }
+            self.decide(ctx, req, lookup)
+        })
+    }
+}

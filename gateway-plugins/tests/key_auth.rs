@@ -1,0 +1,161 @@
+//! key-auth through the real proxy: every status, message and header a client or upstream sees.
+
+#[path = "../../gateway-core/tests/common/mod.rs"]
+mod common;
+
+use common::*;
+use gateway_core::Gateway;
+use gateway_core::config::Config;
+use gateway_core::server::ServerSettings;
+use http::{Request, StatusCode};
+
+async fn start(upstream: std::net::SocketAddr, plugin_config: &str) -> RunningGateway {
+    let yaml = format!(
+        r#"_format_version: "3.0"
+consumers:
+- username: alice
+  custom_id: cust-1
+  keyauth_credentials: [{{key: alice-key, id: cred-alice}}]
+- username: bob
+  keyauth_credentials: [{{key: bob-key}}]
+- username: guest
+services:
+- name: s
+  url: http://{upstream}
+  routes: [{{name: r, paths: ["/"]}}]
+  plugins: [{{name: key-auth, config: {plugin_config}}}]
+"#
+    );
+    let gateway =
+        Gateway::builder().plugins(gateway_plugins::registry()).build(&Config::from_yaml(&yaml).unwrap()).unwrap();
+    start_running(gateway, ServerSettings::default()).await
+}
+
+fn req(gw: &RunningGateway, path: &str) -> http::request::Builder {
+    Request::get(gw.url(path))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_wrong_and_duplicate_keys_get_kongs_401s() {
+    let up = echo_upstream().await;
+    let gw = start(up.addr, "{}").await;
+    let cases = [
+        (req(&gw, "/"), "No API key found in request"),
+        (req(&gw, "/").header("apikey", "nope"), "Unauthorized"),
+        (req(&gw, "/?apikey=nope"), "Unauthorized"),
+        (req(&gw, "/").header("apikey", "alice-key").header("apikey", "bob-key"), "Duplicate API key found"),
+        (req(&gw, "/?apikey=alice-key&apikey=bob-key"), "Duplicate API key found"),
+        // Spoofed identity headers without a key get nowhere.
+        (req(&gw, "/").header("x-consumer-username", "alice"), "No API key found in request"),
+    ];
+    for (builder, message) in cases {
+        let resp = send(builder.body(full("")).unwrap()).await;
+        assert_eq!(resp.status, StatusCode::UNAUTHORIZED, "{message}");
+        assert_eq!(resp.json()["message"], message);
+        assert_eq!(resp.headers["www-authenticate"], "Key");
+        assert!(resp.headers.contains_key("x-request-id"));
+    }
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_valid_key_identifies_the_consumer_to_the_upstream() {
+    let up = echo_upstream().await;
+    let gw = start(up.addr, "{}").await;
+    let resp = send(
+        req(&gw, "/")
+            .header("apikey", "alice-key")
+            .header("x-consumer-username", "mallory")
+            .header("x-consumer-id", "forged")
+            .header("x-anonymous-consumer", "true")
+            .body(full(""))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(resp.status, StatusCode::OK);
+    let echo = resp.echo();
+    assert_eq!(echo.headers["x-consumer-username"], vec!["alice"]);
+    assert_eq!(echo.headers["x-consumer-id"], vec!["alice"]);
+    assert_eq!(echo.header("x-consumer-custom-id"), Some("cust-1"));
+    assert_eq!(echo.header("x-credential-identifier"), Some("cred-alice"));
+    assert_eq!(echo.header("x-anonymous-consumer"), None);
+    assert_eq!(echo.header("apikey"), Some("alice-key"), "kept unless hide_credentials");
+
+    let echo = get(&gw.url("/items?apikey=bob-key&page=2")).await.echo();
+    assert_eq!(echo.header("x-consumer-username"), Some("bob"));
+    assert_eq!(echo.header("x-consumer-custom-id"), None);
+    assert_eq!(echo.uri, "/items?apikey=bob-key&page=2");
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hide_credentials_removes_the_key_from_header_query_and_body() {
+    let up = echo_upstream().await;
+    let gw = start(up.addr, "{hide_credentials: true, key_in_body: true, key_names: [apikey, x-key]}").await;
+    let echo = send(req(&gw, "/").header("x-key", "alice-key").body(full("")).unwrap()).await.echo();
+    assert_eq!(echo.header("x-consumer-username"), Some("alice"));
+    assert_eq!(echo.header("x-key"), None);
+
+    let echo = get(&gw.url("/items?page=2&apikey=alice-key")).await.echo();
+    assert_eq!(echo.uri, "/items?page=2");
+
+    let form = send(
+        Request::post(gw.url("/form"))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(full("apikey=bob-key&name=x"))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(form.status, StatusCode::OK, "{}", String::from_utf8_lossy(&form.body));
+    let echo = form.echo();
+    assert_eq!(echo.header("x-consumer-username"), Some("bob"));
+    assert_eq!(echo.body_len, "name=x".len() as u64);
+
+    let json = send(
+        Request::post(gw.url("/json"))
+            .header("content-type", "application/json")
+            .body(full(r#"{"apikey":"alice-key","n":1}"#))
+            .unwrap(),
+    )
+    .await;
+    let echo = json.echo();
+    assert_eq!(echo.header("x-consumer-username"), Some("alice"));
+    assert_eq!(echo.body_len, r#"{"n":1}"#.len() as u64);
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anonymous_realm_and_preflight() {
+    let up = echo_upstream().await;
+    let gw = start(up.addr, "{anonymous: guest, run_on_preflight: false, realm: api}").await;
+    let echo = get(&gw.url("/")).await.echo();
+    assert_eq!(echo.header("x-consumer-username"), Some("guest"));
+    assert_eq!(echo.header("x-anonymous-consumer"), Some("true"));
+    assert_eq!(echo.header("x-credential-identifier"), None);
+    // A wrong key is still refused, and the realm is announced.
+    let resp = send(req(&gw, "/").header("apikey", "bad").body(full("")).unwrap()).await;
+    assert_eq!(resp.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(resp.headers["www-authenticate"], "Key realm=\"api\"");
+    gw.shutdown().await;
+
+    let gw = start(up.addr, "{run_on_preflight: false}").await;
+    let resp = send(Request::options(gw.url("/")).body(full("")).unwrap()).await;
+    assert_eq!(resp.status, StatusCode::OK, "preflight passes without a key");
+    assert_eq!(resp.echo().header("x-consumer-username"), None);
+    assert_eq!(send(Request::delete(gw.url("/")).body(full("")).unwrap()).await.status, StatusCode::UNAUTHORIZED);
+    gw.shutdown().await;
+}
+
+#[test]
+fn bad_credentials_and_configs_fail_the_route_not_the_gateway() {
+    let yaml = r#"_format_version: "3.0"
+consumers: [{username: a, keyauth_credentials: [{key: k, colour: red}]}]
+services:
+- name: s
+  url: http://127.0.0.1:9
+  routes: [{name: r, paths: ["/"]}]
+  plugins: [{name: key-auth, config: {key_names: []}}]
+"#;
+    let gateway = Gateway::builder().plugins(gateway_plugins::registry()).build(&Config::from_yaml(yaml).unwrap());
+    assert!(gateway.is_ok(), "a plugin config problem is the route's, not the gateway's");
+}
