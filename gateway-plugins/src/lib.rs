@@ -19,8 +19,12 @@
 //! assert_eq!(gateway.routes()[0].plugins, vec!["key-auth"]);
 //! ```
 
+pub mod acl;
+pub mod correlation_id;
 pub mod identity;
+pub mod ip_restriction;
 pub mod key_auth;
+pub mod request_size_limiting;
 
 use gateway_core::plugin::PluginRegistry;
 
@@ -28,5 +32,9 @@ use gateway_core::plugin::PluginRegistry;
 pub fn registry() -> PluginRegistry {
     let mut r = PluginRegistry::default();
     r.register(key_auth::factory());
+    r.register(acl::factory());
+    r.register(ip_restriction::factory());
+    r.register(request_size_limiting::factory());
+    r.register(correlation_id::factory());
     r
 }
