@@ -434,15 +434,6 @@ async fn a_reused_idle_upstream_connection_gets_a_full_read_timeout() {
     gw.shutdown().await;
 }
 
-async fn raw(addr: std::net::SocketAddr, request: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(request.as_bytes()).await.unwrap();
-    let mut out = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
-    String::from_utf8_lossy(&out).to_string()
-}
-
 fn raw_echo(answer: &str) -> Echo {
     let body = answer.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
     serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {answer}"))

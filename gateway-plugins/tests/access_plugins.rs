@@ -3,8 +3,6 @@
 #[path = "../../gateway-core/tests/common/mod.rs"]
 mod common;
 
-use std::time::Duration;
-
 use common::*;
 use gateway_core::Gateway;
 use gateway_core::config::Config;
@@ -87,15 +85,6 @@ async fn ip_restriction_checks_the_peer_address() {
     let resp = send(Request::get(gw.url("/")).header("x-forwarded-for", "10.1.1.1").body(full("")).unwrap()).await;
     assert_eq!(resp.status, StatusCode::OK);
     gw.shutdown().await;
-}
-
-async fn raw(addr: std::net::SocketAddr, request: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(request.as_bytes()).await.unwrap();
-    let mut out = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
-    String::from_utf8_lossy(&out).to_string()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

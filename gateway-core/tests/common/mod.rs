@@ -269,3 +269,13 @@ pub async fn closed_port() -> SocketAddr {
     drop(l);
     a
 }
+
+/// Writes raw bytes on a fresh connection and reads until the server closes it (at most 5 s).
+pub async fn raw(addr: SocketAddr, request: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(request.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).to_string()
+}
