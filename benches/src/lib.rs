@@ -54,3 +54,15 @@ pub fn ingress_like(n: usize) -> (Vec<RouteSpec>, Vec<Lookup>) {
     }
     (routes, lookups)
 }
+
+/// A `Bearer` HS256 token with `iss` set to `issuer`, signed with `secret`.
+pub fn hs256_token(issuer: &str, secret: &[u8]) -> String {
+    let claims = std::collections::BTreeMap::from([("iss", issuer)]);
+    let token = jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret),
+    )
+    .expect("HS256 signing cannot fail");
+    format!("Bearer {token}")
+}

@@ -33,10 +33,10 @@ impl Slot {
     /// The instance for a request whose consumer (if known yet) is `consumer`.
     #[inline]
     pub(crate) fn pick(&self, consumer: Option<usize>) -> Option<&Arc<dyn Plugin>> {
-        if let (Some(c), false) = (consumer, self.by_consumer.is_empty()) {
-            if let Ok(i) = self.by_consumer.binary_search_by_key(&c, |(k, _)| *k) {
-                return self.by_consumer[i].1.as_ref();
-            }
+        if let (Some(c), false) = (consumer, self.by_consumer.is_empty())
+            && let Ok(i) = self.by_consumer.binary_search_by_key(&c, |(k, _)| *k)
+        {
+            return self.by_consumer[i].1.as_ref();
         }
         self.default.as_ref()
     }

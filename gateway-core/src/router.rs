@@ -340,13 +340,12 @@ impl Table {
             if beaten(best, &e.priority) {
                 break;
             }
-            if let Matcher::Regex(re) = &e.matcher {
-                if let Some(m) = re.find(path) {
-                    if e.filters_pass(input) {
-                        *best = Some(Best { priority: e.priority, found: e.found(m.end()) });
-                        break;
-                    }
-                }
+            if let Matcher::Regex(re) = &e.matcher
+                && let Some(m) = re.find(path)
+                && e.filters_pass(input)
+            {
+                *best = Some(Best { priority: e.priority, found: e.found(m.end()) });
+                break;
             }
         }
         for &id in &self.any_path {
@@ -527,15 +526,15 @@ impl Router {
     pub fn find(&self, input: &RouteInput<'_>) -> Option<RouteMatch> {
         let mut best: Option<Best> = None;
         let host = input.host;
-        if self.hosts_with_port {
-            if let Some(port) = input.port {
-                let mut buf = String::with_capacity(host.len() + 6);
-                buf.push_str(host);
-                buf.push(':');
-                buf.push_str(itoa_u16(port, &mut [0u8; 5]));
-                if let Some(t) = self.exact.get(buf.as_str()) {
-                    t.find(&self.entries, input, &mut best);
-                }
+        if self.hosts_with_port
+            && let Some(port) = input.port
+        {
+            let mut buf = String::with_capacity(host.len() + 6);
+            buf.push_str(host);
+            buf.push(':');
+            buf.push_str(itoa_u16(port, &mut [0u8; 5]));
+            if let Some(t) = self.exact.get(buf.as_str()) {
+                t.find(&self.entries, input, &mut best);
             }
         }
         if let Some(t) = self.exact.get(host) {

@@ -300,10 +300,10 @@ pub(crate) fn compile(
             ),
         );
     }
-    if let Some(ws) = &config.workspace {
-        if ws != "default" {
-            c.problem("_workspace", format!("workspaces are not supported (only `default`), got `{ws}`"));
-        }
+    if let Some(ws) = &config.workspace
+        && ws != "default"
+    {
+        c.problem("_workspace", format!("workspaces are not supported (only `default`), got `{ws}`"));
     }
     let u = &config;
     let top = unsupported_fields(&[
@@ -643,10 +643,10 @@ fn compile_route(
         ("priority", &r.priority, &[json!(0)]),
     ]);
     c.unsupported(at, fields);
-    if let Some(ph) = &r.path_handling {
-        if ph != "v0" {
-            c.problem(at, format!("`path_handling: {ph}` is not supported (only v0, Kong's default)"));
-        }
+    if let Some(ph) = &r.path_handling
+        && ph != "v0"
+    {
+        c.problem(at, format!("`path_handling: {ph}` is not supported (only v0, Kong's default)"));
     }
     if r.methods.is_empty() && r.hosts.is_empty() && r.paths.is_empty() && r.headers.is_empty() {
         c.problem(at, "a route must set at least one of `methods`, `hosts`, `headers` or `paths`");

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use gateway_core::body::ProxyBody;
-use gateway_core::plugin::{ConsumerInfo, RequestContext};
+use gateway_core::plugin::{BuildContext, ConsumerInfo, RequestContext};
 use http::{HeaderName, HeaderValue, Request};
 
 /// `X-Consumer-ID`
@@ -71,4 +71,23 @@ pub fn find_consumer(consumers: &[Arc<ConsumerInfo>], key: &str) -> Option<Arc<C
         .iter()
         .find(|c| &*c.id == key || c.username.as_deref() == Some(key) || c.custom_id.as_deref() == Some(key))
         .cloned()
+}
+
+/// The consumer an auth plugin's `anonymous` setting names, checked when the plugin is built.
+pub fn anonymous_consumer(
+    build: &BuildContext<'_>,
+    anonymous: Option<&str>,
+) -> Result<Option<Arc<ConsumerInfo>>, String> {
+    anonymous
+        .map(|a| find_consumer(build.consumers(), a).ok_or_else(|| format!("anonymous consumer `{a}` does not exist")))
+        .transpose()
+}
+
+/// The `WWW-Authenticate` value of a 401: the scheme, and the realm when one is configured.
+pub fn www_authenticate(scheme: &str, realm: Option<&str>) -> Result<HeaderValue, String> {
+    let value = match realm {
+        Some(r) => format!("{scheme} realm=\"{r}\""),
+        None => scheme.to_string(),
+    };
+    HeaderValue::from_str(&value).map_err(|_| "`realm` is not a valid header value".to_string())
 }

@@ -27,7 +27,7 @@ use http::{HeaderName, HeaderValue, Method, Request, StatusCode, header};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
-use crate::identity::{find_consumer, set_consumer, strip_identity_headers};
+use crate::identity::{anonymous_consumer, set_consumer, strip_identity_headers, www_authenticate};
 
 /// Kong's priority for key-auth.
 pub const PRIORITY: i32 = 1250;
@@ -153,19 +153,8 @@ impl KeyAuth {
                 return Err(format!("keyauth_credentials: a key of consumer `{}` is not unique", consumer.id));
             }
         }
-        let anonymous = match &config.anonymous {
-            None => None,
-            Some(a) => Some(
-                find_consumer(build.consumers(), a)
-                    .ok_or_else(|| format!("anonymous consumer `{a}` does not exist"))?,
-            ),
-        };
-        let www = match &config.realm {
-            Some(r) => format!("Key realm=\"{r}\""),
-            None => "Key".to_string(),
-        };
-        let www_authenticate =
-            HeaderValue::from_str(&www).map_err(|_| "`realm` is not a valid header value".to_string())?;
+        let anonymous = anonymous_consumer(build, config.anonymous.as_deref())?;
+        let www_authenticate = www_authenticate("Key", config.realm.as_deref())?;
         Ok(KeyAuth { config, header_names, keys, anonymous, www_authenticate })
     }
 
@@ -188,15 +177,15 @@ impl KeyAuth {
                     }
                 }
             }
-            if self.config.key_in_query {
-                if let Some(q) = req.uri().query() {
-                    let mut found = form_urlencoded::parse(q.as_bytes()).filter(|(k, _)| k == name).map(|(_, v)| v);
-                    if let Some(v) = found.next() {
-                        if found.next().is_some() {
-                            return Lookup::Duplicate;
-                        }
-                        return Lookup::Key(v.into_owned(), Source::Query);
+            if self.config.key_in_query
+                && let Some(q) = req.uri().query()
+            {
+                let mut found = form_urlencoded::parse(q.as_bytes()).filter(|(k, _)| k == name).map(|(_, v)| v);
+                if let Some(v) = found.next() {
+                    if found.next().is_some() {
+                        return Lookup::Duplicate;
                     }
+                    return Lookup::Key(v.into_owned(), Source::Query);
                 }
             }
         }

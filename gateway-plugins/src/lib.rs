@@ -23,7 +23,9 @@ pub mod acl;
 pub mod correlation_id;
 pub mod identity;
 pub mod ip_restriction;
+pub mod jwt;
 pub mod key_auth;
+pub mod rate_limiting;
 pub mod request_size_limiting;
 
 use gateway_core::plugin::PluginRegistry;
@@ -32,7 +34,9 @@ use gateway_core::plugin::PluginRegistry;
 pub fn registry() -> PluginRegistry {
     let mut r = PluginRegistry::default();
     r.register(key_auth::factory());
+    r.register(jwt::factory());
     r.register(acl::factory());
+    r.register(rate_limiting::factory());
     r.register(ip_restriction::factory());
     r.register(request_size_limiting::factory());
     r.register(correlation_id::factory());

@@ -34,19 +34,20 @@ pub fn normalize(path: &str) -> Cow<'_, str> {
         let mut out = String::with_capacity(path.len());
         let mut i = 0;
         while i < bytes.len() {
-            if bytes[i] == b'%' && i + 2 < bytes.len() {
-                if let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
-                    let v = h * 16 + l;
-                    if unreserved(v) {
-                        out.push(v as char);
-                    } else {
-                        out.push('%');
-                        out.push(bytes[i + 1].to_ascii_uppercase() as char);
-                        out.push(bytes[i + 2].to_ascii_uppercase() as char);
-                    }
-                    i += 3;
-                    continue;
+            if bytes[i] == b'%'
+                && i + 2 < bytes.len()
+                && let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2]))
+            {
+                let v = h * 16 + l;
+                if unreserved(v) {
+                    out.push(v as char);
+                } else {
+                    out.push('%');
+                    out.push(bytes[i + 1].to_ascii_uppercase() as char);
+                    out.push(bytes[i + 2].to_ascii_uppercase() as char);
                 }
+                i += 3;
+                continue;
             }
             // `path` is a str and every byte pushed here is copied whole, char by char.
             let ch_len = utf8_len(bytes[i]);
