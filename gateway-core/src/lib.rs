@@ -65,6 +65,9 @@ pub mod router;
 pub mod server;
 mod snapshot;
 
+/// The regex crate, re-exported: [`plugin::RequestContext::uri_captures`] returns its `Captures`.
+pub use regex;
+
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;

@@ -184,6 +184,8 @@ pub struct RequestContext {
     pub credential: Option<Arc<str>>,
     /// Values plugins pass to each other (an anonymous-consumer flag, a rate-limit key, ...).
     pub extensions: http::Extensions,
+    /// The route's regex and the (normalised) path it matched, for [`RequestContext::uri_captures`].
+    pub(crate) route_regex: Option<(regex::Regex, Box<str>)>,
 }
 
 impl fmt::Debug for RequestContext {
@@ -200,6 +202,13 @@ impl RequestContext {
     /// The client's address.
     pub fn client_addr(&self) -> SocketAddr {
         self.conn.client
+    }
+
+    /// The capture groups of the route's regex path on this request (Kong's `uri_captures`),
+    /// when the route matched by a regex.
+    pub fn uri_captures(&self) -> Option<regex::Captures<'_>> {
+        let (re, path) = self.route_regex.as_ref()?;
+        re.captures(path)
     }
 
     /// A Kong-shaped JSON error answer carrying this request's id.

@@ -126,6 +126,8 @@ pub struct RouteMatch {
     pub path: usize,
     /// Bytes of the request path the route's path matched (what `strip_path` removes).
     pub matched_len: usize,
+    /// The matched entry, for [`Router::regex`].
+    pub entry: usize,
 }
 
 /// The precedence of one entry; greater wins. See the module docs for the order.
@@ -330,7 +332,7 @@ impl Table {
                     break;
                 }
                 if e.trie_match(path, consumed) && e.filters_pass(input) {
-                    *best = Some(Best { priority: e.priority, found: e.found(consumed) });
+                    *best = Some(Best { priority: e.priority, found: e.found(consumed, id as usize) });
                     break;
                 }
             }
@@ -344,7 +346,7 @@ impl Table {
                 && let Some(m) = re.find(path)
                 && e.filters_pass(input)
             {
-                *best = Some(Best { priority: e.priority, found: e.found(m.end()) });
+                *best = Some(Best { priority: e.priority, found: e.found(m.end(), id as usize) });
                 break;
             }
         }
@@ -354,7 +356,7 @@ impl Table {
                 break;
             }
             if e.filters_pass(input) {
-                *best = Some(Best { priority: e.priority, found: e.found(0) });
+                *best = Some(Best { priority: e.priority, found: e.found(0, id as usize) });
                 break;
             }
         }
@@ -362,8 +364,8 @@ impl Table {
 }
 
 impl Entry {
-    fn found(&self, matched_len: usize) -> RouteMatch {
-        RouteMatch { route: self.route as usize, path: self.path_index as usize, matched_len }
+    fn found(&self, matched_len: usize, entry: usize) -> RouteMatch {
+        RouteMatch { route: self.route as usize, path: self.path_index as usize, matched_len, entry }
     }
 }
 
@@ -562,6 +564,14 @@ impl Router {
         }
         self.any_host.find(&self.entries, input, &mut best);
         best.map(|b| b.found)
+    }
+
+    /// The regex of a match on a regex path (for its capture groups).
+    pub fn regex(&self, m: &RouteMatch) -> Option<&Regex> {
+        match &self.entries.get(m.entry)?.matcher {
+            Matcher::Regex(re) => Some(re),
+            _ => None,
+        }
     }
 
     /// Every entry, in precedence order (the first that matches a request serves it).

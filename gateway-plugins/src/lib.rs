@@ -27,6 +27,8 @@ pub mod jwt;
 pub mod key_auth;
 pub mod rate_limiting;
 pub mod request_size_limiting;
+pub mod request_transformer;
+pub mod transform;
 
 use gateway_core::plugin::PluginRegistry;
 
@@ -40,5 +42,6 @@ pub fn registry() -> PluginRegistry {
     r.register(ip_restriction::factory());
     r.register(request_size_limiting::factory());
     r.register(correlation_id::factory());
+    r.register(request_transformer::factory());
     r
 }

@@ -430,6 +430,7 @@ pub(crate) async fn handle(snapshot: Arc<Snapshot>, req: Request<ProxyBody>, con
         consumer: None,
         credential: None,
         extensions: http::Extensions::new(),
+        route_regex: snapshot.router.regex(&found).map(|re| (re.clone(), Box::from(path))),
     };
     let consumer = |ctx: &RequestContext| ctx.consumer.as_ref().map(|c| c.index);
     let mut req = req;
