@@ -28,6 +28,7 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 use crate::identity::{anonymous_consumer, set_consumer, strip_identity_headers, www_authenticate};
+use crate::transform::set_query;
 
 /// Kong's priority for key-auth.
 pub const PRIORITY: i32 = 1250;
@@ -260,18 +261,7 @@ impl KeyAuth {
                     .filter(|(k, _)| !self.config.key_names.contains(k))
                     .collect();
                 let query = form_urlencoded::Serializer::new(String::new()).extend_pairs(kept).finish();
-                let pq = if query.is_empty() {
-                    req.uri().path().to_string()
-                } else {
-                    format!("{}?{query}", req.uri().path())
-                };
-                let mut parts = req.uri().clone().into_parts();
-                if let Ok(pq) = pq.parse() {
-                    parts.path_and_query = Some(pq);
-                    if let Ok(uri) = http::Uri::from_parts(parts) {
-                        *req.uri_mut() = uri;
-                    }
-                }
+                set_query(req, &query);
             }
             Source::Body => {} // already rewritten while reading
         }

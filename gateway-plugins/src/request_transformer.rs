@@ -22,7 +22,9 @@ use gateway_core::plugin::{Answer, BoxFuture, BuildContext, Plugin, RequestConte
 use http::{HeaderMap, HeaderValue, Method, Request, StatusCode, Uri, header};
 use serde::Deserialize;
 
-use crate::transform::{Block, Lookup, Ops, Template, apply_headers, apply_json, apply_pairs, entries, header_name};
+use crate::transform::{
+    Block, Lookup, Ops, Template, apply_headers, apply_json, apply_pairs, entries, header_name, set_query,
+};
 
 /// Kong's priority for request-transformer.
 pub const PRIORITY: i32 = 801;
@@ -119,10 +121,10 @@ impl RequestTransformer {
             })
             .transpose()?;
         let uri = c.replace.uri.as_deref().map(Template::parse).transpose()?;
-        if let Some(u) = &c.replace.uri {
-            if !u.starts_with('/') {
-                return Err(format!("`replace.uri` must start with `/`, got `{u}`"));
-            }
+        if let Some(u) = &c.replace.uri
+            && !u.starts_with('/')
+        {
+            return Err(format!("`replace.uri` must start with `/`, got `{u}`"));
         }
         let query = ops_of(blocks, |b| &b.querystring, "querystring", false)?;
         let body = ops_of(blocks, |b| &b.body, "body", true)?;
@@ -196,17 +198,6 @@ impl RequestTransformer {
         req.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(out.len()));
         *req.body_mut() = ProxyBody::full(out.into());
         Ok(())
-    }
-}
-
-fn set_query(req: &mut Request<ProxyBody>, qs: &str) {
-    let pq = if qs.is_empty() { req.uri().path().to_string() } else { format!("{}?{qs}", req.uri().path()) };
-    let mut parts = req.uri().clone().into_parts();
-    if let Ok(pq) = pq.parse() {
-        parts.path_and_query = Some(pq);
-        if let Ok(uri) = Uri::from_parts(parts) {
-            *req.uri_mut() = uri;
-        }
     }
 }
 

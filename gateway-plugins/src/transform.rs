@@ -13,7 +13,8 @@
 
 use std::borrow::Cow;
 
-use http::{HeaderMap, HeaderName, HeaderValue};
+use gateway_core::body::ProxyBody;
+use http::{HeaderMap, HeaderName, HeaderValue, Request, Uri};
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -260,17 +261,17 @@ pub fn apply_headers(ops: &Ops, h: &mut HeaderMap, l: &Lookup<'_>) {
         }
     }
     for e in &ops.replace {
-        if let (Some(n), Some(v)) = (name(e), value(e)) {
-            if h.contains_key(&n) {
-                h.insert(n, v);
-            }
+        if let (Some(n), Some(v)) = (name(e), value(e))
+            && h.contains_key(&n)
+        {
+            h.insert(n, v);
         }
     }
     for e in &ops.add {
-        if let (Some(n), Some(v)) = (name(e), value(e)) {
-            if !h.contains_key(&n) {
-                h.insert(n, v);
-            }
+        if let (Some(n), Some(v)) = (name(e), value(e))
+            && !h.contains_key(&n)
+        {
+            h.insert(n, v);
         }
     }
     for e in &ops.append {
@@ -349,18 +350,18 @@ pub fn apply_json(ops: &Ops, doc: &mut Value, l: &Lookup<'_>) {
     for e in &ops.rename {
         let new = e.value.as_ref().map(|t| t.render(l).into_owned()).unwrap_or_default();
         let taken = parent_and_key(doc, &e.name, false).and_then(|(obj, key)| obj.remove(&key));
-        if let Some(v) = taken {
-            if let Some((obj, key)) = parent_and_key(doc, &new, true) {
-                obj.insert(key, v);
-            }
+        if let Some(v) = taken
+            && let Some((obj, key)) = parent_and_key(doc, &new, true)
+        {
+            obj.insert(key, v);
         }
     }
     for e in &ops.replace {
         let v = typed(e, l);
-        if let Some((obj, key)) = parent_and_key(doc, &e.name, false) {
-            if let Some(slot) = obj.get_mut(&key) {
-                *slot = v;
-            }
+        if let Some((obj, key)) = parent_and_key(doc, &e.name, false)
+            && let Some(slot) = obj.get_mut(&key)
+        {
+            *slot = v;
         }
     }
     for e in &ops.add {
@@ -384,6 +385,18 @@ pub fn apply_json(ops: &Ops, doc: &mut Value, l: &Lookup<'_>) {
                     obj.insert(key, Value::Array(vec![old, v]));
                 }
             }
+        }
+    }
+}
+
+/// Replaces a request's query string (`qs` already encoded; empty removes it).
+pub fn set_query(req: &mut Request<ProxyBody>, qs: &str) {
+    let pq = if qs.is_empty() { req.uri().path().to_string() } else { format!("{}?{qs}", req.uri().path()) };
+    let mut parts = req.uri().clone().into_parts();
+    if let Ok(pq) = pq.parse() {
+        parts.path_and_query = Some(pq);
+        if let Ok(uri) = Uri::from_parts(parts) {
+            *req.uri_mut() = uri;
         }
     }
 }
