@@ -48,8 +48,9 @@ fn bench(c: &mut Criterion) {
     let chains = [
         ("0 plugins", ""),
         (
-            "key-auth + rate-limiting + jwt",
-            ", {name: key-auth}, {name: jwt}, {name: rate-limiting, config: {second: 1000000000}}",
+            "key-auth + rate-limiting + jwt + request-transformer",
+            ", {name: key-auth}, {name: jwt}, {name: rate-limiting, config: {second: 1000000000}}, \
+             {name: request-transformer, config: {remove: {headers: [x-debug]}, add: {headers: [\"x-gateway:1\"]}}}",
         ),
     ];
     let mut group = c.benchmark_group("plugin_chain");

@@ -254,6 +254,7 @@ where
         let conn = req.extensions().get::<ConnInfo>().copied().unwrap_or_default();
         let snapshot = self.shared.snapshot.load_full();
         let req = req.map(ProxyBody::from_body);
-        Box::pin(async move { Ok(proxy::handle(snapshot, req, conn).await) })
+        let values = proxy::ConnValues::new(&conn);
+        Box::pin(async move { Ok(proxy::handle(snapshot, req, conn, values).await) })
     }
 }

@@ -27,7 +27,7 @@ use tokio::net::TcpListener;
 
 use crate::Shared;
 use crate::body::ProxyBody;
-use crate::proxy::{ConnInfo, handle};
+use crate::proxy::{ConnInfo, ConnValues, handle};
 
 /// Client-side limits and timeouts of the server. Every limit has a safe default.
 #[derive(Debug, Clone)]
@@ -111,11 +111,13 @@ pub(crate) async fn serve(
                 };
                 let _ = stream.set_nodelay(true);
                 let conn_info = ConnInfo { client, local, tls: false };
+                let values = ConnValues::new(&conn_info);
                 let shared = shared.clone();
                 let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
                     let snapshot = shared.snapshot.load_full();
                     let req = req.map(ProxyBody::Incoming);
-                    async move { Ok::<_, Infallible>(handle(snapshot, req, conn_info).await) }
+                    let values = values.clone();
+                    async move { Ok::<_, Infallible>(handle(snapshot, req, conn_info, values).await) }
                 });
                 let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc).into_owned();
                 let fut = graceful.watch(conn);

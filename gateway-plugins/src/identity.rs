@@ -20,8 +20,16 @@ pub static ANONYMOUS_CONSUMER: HeaderName = HeaderName::from_static("x-anonymous
 /// `X-Consumer-Groups`
 pub static CONSUMER_GROUPS: HeaderName = HeaderName::from_static("x-consumer-groups");
 
+fn is_identity_header(name: &str) -> bool {
+    name.starts_with("x-consumer-") || name == "x-credential-identifier" || name == "x-anonymous-consumer"
+}
+
 /// Removes every identity header a client could have sent to impersonate a consumer.
 pub fn strip_identity_headers(req: &mut Request<ProxyBody>) {
+    // One pass over the names first: clients rarely send any, and removes hash.
+    if !req.headers().keys().any(|k| is_identity_header(k.as_str())) {
+        return;
+    }
     let h = req.headers_mut();
     for name in [
         &CONSUMER_ID,
@@ -35,34 +43,54 @@ pub fn strip_identity_headers(req: &mut Request<ProxyBody>) {
     }
 }
 
+/// A consumer and credential with the header values the upstream receives, computed once
+/// when the plugin is built so that authenticating a request allocates nothing.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    /// The consumer.
+    pub consumer: Arc<ConsumerInfo>,
+    /// The credential's identifier (`None` for the anonymous consumer).
+    pub credential: Option<Arc<str>>,
+    id: Option<HeaderValue>,
+    username: Option<HeaderValue>,
+    custom_id: Option<HeaderValue>,
+    credential_value: Option<HeaderValue>,
+}
+
+impl Identity {
+    /// Prepares the headers of `consumer` authenticated by `credential`.
+    pub fn new(consumer: Arc<ConsumerInfo>, credential: Option<Arc<str>>) -> Self {
+        let value = |s: &str| HeaderValue::from_str(s).ok();
+        Identity {
+            id: value(&consumer.id),
+            username: consumer.username.as_deref().and_then(value),
+            custom_id: consumer.custom_id.as_deref().and_then(value),
+            credential_value: credential.as_deref().and_then(value),
+            consumer,
+            credential,
+        }
+    }
+}
+
 /// Records an authenticated consumer and sets the headers the upstream receives.
-pub fn set_consumer(
-    ctx: &mut RequestContext,
-    req: &mut Request<ProxyBody>,
-    consumer: &Arc<ConsumerInfo>,
-    credential: Option<&Arc<str>>,
-    anonymous: bool,
-) {
+pub fn set_consumer(ctx: &mut RequestContext, req: &mut Request<ProxyBody>, who: &Identity, anonymous: bool) {
     strip_identity_headers(req);
     let h = req.headers_mut();
-    let value = |s: &str| HeaderValue::from_str(s).ok();
-    if let Some(v) = value(&consumer.id) {
-        h.insert(CONSUMER_ID.clone(), v);
+    for (name, value) in
+        [(&CONSUMER_ID, &who.id), (&CONSUMER_USERNAME, &who.username), (&CONSUMER_CUSTOM_ID, &who.custom_id)]
+    {
+        if let Some(v) = value {
+            h.insert(name.clone(), v.clone());
+        }
     }
-    if let Some(v) = consumer.username.as_deref().and_then(value) {
-        h.insert(CONSUMER_USERNAME.clone(), v);
-    }
-    if let Some(v) = consumer.custom_id.as_deref().and_then(value) {
-        h.insert(CONSUMER_CUSTOM_ID.clone(), v);
-    }
-    if let Some(v) = credential.and_then(|c| value(c)) {
-        h.insert(CREDENTIAL_IDENTIFIER.clone(), v);
+    if let (false, Some(v)) = (anonymous, &who.credential_value) {
+        h.insert(CREDENTIAL_IDENTIFIER.clone(), v.clone());
     }
     if anonymous {
         h.insert(ANONYMOUS_CONSUMER.clone(), HeaderValue::from_static("true"));
     }
-    ctx.consumer = Some(consumer.clone());
-    ctx.credential = if anonymous { None } else { credential.cloned() };
+    ctx.consumer = Some(who.consumer.clone());
+    ctx.credential = if anonymous { None } else { who.credential.clone() };
 }
 
 /// Finds the consumer an `anonymous` setting names (by id, username or custom_id).
@@ -74,12 +102,13 @@ pub fn find_consumer(consumers: &[Arc<ConsumerInfo>], key: &str) -> Option<Arc<C
 }
 
 /// The consumer an auth plugin's `anonymous` setting names, checked when the plugin is built.
-pub fn anonymous_consumer(
-    build: &BuildContext<'_>,
-    anonymous: Option<&str>,
-) -> Result<Option<Arc<ConsumerInfo>>, String> {
+pub fn anonymous_consumer(build: &BuildContext<'_>, anonymous: Option<&str>) -> Result<Option<Identity>, String> {
     anonymous
-        .map(|a| find_consumer(build.consumers(), a).ok_or_else(|| format!("anonymous consumer `{a}` does not exist")))
+        .map(|a| {
+            find_consumer(build.consumers(), a)
+                .map(|c| Identity::new(c, None))
+                .ok_or_else(|| format!("anonymous consumer `{a}` does not exist"))
+        })
         .transpose()
 }
 

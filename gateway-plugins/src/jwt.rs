@@ -51,14 +51,14 @@ use base64::Engine;
 use base64::alphabet;
 use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
 use gateway_core::body::{ProxyBody, ResponseBody};
-use gateway_core::plugin::{Answer, BuildContext, ConsumerInfo, Plugin, RequestContext, TypedFactory, typed_factory};
+use gateway_core::plugin::{Answer, BuildContext, Plugin, RequestContext, TypedFactory, typed_factory};
 use http::{HeaderName, HeaderValue, Method, Request, StatusCode, header};
 use jsonwebtoken::jwk::Jwk;
 use jsonwebtoken::{Algorithm, DecodingKey};
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use crate::identity::{anonymous_consumer, set_consumer, strip_identity_headers, www_authenticate};
+use crate::identity::{Identity, anonymous_consumer, set_consumer, strip_identity_headers, www_authenticate};
 
 /// Kong's priority for jwt.
 pub const PRIORITY: i32 = 1450;
@@ -172,8 +172,7 @@ struct Credential {
 
 /// A credential ready to verify tokens: its key decoded and checked, its algorithm pinned.
 struct Secret {
-    consumer: Arc<ConsumerInfo>,
-    credential: Arc<str>,
+    who: Identity,
     algorithm: Algorithm,
     key: DecodingKey,
 }
@@ -184,7 +183,7 @@ pub struct Jwt {
     header_names: Vec<HeaderName>,
     claims_to_verify: Vec<RegisteredClaim>,
     secrets: HashMap<String, Secret>,
-    anonymous: Option<Arc<ConsumerInfo>>,
+    anonymous: Option<Identity>,
     www_authenticate: HeaderValue,
     no_key_claim: String,
     invalid_key_claim: String,
@@ -396,7 +395,7 @@ impl Jwt {
             let key = prepare_key(&cred, algorithm, config.secret_is_base64)
                 .map_err(|e| context(&format!("credential `{}`: {e}", cred.key)))?;
             let credential: Arc<str> = cred.id.as_deref().unwrap_or(&cred.key).into();
-            let secret = Secret { consumer: consumer.clone(), credential, algorithm, key };
+            let secret = Secret { who: Identity::new(consumer.clone(), Some(credential)), algorithm, key };
             if secrets.insert(cred.key.clone(), secret).is_some() {
                 return Err(context(&format!("key `{}` is not unique", cred.key)));
             }
@@ -537,7 +536,7 @@ impl Plugin for Jwt {
         match self.find_token(req) {
             Lookup::Missing => match &self.anonymous {
                 Some(anon) => {
-                    set_consumer(ctx, req, anon, None, true);
+                    set_consumer(ctx, req, anon, true);
                     ControlFlow::Continue(())
                 }
                 None => ControlFlow::Break(self.unauthorized(ctx, "Unauthorized".into())),
@@ -545,7 +544,7 @@ impl Plugin for Jwt {
             Lookup::Multiple => ControlFlow::Break(self.unauthorized(ctx, "Multiple tokens provided".into())),
             Lookup::Token(token) => match self.authenticate(&token) {
                 Ok(secret) => {
-                    set_consumer(ctx, req, &secret.consumer, Some(&secret.credential), false);
+                    set_consumer(ctx, req, &secret.who, false);
                     ControlFlow::Continue(())
                 }
                 Err(refusal) => ControlFlow::Break(self.unauthorized(ctx, refusal)),

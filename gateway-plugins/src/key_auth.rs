@@ -20,14 +20,12 @@ use std::ops::ControlFlow;
 use std::sync::Arc;
 
 use gateway_core::body::{ProxyBody, read_limited};
-use gateway_core::plugin::{
-    Answer, BoxFuture, BuildContext, ConsumerInfo, Plugin, RequestContext, TypedFactory, typed_factory,
-};
+use gateway_core::plugin::{Answer, BoxFuture, BuildContext, Plugin, RequestContext, TypedFactory, typed_factory};
 use http::{HeaderName, HeaderValue, Method, Request, StatusCode, header};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
-use crate::identity::{anonymous_consumer, set_consumer, strip_identity_headers, www_authenticate};
+use crate::identity::{Identity, anonymous_consumer, set_consumer, strip_identity_headers, www_authenticate};
 use crate::transform::set_query;
 
 /// Kong's priority for key-auth.
@@ -91,8 +89,7 @@ struct Credential {
 }
 
 struct Found {
-    consumer: Arc<ConsumerInfo>,
-    credential: Arc<str>,
+    who: Identity,
 }
 
 /// The key-auth plugin.
@@ -100,7 +97,7 @@ pub struct KeyAuth {
     config: KeyAuthConfig,
     header_names: Vec<HeaderName>,
     keys: HashMap<[u8; 32], Found>,
-    anonymous: Option<Arc<ConsumerInfo>>,
+    anonymous: Option<Identity>,
     www_authenticate: HeaderValue,
 }
 
@@ -150,7 +147,10 @@ impl KeyAuth {
                 return Err(format!("keyauth_credentials of consumer `{}`: empty key", consumer.id));
             }
             let credential: Arc<str> = cred.id.clone().unwrap_or_else(|| format!("{}:key-auth", consumer.id)).into();
-            if keys.insert(digest(cred.key.as_bytes()), Found { consumer: consumer.clone(), credential }).is_some() {
+            if keys
+                .insert(digest(cred.key.as_bytes()), Found { who: Identity::new(consumer.clone(), Some(credential)) })
+                .is_some()
+            {
                 return Err(format!("keyauth_credentials: a key of consumer `{}` is not unique", consumer.id));
             }
         }
@@ -272,7 +272,7 @@ impl KeyAuth {
             Lookup::Duplicate => ControlFlow::Break(self.unauthorized(ctx, "Duplicate API key found")),
             Lookup::Missing => match &self.anonymous {
                 Some(anon) => {
-                    set_consumer(ctx, req, anon, None, true);
+                    set_consumer(ctx, req, anon, true);
                     ControlFlow::Continue(())
                 }
                 None => ControlFlow::Break(self.unauthorized(ctx, "No API key found in request")),
@@ -282,7 +282,7 @@ impl KeyAuth {
                     if self.config.hide_credentials {
                         self.hide(req, source);
                     }
-                    set_consumer(ctx, req, &found.consumer, Some(&found.credential), false);
+                    set_consumer(ctx, req, &found.who, false);
                     ControlFlow::Continue(())
                 }
                 None => ControlFlow::Break(self.unauthorized(ctx, "Unauthorized")),

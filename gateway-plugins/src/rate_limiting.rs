@@ -243,7 +243,7 @@ const SHARDS: usize = 32;
 /// Counters by key, sharded so that finding a counter rarely contends; the count itself is
 /// a lock-free atomic.
 struct Store {
-    shards: Vec<RwLock<HashMap<String, Arc<Counter>>>>,
+    shards: Vec<RwLock<HashMap<String, Arc<[Counter]>>>>,
 }
 
 impl Store {
@@ -251,21 +251,22 @@ impl Store {
         Store { shards: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect() }
     }
 
-    fn counter(&self, key: &str, now_window_starts: impl Fn(&str) -> u32) -> Arc<Counter> {
+    /// The counters (one per configured period) of `key`, created on first use.
+    fn counters(&self, key: String, periods: usize, is_stale: impl Fn(&[Counter]) -> bool) -> Arc<[Counter]> {
         use std::hash::{BuildHasher, Hasher};
         let mut h =
             std::hash::BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default().build_hasher();
         h.write(key.as_bytes());
         let shard = &self.shards[(h.finish() as usize) % SHARDS];
-        if let Some(c) = shard.read().unwrap_or_else(|p| p.into_inner()).get(key) {
+        if let Some(c) = shard.read().unwrap_or_else(|p| p.into_inner()).get(&key) {
             return c.clone();
         }
         let mut map = shard.write().unwrap_or_else(|p| p.into_inner());
-        // Keep memory bounded: when a shard grows, drop counters of windows that are over.
+        // Keep memory bounded: when a shard grows, drop keys whose windows are all over.
         if map.len() >= 4096 && map.len().is_power_of_two() {
-            map.retain(|k, c| c.window_start() >= now_window_starts(k));
+            map.retain(|_, c| !is_stale(c));
         }
-        map.entry(key.to_string()).or_insert_with(|| Arc::new(Counter(AtomicU64::new(0)))).clone()
+        map.entry(key).or_insert_with(|| (0..periods).map(|_| Counter(AtomicU64::new(0))).collect()).clone()
     }
 }
 
@@ -377,27 +378,54 @@ impl RateLimiting {
         })
     }
 
-    fn identifier(&self, ctx: &RequestContext, req: &Request<ProxyBody>) -> String {
-        let ip = || ctx.client_addr().ip().to_canonical().to_string();
+    /// The counting key: the route, then what `limit_by` counts by, in one string.
+    fn key(&self, ctx: &RequestContext, req: &Request<ProxyBody>) -> String {
+        use std::fmt::Write;
+        let mut k = String::with_capacity(64);
+        k.push_str(&ctx.route);
+        k.push('|');
+        let ip = |k: &mut String| {
+            let _ = write!(k, "ip:{}", ctx.client_addr().ip().to_canonical());
+        };
         match self.limit_by {
             LimitBy::Consumer => match (&ctx.consumer, &ctx.credential) {
-                (Some(c), _) => format!("consumer:{}", c.id),
-                (None, Some(cred)) => format!("credential:{cred}"),
-                (None, None) => format!("ip:{}", ip()),
+                (Some(c), _) => {
+                    k.push_str("consumer:");
+                    k.push_str(&c.id);
+                }
+                (None, Some(cred)) => {
+                    k.push_str("credential:");
+                    k.push_str(cred);
+                }
+                (None, None) => ip(&mut k),
             },
-            LimitBy::Credential => {
-                ctx.credential.as_ref().map_or_else(|| format!("ip:{}", ip()), |c| format!("credential:{c}"))
+            LimitBy::Credential => match &ctx.credential {
+                Some(c) => {
+                    k.push_str("credential:");
+                    k.push_str(c);
+                }
+                None => ip(&mut k),
+            },
+            LimitBy::Ip => ip(&mut k),
+            LimitBy::Service => {
+                k.push_str("service:");
+                k.push_str(ctx.service.as_deref().unwrap_or(""));
             }
-            LimitBy::Ip => format!("ip:{}", ip()),
-            LimitBy::Service => format!("service:{}", ctx.service.as_deref().unwrap_or("")),
             LimitBy::Header => {
                 match self.header_name.as_ref().and_then(|h| req.headers().get(h)).and_then(|v| v.to_str().ok()) {
-                    Some(v) => format!("header:{v}"),
-                    None => format!("ip:{}", ip()),
+                    Some(v) => {
+                        k.push_str("header:");
+                        k.push_str(v);
+                    }
+                    None => ip(&mut k),
                 }
             }
-            LimitBy::Path => format!("path:{}", req.uri().path()),
+            LimitBy::Path => {
+                k.push_str("path:");
+                k.push_str(req.uri().path());
+            }
         }
+        k
     }
 }
 
@@ -408,19 +436,23 @@ fn now_secs() -> u64 {
 impl Plugin for RateLimiting {
     fn access(&self, ctx: &mut RequestContext, req: &mut Request<ProxyBody>) -> ControlFlow<Answer> {
         let now = now_secs();
-        let ident = self.identifier(ctx, req);
-        let mut taken: Vec<(Arc<Counter>, u32)> = Vec::with_capacity(self.limits.len());
+        // At most six periods: fixed arrays, no allocation.
+        let mut starts = [0u32; 6];
+        for (s, l) in starts.iter_mut().zip(&self.limits) {
+            *s = l.period.window(now).0 as u32;
+        }
+        let counters = self.store.counters(self.key(ctx, req), self.limits.len(), |c| {
+            c.iter().zip(&starts).all(|(c, start)| c.window_start() < *start)
+        });
+        let mut taken = [(0usize, 0u32); 6];
+        let mut n_taken = 0;
         let mut remaining = Vec::with_capacity(self.limits.len());
         let mut refused_reset = None;
         let mut reset = u64::MAX;
         let mut tightest = u32::MAX;
         for (i, limit) in self.limits.iter().enumerate() {
             let (start, end) = limit.period.window(now);
-            let key = format!("{}|{}|{}", ctx.route, ident, limit.period.name());
-            let counter = self.store.counter(&key, |k| {
-                let p = Period::ALL.iter().find(|p| k.ends_with(p.name())).copied().unwrap_or(Period::Year);
-                p.window(now).0 as u32
-            });
+            let counter = &counters[i];
             match counter.take(start as u32, limit.limit) {
                 Some(count) => {
                     let left = limit.limit - count;
@@ -429,7 +461,8 @@ impl Plugin for RateLimiting {
                         tightest = left;
                         reset = end - now;
                     }
-                    taken.push((counter, start as u32));
+                    taken[n_taken] = (i, start as u32);
+                    n_taken += 1;
                 }
                 None => {
                     refused_reset = Some(end - now);
@@ -439,8 +472,8 @@ impl Plugin for RateLimiting {
             }
         }
         if let Some(retry_after) = refused_reset {
-            for (counter, start) in &taken {
-                counter.give_back(*start);
+            for (i, start) in &taken[..n_taken] {
+                counters[*i].give_back(*start);
             }
             let mut answer = ctx.error(self.error_code, &self.error_message);
             if !self.hide_headers {

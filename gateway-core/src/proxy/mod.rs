@@ -53,6 +53,24 @@ pub struct ConnInfo {
     pub tls: bool,
 }
 
+/// Header values that are the same for every request of a connection, made once per
+/// connection by the server (per request when embedded as a tower service).
+#[derive(Debug, Clone)]
+pub(crate) struct ConnValues {
+    ip: HeaderValue,
+    port: HeaderValue,
+}
+
+impl ConnValues {
+    pub(crate) fn new(conn: &ConnInfo) -> Self {
+        let ip = conn.client.ip().to_canonical().to_string();
+        ConnValues {
+            ip: HeaderValue::from_str(&ip).unwrap_or(HeaderValue::from_static("0.0.0.0")),
+            port: HeaderValue::from(conn.local.port()),
+        }
+    }
+}
+
 impl Default for ConnInfo {
     fn default() -> Self {
         let unspecified = SocketAddr::from(([0, 0, 0, 0], 0));
@@ -77,6 +95,24 @@ const VIA_TOKEN: &str = "gateway";
 
 /// Removes hop-by-hop headers (RFC 9110 7.6.1), including those the `Connection` header names.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    // Almost no request carries any of these: one pass over the names is cheaper than eight
+    // hashed removes of absent headers.
+    let present = headers.keys().any(|k| {
+        matches!(
+            k.as_str(),
+            "connection"
+                | "keep-alive"
+                | "proxy-connection"
+                | "transfer-encoding"
+                | "upgrade"
+                | "proxy-authorization"
+                | "proxy-authenticate"
+                | "te"
+        )
+    });
+    if !present {
+        return;
+    }
     if headers.contains_key(header::CONNECTION) {
         let named: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
@@ -286,9 +322,15 @@ struct Forwarding {
 }
 
 /// Turns the client's request into the upstream's: path, forwarding headers, framing.
-fn prepare(req: Request<ProxyBody>, fwd: Forwarding, conn: &ConnInfo, request_id: &HeaderValue) -> Request<ProxyBody> {
+fn prepare(
+    req: Request<ProxyBody>,
+    fwd: Forwarding,
+    conn: &ConnInfo,
+    values: &ConnValues,
+    request_id: &HeaderValue,
+) -> Request<ProxyBody> {
     let (mut parts, body) = req.into_parts();
-    set_forwarding_headers(&mut parts.headers, conn, fwd.host, fwd.path, fwd.prefix, request_id, parts.version);
+    set_forwarding_headers(&mut parts.headers, conn, values, fwd.host, fwd.path, fwd.prefix, request_id, parts.version);
     if parts.version == Version::HTTP_2 {
         join_cookies(&mut parts.headers);
     }
@@ -321,7 +363,12 @@ fn prepare(req: Request<ProxyBody>, fwd: Forwarding, conn: &ConnInfo, request_id
 }
 
 /// Handles one request against one snapshot. Never fails: every error is an HTTP answer.
-pub(crate) async fn handle(snapshot: Arc<Snapshot>, req: Request<ProxyBody>, conn: ConnInfo) -> Response<ResponseBody> {
+pub(crate) async fn handle(
+    snapshot: Arc<Snapshot>,
+    req: Request<ProxyBody>,
+    conn: ConnInfo,
+    values: ConnValues,
+) -> Response<ResponseBody> {
     let start = Instant::now();
     let request_id = next_request_id();
     let (parts, body) = req.into_parts();
@@ -414,7 +461,7 @@ pub(crate) async fn handle(snapshot: Arc<Snapshot>, req: Request<ProxyBody>, con
 
     let slots = &route.chain.slots;
     if slots.is_empty() {
-        let up = prepare(req, fwd, &conn, &request_id);
+        let up = prepare(req, fwd, &conn, &values, &request_id);
         let (resp, target) = call_upstream(service, route.preserve_host, up).await;
         facts.upstream = target;
         access_log(&facts, resp.status());
@@ -449,7 +496,7 @@ pub(crate) async fn handle(snapshot: Arc<Snapshot>, req: Request<ProxyBody>, con
             answer
         }
         None => {
-            let mut up = prepare(req, fwd, &ctx.conn, &request_id);
+            let mut up = prepare(req, fwd, &ctx.conn, &values, &request_id);
             for slot in slots.iter() {
                 if let Some(p) = slot.pick(consumer(&ctx)) {
                     p.before_upstream(&mut ctx, &mut up);
@@ -567,9 +614,11 @@ fn join_cookies(h: &mut HeaderMap) {
     }
 }
 
+#[allow(clippy::too_many_arguments)] // one call site; the values are computed at different times
 fn set_forwarding_headers(
     h: &mut HeaderMap,
     conn: &ConnInfo,
+    values: &ConnValues,
     host: Option<HeaderValue>,
     path: Option<HeaderValue>,
     prefix: Option<HeaderValue>,
@@ -578,35 +627,28 @@ fn set_forwarding_headers(
 ) {
     remove_hop_by_hop(h);
     h.remove(header::FORWARDED);
-    let ip = conn.client.ip().to_canonical();
-    let mut ip_buf = String::with_capacity(40);
-    let _ = write!(ip_buf, "{ip}");
     let xff = match h.get(&X_FORWARDED_FOR) {
-        None => HeaderValue::from_str(&ip_buf).ok(),
+        None => Some(values.ip.clone()),
         Some(_) => {
-            let mut joined = String::new();
+            let mut joined = BytesMut::with_capacity(64);
             for v in h.get_all(&X_FORWARDED_FOR) {
-                if let Ok(s) = v.to_str() {
-                    joined.push_str(s);
-                    joined.push_str(", ");
-                }
+                joined.put_slice(v.as_bytes());
+                joined.put_slice(b", ");
             }
-            joined.push_str(&ip_buf);
-            HeaderValue::from_str(&joined).ok()
+            joined.put_slice(values.ip.as_bytes());
+            HeaderValue::from_maybe_shared(joined.freeze()).ok()
         }
     };
     if let Some(v) = xff {
         h.insert(X_FORWARDED_FOR.clone(), v);
     }
-    if let Ok(v) = HeaderValue::from_str(&ip_buf) {
-        h.insert(X_REAL_IP.clone(), v);
-    }
+    h.insert(X_REAL_IP.clone(), values.ip.clone());
     h.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(if conn.tls { "https" } else { "http" }));
     match host {
         Some(v) => h.insert(X_FORWARDED_HOST.clone(), v),
         None => h.remove(&X_FORWARDED_HOST),
     };
-    h.insert(X_FORWARDED_PORT.clone(), HeaderValue::from(conn.local.port()));
+    h.insert(X_FORWARDED_PORT.clone(), values.port.clone());
     match path {
         Some(v) => h.insert(X_FORWARDED_PATH.clone(), v),
         None => h.remove(&X_FORWARDED_PATH),
