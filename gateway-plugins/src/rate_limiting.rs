@@ -22,8 +22,11 @@
 //! count past N. When one of several periods refuses, the units already taken in the other
 //! periods are given back.
 //!
-//! The local policy counts per gateway process. A policy shared by several replicas (Redis)
-//! is not supported yet and is refused by name.
+//! `policy: local` counts per gateway process. `policy: redis` counts in a Redis server
+//! shared by every replica: one Lua script checks every period and takes a unit in all of
+//! them atomically, so several gateways enforce one exact limit. When Redis fails,
+//! `fault_tolerant: true` (the default) proxies the request uncounted and logs it;
+//! `fault_tolerant: false` answers 500.
 
 use std::collections::HashMap;
 use std::ops::ControlFlow;
@@ -32,7 +35,7 @@ use std::sync::{Arc, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use gateway_core::body::{ProxyBody, ResponseBody};
-use gateway_core::plugin::{Answer, BuildContext, Plugin, RequestContext, TypedFactory, typed_factory};
+use gateway_core::plugin::{Answer, BoxFuture, BuildContext, Plugin, RequestContext, TypedFactory, typed_factory};
 use http::{HeaderName, HeaderValue, Request, Response, StatusCode, header};
 use serde::Deserialize;
 
@@ -120,9 +123,27 @@ pub struct RateLimitingConfig {
     /// Kong's sync setting for shared policies; accepted and ignored by `local`.
     #[serde(default)]
     pub sync_rate: Option<f64>,
-    /// Kong's Redis settings; refused until the Redis policy exists.
+    /// Redis settings for `policy: redis`.
     #[serde(default)]
-    pub redis: Option<serde_json::Value>,
+    pub redis: Option<RedisConfig>,
+    /// Kong's older flat Redis field.
+    #[serde(default)]
+    pub redis_host: Option<String>,
+    /// Kong's older flat Redis field.
+    #[serde(default)]
+    pub redis_port: Option<u16>,
+    /// Kong's older flat Redis field.
+    #[serde(default)]
+    pub redis_username: Option<String>,
+    /// Kong's older flat Redis field.
+    #[serde(default)]
+    pub redis_password: Option<String>,
+    /// Kong's older flat Redis field.
+    #[serde(default)]
+    pub redis_database: Option<i64>,
+    /// Kong's older flat Redis field.
+    #[serde(default)]
+    pub redis_timeout: Option<u64>,
 }
 
 fn yes() -> bool {
@@ -296,6 +317,7 @@ pub struct RateLimiting {
     error_code: StatusCode,
     error_message: String,
     store: Store,
+    redis: Option<RedisPolicy>,
 }
 
 /// The factory to register.
@@ -313,15 +335,22 @@ static RATELIMIT_RESET: HeaderName = HeaderName::from_static("ratelimit-reset");
 impl RateLimiting {
     /// Builds the plugin from its config.
     pub fn new(c: RateLimitingConfig) -> Result<Self, String> {
-        match c.policy {
-            Policy::Local => {}
-            Policy::Cluster => return Err("policy `cluster` needs Kong's database; use `local`".into()),
-            Policy::Redis => return Err("policy `redis` is not supported yet; use `local`".into()),
-        }
-        if c.redis.is_some() {
-            return Err("`redis` settings need policy `redis`, which is not supported yet".into());
-        }
-        let _ = (c.fault_tolerant, c.sync_rate, &c.path);
+        let redis = match c.policy {
+            Policy::Local => None,
+            Policy::Cluster => return Err("policy `cluster` needs Kong's database; use `local` or `redis`".into()),
+            Policy::Redis => {
+                let mut rc = c.redis.clone().unwrap_or_default();
+                // Kong's older flat fields.
+                rc.host = rc.host.or(c.redis_host.clone());
+                rc.port = rc.port.or(c.redis_port);
+                rc.username = rc.username.or(c.redis_username.clone());
+                rc.password = rc.password.or(c.redis_password.clone());
+                rc.database = rc.database.or(c.redis_database);
+                rc.timeout = rc.timeout.or(c.redis_timeout);
+                Some(RedisPolicy::new(&rc, c.fault_tolerant)?)
+            }
+        };
+        let _ = (c.sync_rate, &c.path);
         let values = [c.second, c.minute, c.hour, c.day, c.month, c.year];
         let mut limits = Vec::new();
         for (period, value) in Period::ALL.into_iter().zip(values) {
@@ -375,6 +404,7 @@ impl RateLimiting {
             error_code,
             error_message: c.error_message,
             store: Store::new(),
+            redis,
         })
     }
 
@@ -433,68 +463,271 @@ fn now_secs() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
-impl Plugin for RateLimiting {
-    fn access(&self, ctx: &mut RequestContext, req: &mut Request<ProxyBody>) -> ControlFlow<Answer> {
-        let now = now_secs();
+/// What counting decided.
+enum Outcome {
+    /// Allowed: (limit index, remaining) per period, and seconds to the tightest reset.
+    Allowed(Vec<(usize, u32)>, u64),
+    /// Refused: seconds until the refusing window resets.
+    Refused(u64),
+}
+
+impl RateLimiting {
+    fn take_local(&self, key: String, now: u64) -> Outcome {
         // At most six periods: fixed arrays, no allocation.
         let mut starts = [0u32; 6];
         for (s, l) in starts.iter_mut().zip(&self.limits) {
             *s = l.period.window(now).0 as u32;
         }
-        let counters = self.store.counters(self.key(ctx, req), self.limits.len(), |c| {
-            c.iter().zip(&starts).all(|(c, start)| c.window_start() < *start)
-        });
+        let counters = self
+            .store
+            .counters(key, self.limits.len(), |c| c.iter().zip(&starts).all(|(c, start)| c.window_start() < *start));
         let mut taken = [(0usize, 0u32); 6];
         let mut n_taken = 0;
-        let mut remaining = Vec::with_capacity(self.limits.len());
-        let mut refused_reset = None;
-        let mut reset = u64::MAX;
-        let mut tightest = u32::MAX;
+        let mut counts = [0u32; 6];
         for (i, limit) in self.limits.iter().enumerate() {
             let (start, end) = limit.period.window(now);
-            let counter = &counters[i];
-            match counter.take(start as u32, limit.limit) {
+            match counters[i].take(start as u32, limit.limit) {
                 Some(count) => {
-                    let left = limit.limit - count;
-                    remaining.push((i, left));
-                    if left < tightest || (left == tightest && end - now < reset) {
-                        tightest = left;
-                        reset = end - now;
-                    }
+                    counts[i] = count;
                     taken[n_taken] = (i, start as u32);
                     n_taken += 1;
                 }
                 None => {
-                    refused_reset = Some(end - now);
-                    remaining.push((i, 0));
-                    break;
+                    for (i, start) in &taken[..n_taken] {
+                        counters[*i].give_back(*start);
+                    }
+                    return Outcome::Refused(end - now);
                 }
             }
         }
-        if let Some(retry_after) = refused_reset {
-            for (i, start) in &taken[..n_taken] {
-                counters[*i].give_back(*start);
+        self.allowed(&counts[..self.limits.len()], now)
+    }
+
+    /// Remaining per period and the reset of the tightest one, from the counts after this request.
+    fn allowed(&self, counts: &[u32], now: u64) -> Outcome {
+        let mut remaining = Vec::with_capacity(self.limits.len());
+        let (mut tightest, mut reset) = (u32::MAX, u64::MAX);
+        for (i, (limit, count)) in self.limits.iter().zip(counts).enumerate() {
+            let left = limit.limit.saturating_sub(*count);
+            let end = limit.period.window(now).1;
+            remaining.push((i, left));
+            if left < tightest || (left == tightest && end - now < reset) {
+                tightest = left;
+                reset = end - now;
             }
-            let mut answer = ctx.error(self.error_code, &self.error_message);
-            if !self.hide_headers {
-                let usage = Usage {
-                    remaining: self.limits.iter().enumerate().map(|(i, _)| (i, 0)).collect(),
-                    reset: retry_after,
-                };
-                self.write_headers(answer.headers_mut(), &usage);
+        }
+        Outcome::Allowed(remaining, reset)
+    }
+
+    fn finish(&self, ctx: &mut RequestContext, outcome: Outcome) -> ControlFlow<Answer> {
+        match outcome {
+            Outcome::Refused(retry_after) => {
+                let mut answer = ctx.error(self.error_code, &self.error_message);
+                if !self.hide_headers {
+                    let usage =
+                        Usage { remaining: (0..self.limits.len()).map(|i| (i, 0)).collect(), reset: retry_after };
+                    self.write_headers(answer.headers_mut(), &usage);
+                }
+                answer.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(retry_after.max(1)));
+                ControlFlow::Break(answer)
             }
-            answer.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(retry_after.max(1)));
-            return ControlFlow::Break(answer);
+            Outcome::Allowed(remaining, reset) => {
+                if !self.hide_headers {
+                    ctx.extensions.insert(Usage { remaining, reset });
+                }
+                ControlFlow::Continue(())
+            }
         }
-        if !self.hide_headers {
-            ctx.extensions.insert(Usage { remaining, reset });
-        }
-        ControlFlow::Continue(())
+    }
+}
+
+impl Plugin for RateLimiting {
+    fn access(&self, ctx: &mut RequestContext, req: &mut Request<ProxyBody>) -> ControlFlow<Answer> {
+        let outcome = self.take_local(self.key(ctx, req), now_secs());
+        self.finish(ctx, outcome)
+    }
+
+    fn is_async(&self) -> bool {
+        self.redis.is_some()
+    }
+
+    fn access_async<'a>(
+        &'a self,
+        ctx: &'a mut RequestContext,
+        req: &'a mut Request<ProxyBody>,
+    ) -> BoxFuture<'a, ControlFlow<Answer>> {
+        Box::pin(async move {
+            let Some(redis) = &self.redis else { return self.access(ctx, req) };
+            let now = now_secs();
+            let key = self.key(ctx, req);
+            match redis.take(&self.limits, &key, now).await {
+                Ok(Ok(counts)) => {
+                    let outcome = self.allowed(&counts, now);
+                    self.finish(ctx, outcome)
+                }
+                Ok(Err(refused_at)) => {
+                    let end = self.limits[refused_at].period.window(now).1;
+                    self.finish(ctx, Outcome::Refused(end - now))
+                }
+                Err(e) if redis.fault_tolerant => {
+                    tracing::warn!(route = &*ctx.route, error = %e, "rate-limiting: Redis failed; proxying without counting (fault_tolerant)");
+                    ControlFlow::Continue(())
+                }
+                Err(e) => {
+                    tracing::error!(route = &*ctx.route, error = %e, "rate-limiting: Redis failed; refusing (fault_tolerant is false)");
+                    ControlFlow::Break(ctx.error(StatusCode::INTERNAL_SERVER_ERROR, "An unexpected error occurred"))
+                }
+            }
+        })
     }
 
     fn response(&self, ctx: &mut RequestContext, resp: &mut Response<ResponseBody>) {
         if let Some(usage) = ctx.extensions.remove::<Usage>() {
             self.write_headers(resp.headers_mut(), &usage);
+        }
+    }
+}
+
+/// Takes a unit in every period or none, atomically, in Redis: a request is refused as soon
+/// as one period is at its limit, so all gateways sharing the server enforce one exact limit.
+/// KEYS: one per period; ARGV: the limits, then the TTLs. Returns `{1, counts...}` or
+/// `{0, index of the refusing period}`.
+const TAKE_SCRIPT: &str = r"
+local n = #KEYS
+for i = 1, n do
+  local c = tonumber(redis.call('GET', KEYS[i]) or '0')
+  if c >= tonumber(ARGV[i]) then return {0, i} end
+end
+local out = {1}
+for i = 1, n do
+  local c = redis.call('INCR', KEYS[i])
+  if c == 1 then redis.call('EXPIRE', KEYS[i], ARGV[n + i]) end
+  out[#out + 1] = c
+end
+return out
+";
+
+/// Kong's `redis` settings (the supported subset).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisConfig {
+    /// Host (required for `policy: redis`).
+    #[serde(default)]
+    pub host: Option<String>,
+    /// Port (default 6379).
+    #[serde(default)]
+    pub port: Option<u16>,
+    /// ACL user name.
+    #[serde(default)]
+    pub username: Option<String>,
+    /// Password.
+    #[serde(default)]
+    pub password: Option<String>,
+    /// Database number (default 0).
+    #[serde(default)]
+    pub database: Option<i64>,
+    /// Timeout of each Redis operation, ms (default 2000).
+    #[serde(default)]
+    pub timeout: Option<u64>,
+    /// Connect timeout, ms (default: `timeout`).
+    #[serde(default)]
+    pub connect_timeout: Option<u64>,
+    /// Kong's send timeout; accepted (one timeout bounds the whole call).
+    #[serde(default)]
+    pub send_timeout: Option<u64>,
+    /// Kong's read timeout; accepted (one timeout bounds the whole call).
+    #[serde(default)]
+    pub read_timeout: Option<u64>,
+    /// TLS to Redis (not supported yet: only `false`).
+    #[serde(default)]
+    pub ssl: bool,
+    /// Kong's field; accepted.
+    #[serde(default)]
+    pub ssl_verify: bool,
+    /// Kong's field; accepted.
+    #[serde(default)]
+    pub server_name: Option<String>,
+    /// Kong's pool settings; accepted (one multiplexed connection is used).
+    #[serde(default)]
+    pub keepalive_pool_size: Option<u64>,
+    /// Kong's pool settings; accepted.
+    #[serde(default)]
+    pub keepalive_backlog: Option<u64>,
+}
+
+/// The Redis policy: one multiplexed, self-reconnecting connection, made on first use.
+struct RedisPolicy {
+    client: redis::Client,
+    conn: tokio::sync::OnceCell<redis::aio::ConnectionManager>,
+    script: redis::Script,
+    timeout: std::time::Duration,
+    fault_tolerant: bool,
+}
+
+impl RedisPolicy {
+    fn new(c: &RedisConfig, fault_tolerant: bool) -> Result<Self, String> {
+        if c.ssl {
+            return Err("`redis.ssl` is not supported yet".into());
+        }
+        let _ =
+            (c.ssl_verify, &c.server_name, c.keepalive_pool_size, c.keepalive_backlog, c.send_timeout, c.read_timeout);
+        let host = c.host.clone().ok_or("policy `redis` needs `redis.host`")?;
+        let info = redis::ConnectionInfo {
+            addr: redis::ConnectionAddr::Tcp(host, c.port.unwrap_or(6379)),
+            redis: redis::RedisConnectionInfo {
+                db: c.database.unwrap_or(0),
+                username: c.username.clone(),
+                password: c.password.clone(),
+                ..Default::default()
+            },
+        };
+        let client = redis::Client::open(info).map_err(|e| format!("redis: {e}"))?;
+        let timeout = std::time::Duration::from_millis(c.timeout.unwrap_or(2000).max(1));
+        Ok(RedisPolicy {
+            client,
+            conn: tokio::sync::OnceCell::new(),
+            script: redis::Script::new(TAKE_SCRIPT),
+            timeout,
+            fault_tolerant,
+        })
+    }
+
+    /// `Ok(Ok(counts))` when allowed, `Ok(Err(period index))` when refused, `Err` when Redis failed.
+    async fn take(&self, limits: &[Limit], key: &str, now: u64) -> Result<Result<Vec<u32>, usize>, String> {
+        let call = async {
+            let conn = self
+                .conn
+                .get_or_try_init(|| {
+                    let config = redis::aio::ConnectionManagerConfig::new()
+                        .set_connection_timeout(self.timeout)
+                        .set_response_timeout(self.timeout)
+                        .set_number_of_retries(1);
+                    redis::aio::ConnectionManager::new_with_config(self.client.clone(), config)
+                })
+                .await?;
+            let mut invocation = self.script.prepare_invoke();
+            for l in limits {
+                let (start, _) = l.period.window(now);
+                invocation.key(format!("ratelimit:{key}:{}:{start}", l.period.name()));
+            }
+            for l in limits {
+                invocation.arg(l.limit);
+            }
+            for l in limits {
+                let (_, end) = l.period.window(now);
+                invocation.arg(end - now + 1);
+            }
+            let reply: Vec<i64> = invocation.invoke_async(&mut conn.clone()).await?;
+            Ok::<_, redis::RedisError>(reply)
+        };
+        let reply = tokio::time::timeout(self.timeout, call)
+            .await
+            .map_err(|_| format!("no answer within {:?}", self.timeout))?
+            .map_err(|e| e.to_string())?;
+        match reply.as_slice() {
+            [1, counts @ ..] if counts.len() == limits.len() => Ok(Ok(counts.iter().map(|c| *c as u32).collect())),
+            [0, i] if *i >= 1 && (*i as usize) <= limits.len() => Ok(Err(*i as usize - 1)),
+            other => Err(format!("unexpected script reply {other:?}")),
         }
     }
 }
