@@ -21,6 +21,7 @@
 
 pub mod acl;
 pub mod correlation_id;
+pub mod cors;
 pub mod identity;
 pub mod ip_restriction;
 pub mod jwt;
@@ -28,6 +29,8 @@ pub mod key_auth;
 pub mod rate_limiting;
 pub mod request_size_limiting;
 pub mod request_transformer;
+pub mod response_transformer;
+pub mod retries;
 pub mod transform;
 
 use gateway_core::plugin::PluginRegistry;
@@ -43,5 +46,8 @@ pub fn registry() -> PluginRegistry {
     r.register(request_size_limiting::factory());
     r.register(correlation_id::factory());
     r.register(request_transformer::factory());
+    r.register(retries::factory());
+    r.register(response_transformer::factory());
+    r.register(cors::factory());
     r
 }

@@ -531,6 +531,20 @@ pub(crate) async fn handle(
     resp
 }
 
+/// Why the upstream call failed, in the extensions of the gateway's own 502/503/504 answers,
+/// so that layers (retries, circuit breaking) can tell failures apart without parsing bodies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamFailure {
+    /// No connection could be made (refused, unreachable, connect timeout): nothing was sent.
+    Connect,
+    /// The upstream did not answer in time (read or write timeout).
+    Timeout,
+    /// The connection broke or the answer was not valid HTTP.
+    Protocol,
+    /// No target was available.
+    NoTarget,
+}
+
 /// The upstream target that answered, in the response extensions of a layered call.
 #[derive(Debug, Clone)]
 pub struct UpstreamTarget(pub Arc<str>);
@@ -563,7 +577,7 @@ impl tower_service::Service<Request<ProxyBody>> for UpstreamCall {
     }
 }
 
-type Failure = (StatusCode, &'static str);
+type Failure = (StatusCode, &'static str, UpstreamFailure);
 
 fn is_idempotent(m: &http::Method) -> bool {
     use http::Method;
@@ -591,7 +605,11 @@ async fn call_upstream(
             rparts.version = Version::HTTP_11;
             Response::from_parts(rparts, ResponseBody::Upstream(rbody))
         }
-        Err((status, message)) => error_response(status, message, &request_id),
+        Err((status, message, kind)) => {
+            let mut resp = error_response(status, message, &request_id);
+            resp.extensions_mut().insert(kind);
+            resp
+        }
     };
     (resp, target_label)
 }
@@ -679,7 +697,11 @@ async fn send_with_retries(
     let mut failed: Option<&TargetRuntime> = None;
     loop {
         let Some(target) = service.balancer.pick_avoiding(failed) else {
-            return Err((StatusCode::SERVICE_UNAVAILABLE, "failure to get a peer from the ring-balancer"));
+            return Err((
+                StatusCode::SERVICE_UNAVAILABLE,
+                "failure to get a peer from the ring-balancer",
+                UpstreamFailure::NoTarget,
+            ));
         };
         *target_label = Some(target.label.clone());
         let uri = Uri::from_parts({
@@ -689,7 +711,13 @@ async fn send_with_retries(
             p.path_and_query = Some(pq.clone());
             p
         })
-        .map_err(|_| (StatusCode::BAD_GATEWAY, "An invalid response was received from the upstream server"))?;
+        .map_err(|_| {
+            (
+                StatusCode::BAD_GATEWAY,
+                "An invalid response was received from the upstream server",
+                UpstreamFailure::Protocol,
+            )
+        })?;
         let last = attempt >= service.retries;
         let mut req = Request::new(body);
         *req.method_mut() = parts.method.clone();
@@ -732,9 +760,11 @@ async fn send_with_retries(
                     }
                     None => {
                         return Err(if timeout {
-                            (StatusCode::GATEWAY_TIMEOUT, "The upstream server is timing out")
+                            (StatusCode::GATEWAY_TIMEOUT, "The upstream server is timing out", UpstreamFailure::Timeout)
                         } else {
-                            (StatusCode::BAD_GATEWAY, "An invalid response was received from the upstream server")
+                            let kind =
+                                if err.is_connect() { UpstreamFailure::Connect } else { UpstreamFailure::Protocol };
+                            (StatusCode::BAD_GATEWAY, "An invalid response was received from the upstream server", kind)
                         });
                     }
                 }
