@@ -20,6 +20,7 @@
 //! ```
 
 pub mod acl;
+pub mod circuit_breaker;
 pub mod correlation_id;
 pub mod cors;
 pub mod identity;
@@ -47,6 +48,7 @@ pub fn registry() -> PluginRegistry {
     r.register(correlation_id::factory());
     r.register(request_transformer::factory());
     r.register(retries::factory());
+    r.register(circuit_breaker::factory());
     r.register(response_transformer::factory());
     r.register(cors::factory());
     r

@@ -545,6 +545,18 @@ pub enum UpstreamFailure {
     NoTarget,
 }
 
+/// A filter a layer puts in the request extensions to steer target choice: the balancer skips
+/// targets for which it returns `false` (a circuit breaker keeps open targets out). When it
+/// refuses every target the answer is 503 with [`UpstreamFailure::NoTarget`].
+#[derive(Clone)]
+pub struct TargetFilter(pub Arc<dyn Fn(&str) -> bool + Send + Sync>);
+
+impl std::fmt::Debug for TargetFilter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TargetFilter")
+    }
+}
+
 /// The upstream target that answered, in the response extensions of a layered call.
 #[derive(Debug, Clone)]
 pub struct UpstreamTarget(pub Arc<str>);
@@ -695,8 +707,16 @@ async fn send_with_retries(
     };
     let mut attempt = 0u32;
     let mut failed: Option<&TargetRuntime> = None;
+    let filter = parts.extensions.get::<TargetFilter>().cloned();
     loop {
-        let Some(target) = service.balancer.pick_avoiding(failed) else {
+        let picked = match &filter {
+            None => service.balancer.pick_avoiding(failed),
+            // Ask the filter about each candidate, at most once around the rotation.
+            Some(f) => (0..service.balancer.targets.len().max(1))
+                .filter_map(|_| service.balancer.pick_avoiding(failed))
+                .find(|t| (f.0)(&t.label)),
+        };
+        let Some(target) = picked else {
             return Err((
                 StatusCode::SERVICE_UNAVAILABLE,
                 "failure to get a peer from the ring-balancer",
