@@ -40,6 +40,47 @@
 //! # }
 //! ```
 //!
+//! # Write a plugin
+//!
+//! A plugin is a type with a few phase hooks (all optional), a typed config, and a factory in a
+//! [`plugin::PluginRegistry`]; configs then name it like any other plugin:
+//!
+//! ```
+//! use std::ops::ControlFlow;
+//! use gateway_core::{Gateway, config::Config};
+//! use gateway_core::body::ProxyBody;
+//! use gateway_core::plugin::{Answer, Plugin, PluginRegistry, RequestContext, typed_factory};
+//!
+//! /// Adds a fixed header to every upstream request.
+//! struct Stamp(http::HeaderValue);
+//!
+//! impl Plugin for Stamp {
+//!     fn access(&self, _ctx: &mut RequestContext, req: &mut http::Request<ProxyBody>) -> ControlFlow<Answer> {
+//!         req.headers_mut().insert("x-stamp", self.0.clone());
+//!         ControlFlow::Continue(())
+//!     }
+//! }
+//!
+//! #[derive(serde::Deserialize)]
+//! #[serde(deny_unknown_fields)]
+//! struct StampConfig { value: String }
+//!
+//! let mut registry = PluginRegistry::default();
+//! registry.register(typed_factory("stamp", 500, |c: StampConfig, _build| {
+//!     http::HeaderValue::from_str(&c.value).map(Stamp).map_err(|e| e.to_string())
+//! }));
+//! let config = Config::from_yaml(r#"
+//! _format_version: "3.0"
+//! services:
+//!   - name: api
+//!     url: http://127.0.0.1:9000
+//!     routes: [{ name: api, paths: ["/"] }]
+//!     plugins: [{ name: stamp, config: { value: "v1" } }]
+//! "#).unwrap();
+//! let gateway = Gateway::builder().plugins(registry).build(&config).unwrap();
+//! assert_eq!(gateway.routes()[0].plugins, vec!["stamp"]);
+//! ```
+//!
 //! # Hot reload
 //!
 //! A new config compiles beside the old one; only a valid one replaces it, atomically. Requests
