@@ -11,6 +11,13 @@
 //!       max_age: 3600
 //! ```
 //!
+//! Why not tower-http's `CorsLayer`: a plugin layer wraps only the upstream call, which runs
+//! after every access hook, so a preflight would first meet the authentication plugins and be
+//! refused for want of credentials. Kong answers preflights at priority 2000, before
+//! authentication; doing the same needs the access and response phases, and Kong's field set
+//! (regex origins, `preflight_continue`, private network access) does not map onto
+//! `CorsLayer`'s options.
+//!
 //! # Origins
 //!
 //! No origins, or only `*`, allows every origin: `Access-Control-Allow-Origin: *`, or the
