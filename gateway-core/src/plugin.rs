@@ -185,7 +185,7 @@ pub struct RequestContext {
     /// Values plugins pass to each other (an anonymous-consumer flag, a rate-limit key, ...).
     pub extensions: http::Extensions,
     /// The route's regex and the (normalised) path it matched, for [`RequestContext::uri_captures`].
-    pub(crate) route_regex: Option<(regex::Regex, Box<str>)>,
+    pub(crate) route_regex: Option<(Arc<regex::Regex>, Box<str>)>,
 }
 
 impl fmt::Debug for RequestContext {

@@ -39,6 +39,7 @@
 use std::cmp::Reverse;
 use std::collections::HashMap;
 use std::fmt;
+use std::sync::Arc;
 
 use http::{HeaderMap, HeaderName, Method};
 use regex::Regex;
@@ -149,7 +150,7 @@ enum Matcher {
     Prefix,
     ElementPrefix,
     Exact,
-    Regex(Regex),
+    Regex(Arc<Regex>),
 }
 
 /// Header name and its accepted values (lower-case), per entry.
@@ -442,7 +443,7 @@ impl Router {
                         PathKind::Regex => {
                             let re = Regex::new(&format!("^(?:{})", path.pattern))
                                 .map_err(|e| err(format!("invalid regex path `{}`: {e}", path.pattern)))?;
-                            (Matcher::Regex(re), 0)
+                            (Matcher::Regex(Arc::new(re)), 0)
                         }
                         kind => {
                             if !path.pattern.starts_with('/') {
@@ -567,7 +568,7 @@ impl Router {
     }
 
     /// The regex of a match on a regex path (for its capture groups).
-    pub fn regex(&self, m: &RouteMatch) -> Option<&Regex> {
+    pub fn regex(&self, m: &RouteMatch) -> Option<&Arc<Regex>> {
         match &self.entries.get(m.entry)?.matcher {
             Matcher::Regex(re) => Some(re),
             _ => None,
