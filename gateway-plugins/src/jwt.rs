@@ -41,29 +41,93 @@
 //! non-numeric `exp` answers `{"exp":"must be a number"}`. Whatever the outcome, identity
 //! headers sent by the client (`X-Consumer-*`, `X-Credential-Identifier`,
 //! `X-Anonymous-Consumer`) never reach the upstream.
+//!
+//! # JWK sets (beyond Kong's open source)
+//!
+//! Tokens issued by an identity provider can be verified with its published JWK set instead of
+//! per-consumer `jwt_secrets`:
+//!
+//! ```yaml
+//! plugins:
+//!   - name: jwt
+//!     config:
+//!       jwks: http://idp.internal/.well-known/jwks.json   # or inline: {keys: [...]}
+//!       jwks_refresh_secs: 300     # URL sets: how often the set is fetched again
+//!       jwks_timeout_ms: 2000      # URL sets: the whole fetch, connect to last byte
+//!       issuer: http://idp.internal          # or a list; `iss` must be one of them
+//!       audience: [orders-api, billing-api]  # `aud` (string or array) must hold one of them
+//!       consumer_claim: sub                  # map the token to a consumer (optional)
+//! ```
+//!
+//! - `jwks` is either the set itself (`{keys: [...]}`, parsed when the plugin is built: a key
+//!   that cannot be used fails the build, so the route answers 500) or an `http://` URL.
+//!   `https://` URLs are refused when the plugin is built: TLS upstreams are not supported yet.
+//!   A URL set is fetched on the first request (which waits for it, at most
+//!   `jwks_timeout_ms`), then again every `jwks_refresh_secs` in the background (sooner, every
+//!   10 s at most, after a failure); a failed fetch keeps the last good set and logs a warning.
+//!   Keys of a fetched set that cannot be used are skipped with a warning; a fetched set with
+//!   no usable key counts as a failed fetch. Only the plugin's URL form makes it async.
+//! - A token whose header has a `kid` found in the set is verified with that key, and only that
+//!   way. The JWK's `alg`, when present, is the only algorithm accepted; without one, the key's
+//!   family decides: `RS*`/`PS*` for RSA keys, `ES256` for P-256 and `ES384` for P-384 keys,
+//!   `EdDSA` for Ed25519 keys (a token naming another algorithm is `Invalid algorithm`).
+//!   Symmetric (`oct`) keys are refused (a shared secret does not belong in a key set: use
+//!   `jwt_secrets`), keys marked for encryption (`use: enc`, `key_ops` without `verify`, an
+//!   `RSA-OAEP*`/`RSA1_5` `alg`) are ignored, and `alg: none` is never accepted.
+//! - A token without a `kid`, or with one the set does not hold, takes the `jwt_secrets` path
+//!   above, unchanged; when that finds no credential for a token whose `kid` was unknown, the
+//!   answer is `No credentials found for given 'kid'`.
+//! - For a token verified through the set, `claims_to_verify` and `maximum_expiration` apply as
+//!   above, and an `exp` is always checked (`{"exp":"token expired"}`) even when not listed.
+//!   Then `issuer` and `audience`, when set: a missing claim is `No mandatory 'iss' in claims`
+//!   (`'aud'`), one that does not match is `Invalid 'iss' in claims` (`'aud'`).
+//! - `consumer_claim` names a string claim whose value is a consumer's id, username or
+//!   custom_id (the first consumer matching, as `anonymous` is looked up); that consumer is
+//!   identified with the usual headers. Without `consumer_claim`, or when no consumer matches,
+//!   the request is authenticated without a consumer: no `X-Consumer-*` header is set.
+//!   Either way the credential (and `X-Credential-Identifier`) is `jwks:<kid>`.
+//! - `issuer`, `audience` and `consumer_claim` need `jwks`: set without it, they would check
+//!   nothing, so the build fails instead.
 
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::ops::ControlFlow;
-use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, PoisonError, RwLock, Weak};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
 use base64::alphabet;
 use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
 use gateway_core::body::{ProxyBody, ResponseBody};
-use gateway_core::plugin::{Answer, BuildContext, Plugin, RequestContext, TypedFactory, typed_factory};
+use gateway_core::plugin::{Answer, BoxFuture, BuildContext, Plugin, RequestContext, TypedFactory, typed_factory};
 use http::{HeaderName, HeaderValue, Method, Request, StatusCode, header};
-use jsonwebtoken::jwk::Jwk;
+use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, KeyAlgorithm, KeyOperations, PublicKeyUse};
 use jsonwebtoken::{Algorithm, DecodingKey};
 use serde::Deserialize;
 use serde_json::{Map, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::identity::{Identity, anonymous_consumer, set_consumer, strip_identity_headers, www_authenticate};
+use crate::identity::{
+    CREDENTIAL_IDENTIFIER, Identity, anonymous_consumer, set_consumer, strip_identity_headers, www_authenticate,
+};
 
 /// Kong's priority for jwt.
 pub const PRIORITY: i32 = 1450;
 /// Kong's upper bound for `maximum_expiration`: one year, in seconds.
 const MAX_MAXIMUM_EXPIRATION: f64 = 31_536_000.0;
+/// Upper bound for `jwks_refresh_secs`: one year.
+const MAX_JWKS_REFRESH_SECS: u64 = 31_536_000;
+/// Upper bound for `jwks_timeout_ms`: one minute.
+const MAX_JWKS_TIMEOUT_MS: u64 = 60_000;
+/// After a failed fetch, the next one comes at most this long after.
+const JWKS_RETRY_AFTER_FAILURE: Duration = Duration::from_secs(10);
+/// The largest JWK set response read, head included.
+const MAX_JWKS_RESPONSE: usize = 1 << 20;
+/// The refusal of a token whose `kid` is in no JWK set and that matches no `jwt_secrets`.
+const NO_CREDENTIALS_FOR_KID: &str = "No credentials found for given 'kid'";
+/// The algorithms an RSA JWK without `alg` accepts.
+const RSA_ALGORITHMS: [Algorithm; 6] =
+    [Algorithm::RS256, Algorithm::RS384, Algorithm::RS512, Algorithm::PS256, Algorithm::PS384, Algorithm::PS512];
 
 /// Base64 as Kong decodes JWT parts and base64 secrets: either alphabet (mapped to the
 /// URL-safe one first), padding optional.
@@ -110,6 +174,60 @@ pub struct JwtConfig {
     /// Kong's field; accepted and ignored.
     #[serde(default)]
     pub tags: Option<Value>,
+    /// Beyond Kong: a JWK set to verify tokens by their `kid`, inline or by `http://` URL.
+    #[serde(default)]
+    pub jwks: Option<JwksSource>,
+    /// Beyond Kong: how often a URL set is fetched again, in seconds (default 300).
+    #[serde(default = "default_jwks_refresh_secs")]
+    pub jwks_refresh_secs: u64,
+    /// Beyond Kong: the time limit of one fetch of a URL set, in milliseconds (default 2000).
+    #[serde(default = "default_jwks_timeout_ms")]
+    pub jwks_timeout_ms: u64,
+    /// Beyond Kong: the issuers (`iss`) accepted from tokens verified through `jwks`.
+    #[serde(default)]
+    pub issuer: Option<OneOrMany>,
+    /// Beyond Kong: the audiences accepted from tokens verified through `jwks`: their `aud`
+    /// must hold one of them.
+    #[serde(default)]
+    pub audience: Option<OneOrMany>,
+    /// Beyond Kong: the claim (`sub`, say) naming the consumer (by id, username or custom_id)
+    /// of a token verified through `jwks`.
+    #[serde(default)]
+    pub consumer_claim: Option<String>,
+}
+
+/// Where `jwks` comes from.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum JwksSource {
+    /// An `http://` URL serving the set, fetched on first use and refreshed in the background.
+    Url(String),
+    /// The set itself: `{"keys": [...]}`.
+    Set(Map<String, Value>),
+}
+
+/// One string, or a list of them.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    /// A single value.
+    One(String),
+    /// Several values.
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    /// The values, checked non-empty.
+    fn into_list(self, field: &str) -> Result<Vec<String>, String> {
+        let list = match self {
+            OneOrMany::One(s) => vec![s],
+            OneOrMany::Many(list) => list,
+        };
+        if list.is_empty() || list.iter().any(String::is_empty) {
+            return Err(format!("`{field}` must name at least one value, none of them empty"));
+        }
+        Ok(list)
+    }
 }
 
 /// A registered claim `claims_to_verify` may name.
@@ -151,6 +269,14 @@ fn yes() -> bool {
     true
 }
 
+fn default_jwks_refresh_secs() -> u64 {
+    300
+}
+
+fn default_jwks_timeout_ms() -> u64 {
+    2000
+}
+
 /// One entry of a consumer's `jwt_secrets` (Kong's fields).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -188,6 +314,20 @@ pub struct Jwt {
     no_key_claim: String,
     invalid_key_claim: String,
     no_credentials: String,
+    jwks: Option<Jwks>,
+    issuers: Vec<String>,
+    audiences: Vec<String>,
+    /// With `consumer_claim`: consumers by id, username and custom_id (the first one wins, as
+    /// in [`crate::identity::find_consumer`]), their credential left to the request.
+    consumers_by_claim: HashMap<Arc<str>, Identity>,
+}
+
+/// What verified a token.
+enum Verified<'a> {
+    /// A consumer's `jwt_secrets` credential.
+    Secret(&'a Secret),
+    /// A key of the JWK set, and the consumer `consumer_claim` named, if any.
+    Jwks { who: Option<&'a Identity>, credential: Arc<str>, credential_value: HeaderValue },
 }
 
 /// The factory to register.
@@ -283,6 +423,397 @@ fn prepare_key(cred: &Credential, algorithm: Algorithm, secret_is_base64: bool) 
     jsonwebtoken::crypto::verify("", b"", &key, algorithm)
         .map_err(|e| format!("key unusable with {algorithm:?}: {e}"))?;
     Ok(key)
+}
+
+/// One verification key of a JWK set.
+struct JwksKey {
+    key: DecodingKey,
+    /// The algorithms a token may name: the JWK's `alg`, or its key family's.
+    algorithms: Vec<Algorithm>,
+    /// `jwks:<kid>`, the request's credential.
+    credential: Arc<str>,
+    /// The same, as `X-Credential-Identifier`.
+    credential_value: HeaderValue,
+}
+
+/// A JWK set's verification keys, by `kid`.
+#[derive(Default)]
+struct KeySet {
+    keys: HashMap<String, JwksKey>,
+}
+
+/// The PKCS#1 DER of an RSA public key (`SEQUENCE { INTEGER n, INTEGER e }`), the form the
+/// key is checked in (and later parsed from) like a PEM credential's.
+fn rsa_public_der(n: &[u8], e: &[u8]) -> Option<Vec<u8>> {
+    fn length(out: &mut Vec<u8>, len: usize) {
+        if len < 0x80 {
+            out.push(len as u8);
+        } else {
+            let be = len.to_be_bytes();
+            let skip = be.iter().take_while(|b| **b == 0).count();
+            out.push(0x80 | (be.len() - skip) as u8);
+            out.extend_from_slice(&be[skip..]);
+        }
+    }
+    fn integer(out: &mut Vec<u8>, bytes: &[u8]) -> Option<()> {
+        let start = bytes.iter().position(|b| *b != 0)?;
+        let bytes = &bytes[start..];
+        let pad = bytes[0] & 0x80 != 0;
+        out.push(0x02);
+        length(out, bytes.len() + usize::from(pad));
+        if pad {
+            out.push(0);
+        }
+        out.extend_from_slice(bytes);
+        Some(())
+    }
+    let mut body = Vec::with_capacity(n.len() + e.len() + 16);
+    integer(&mut body, n)?;
+    integer(&mut body, e)?;
+    let mut der = vec![0x30];
+    length(&mut der, body.len());
+    der.extend_from_slice(&body);
+    Some(der)
+}
+
+/// One JWK: `Ok(None)` for a key that is not for verifying signatures (skipped), an error
+/// for one that claims to be but cannot be used.
+fn parse_jwk(raw: &Value) -> Result<Option<(String, JwksKey)>, String> {
+    let jwk: Jwk = serde_json::from_value(raw.clone()).map_err(|e| format!("not a JWK: {e}"))?;
+    if matches!(jwk.common.public_key_use, Some(ref u) if *u != PublicKeyUse::Signature) {
+        return Ok(None);
+    }
+    if jwk.common.key_operations.as_ref().is_some_and(|ops| !ops.contains(&KeyOperations::Verify)) {
+        return Ok(None);
+    }
+    let kid = match jwk.common.key_id.as_deref() {
+        Some(kid) if !kid.is_empty() => kid,
+        _ => return Err("no `kid`: a token could never select it".into()),
+    };
+    let named = match jwk.common.key_algorithm {
+        None => None,
+        Some(KeyAlgorithm::RSA1_5 | KeyAlgorithm::RSA_OAEP | KeyAlgorithm::RSA_OAEP_256) => return Ok(None),
+        Some(alg) => Some(Algorithm::try_from(alg).map_err(|_| format!("`kid` {kid}: unsupported `alg`"))?),
+    };
+    let context = |e: &dyn std::fmt::Display| format!("`kid` {kid}: {e}");
+    let (family, key) = match &jwk.algorithm {
+        AlgorithmParameters::RSA(p) => {
+            let n = lenient_b64_decode(&p.n).ok_or_else(|| context(&"`n` is not base64url"))?;
+            let e = lenient_b64_decode(&p.e).ok_or_else(|| context(&"`e` is not base64url"))?;
+            let der = rsa_public_der(&n, &e).ok_or_else(|| context(&"`n` and `e` must not be zero"))?;
+            let key = DecodingKey::from_rsa_der(&der);
+            // Parses the key the way every verification will: a key that cannot be read fails now.
+            Jwk::from_decoding_key(&key, None).map_err(|e| context(&format!("not a usable RSA key: {e}")))?;
+            (RSA_ALGORITHMS.to_vec(), key)
+        }
+        AlgorithmParameters::EllipticCurve(p) => {
+            let alg = match p.curve {
+                EllipticCurve::P256 => Algorithm::ES256,
+                EllipticCurve::P384 => Algorithm::ES384,
+                ref other => return Err(context(&format!("unsupported curve {other:?}"))),
+            };
+            let key = DecodingKey::from_ec_components(&p.x, &p.y).map_err(|e| context(&e))?;
+            (vec![alg], key)
+        }
+        AlgorithmParameters::OctetKeyPair(p) => {
+            if p.curve != EllipticCurve::Ed25519 {
+                return Err(context(&format!("unsupported curve {:?}", p.curve)));
+            }
+            let key = DecodingKey::from_ed_components(&p.x).map_err(|e| context(&e))?;
+            // The verifier slices 32 bytes: anything else must never reach it.
+            if key.try_get_as_bytes().map(<[u8]>::len).ok() != Some(32) {
+                return Err(context(&"not an Ed25519 public key"));
+            }
+            (vec![Algorithm::EdDSA], key)
+        }
+        AlgorithmParameters::OctetKey(_) => {
+            return Err(context(&"symmetric (`oct`) keys are not accepted in a JWK set; use `jwt_secrets`"));
+        }
+        _ => return Err(context(&"unsupported key type")),
+    };
+    let algorithms = match named {
+        None => family,
+        Some(alg) if family.contains(&alg) => vec![alg],
+        Some(alg) => return Err(context(&format!("`alg` {alg:?} does not fit the key type"))),
+    };
+    for alg in &algorithms {
+        // Builds the verifier once with a dummy signature: EC and Ed keys are parsed (and an EC
+        // key off its curve refused) there.
+        jsonwebtoken::crypto::verify("", b"", &key, *alg).map_err(|e| context(&format!("key unusable: {e}")))?;
+    }
+    let credential = format!("jwks:{kid}");
+    let credential_value =
+        HeaderValue::from_str(&credential).map_err(|_| context(&"the `kid` is not a valid header value"))?;
+    Ok(Some((kid.to_string(), JwksKey { key, algorithms, credential: credential.into(), credential_value })))
+}
+
+/// A JWK set. `strict` (an inline set): any key that cannot be used is an error. Otherwise (a
+/// fetched set) such keys are skipped with a warning. Either way, a set without one usable key
+/// is an error.
+fn parse_jwks(set: &Map<String, Value>, strict: bool) -> Result<KeySet, String> {
+    let Some(Value::Array(raw_keys)) = set.get("keys") else {
+        return Err("not a JWK set: `keys` must be an array".into());
+    };
+    let mut keys = HashMap::new();
+    for (i, raw) in raw_keys.iter().enumerate() {
+        match parse_jwk(raw) {
+            Ok(None) => {}
+            Ok(Some((kid, key))) => match keys.entry(kid) {
+                Entry::Vacant(v) => {
+                    v.insert(key);
+                }
+                Entry::Occupied(o) if strict => return Err(format!("`kid` {} is not unique", o.key())),
+                Entry::Occupied(o) => {
+                    tracing::warn!(kid = o.key(), "jwt: JWK set: duplicate `kid`; the first key is used")
+                }
+            },
+            Err(e) if strict => return Err(format!("key {i}: {e}")),
+            Err(e) => tracing::warn!(key = i, error = %e, "jwt: JWK set: skipping a key that cannot be used"),
+        }
+    }
+    if keys.is_empty() {
+        return Err("the JWK set holds no usable signature key".into());
+    }
+    Ok(KeySet { keys })
+}
+
+/// An `http://` URL, split for a hand-made HTTP/1.1 GET.
+#[derive(Debug)]
+struct HttpUrl {
+    /// The host to connect to (an IPv6 literal without its brackets).
+    host: String,
+    port: u16,
+    /// `Host:` (the URL's authority).
+    authority: String,
+    /// The request target: path and query.
+    target: String,
+    /// The URL as configured, for logs.
+    text: String,
+}
+
+fn parse_http_url(text: &str) -> Result<HttpUrl, String> {
+    let uri: http::Uri = text.parse().map_err(|e| format!("`jwks`: `{text}` is not a URL: {e}"))?;
+    match uri.scheme_str().map(str::to_ascii_lowercase).as_deref() {
+        Some("http") => {}
+        Some("https") => {
+            return Err(format!(
+                "`jwks`: `{text}`: https:// URLs are not supported yet (TLS upstreams are not supported \
+                 yet); serve the set over http:// or inline it"
+            ));
+        }
+        _ => return Err(format!("`jwks`: `{text}` must be an http:// URL or a JWK set object")),
+    }
+    let authority = uri.authority().ok_or_else(|| format!("`jwks`: `{text}` has no host"))?;
+    if authority.as_str().contains('@') {
+        return Err(format!("`jwks`: `{text}`: credentials in the URL are not supported"));
+    }
+    let host = authority.host().trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() {
+        return Err(format!("`jwks`: `{text}` has no host"));
+    }
+    let target = uri.path_and_query().map_or("/", |p| p.as_str());
+    Ok(HttpUrl {
+        host: host.to_string(),
+        port: authority.port_u16().unwrap_or(80),
+        authority: authority.as_str().to_string(),
+        target: if target.is_empty() { "/" } else { target }.to_string(),
+        text: text.to_string(),
+    })
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+/// The body of a `Transfer-Encoding: chunked` message (chunk extensions and trailers ignored).
+fn dechunk(mut rest: &[u8]) -> Result<Vec<u8>, String> {
+    const TRUNCATED: &str = "truncated chunked body";
+    let mut out = Vec::new();
+    loop {
+        let line_end = find(rest, b"\r\n").ok_or(TRUNCATED)?;
+        let line = std::str::from_utf8(&rest[..line_end]).map_err(|_| "bad chunk size")?;
+        let size_hex = line.split(';').next().unwrap_or("").trim();
+        let size = usize::from_str_radix(size_hex, 16).map_err(|_| format!("bad chunk size `{size_hex}`"))?;
+        rest = &rest[line_end + 2..];
+        if size == 0 {
+            return Ok(out);
+        }
+        if rest.len() < size.saturating_add(2) {
+            return Err(TRUNCATED.into());
+        }
+        if &rest[size..size + 2] != b"\r\n" {
+            return Err("bad chunk framing".into());
+        }
+        out.extend_from_slice(&rest[..size]);
+        rest = &rest[size + 2..];
+    }
+}
+
+/// The body of a whole HTTP/1.x response read to EOF; anything but a plain 200 is an error.
+fn response_body(raw: &[u8]) -> Result<Vec<u8>, String> {
+    let head_end = find(raw, b"\r\n\r\n").ok_or("incomplete response head")?;
+    let head = std::str::from_utf8(&raw[..head_end]).map_err(|_| "response head is not UTF-8")?;
+    let body = &raw[head_end + 4..];
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().unwrap_or("");
+    let mut parts = status_line.splitn(3, ' ');
+    let (Some(version), Some(status)) = (parts.next(), parts.next()) else {
+        return Err(format!("bad status line `{status_line}`"));
+    };
+    if !version.starts_with("HTTP/1.") {
+        return Err(format!("bad status line `{status_line}`"));
+    }
+    if status != "200" {
+        return Err(format!("answered `{status_line}`"));
+    }
+    let mut chunked = false;
+    let mut length = None;
+    for line in lines {
+        let (name, value) = line.split_once(':').ok_or_else(|| format!("bad header line `{line}`"))?;
+        let (name, value) = (name.trim(), value.trim());
+        if name.eq_ignore_ascii_case("transfer-encoding") {
+            if !value.eq_ignore_ascii_case("chunked") {
+                return Err(format!("unsupported transfer-encoding `{value}`"));
+            }
+            chunked = true;
+        } else if name.eq_ignore_ascii_case("content-length") {
+            length = Some(value.parse::<usize>().map_err(|_| format!("bad content-length `{value}`"))?);
+        } else if name.eq_ignore_ascii_case("content-encoding") && !value.eq_ignore_ascii_case("identity") {
+            return Err(format!("unsupported content-encoding `{value}`"));
+        }
+    }
+    match (chunked, length) {
+        (true, _) => dechunk(body),
+        (false, Some(n)) => body.get(..n).map(<[u8]>::to_vec).ok_or_else(|| "truncated body".into()),
+        (false, None) => Ok(body.to_vec()),
+    }
+}
+
+/// GETs the URL: one connection, `Connection: close`, read to EOF.
+async fn http_get(url: &HttpUrl) -> Result<Vec<u8>, String> {
+    let mut stream =
+        tokio::net::TcpStream::connect((url.host.as_str(), url.port)).await.map_err(|e| format!("connect: {e}"))?;
+    let request = format!(
+        "GET {} HTTP/1.1\r\nHost: {}\r\nAccept: application/jwk-set+json, application/json\r\n\
+         User-Agent: gateway-jwt\r\nConnection: close\r\n\r\n",
+        url.target, url.authority
+    );
+    stream.write_all(request.as_bytes()).await.map_err(|e| format!("send: {e}"))?;
+    let mut raw = Vec::new();
+    (&mut stream).take(MAX_JWKS_RESPONSE as u64 + 1).read_to_end(&mut raw).await.map_err(|e| format!("read: {e}"))?;
+    if raw.len() > MAX_JWKS_RESPONSE {
+        return Err(format!("response larger than {MAX_JWKS_RESPONSE} bytes"));
+    }
+    response_body(&raw)
+}
+
+/// A JWK set served at a URL: the last good set, and how to fetch it again.
+struct RemoteJwks {
+    url: HttpUrl,
+    refresh: Duration,
+    timeout: Duration,
+    /// The last good set; empty until the first successful fetch. Read (an `Arc` clone) per
+    /// request, written once per successful fetch.
+    keys: RwLock<Arc<KeySet>>,
+    /// Done once the first fetch was tried and the background refresher spawned.
+    started: tokio::sync::OnceCell<()>,
+}
+
+impl RemoteJwks {
+    fn current(&self) -> Arc<KeySet> {
+        self.keys.read().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    async fn fetch(&self) -> Result<KeySet, String> {
+        let body = tokio::time::timeout(self.timeout, http_get(&self.url))
+            .await
+            .map_err(|_| format!("timed out after {} ms", self.timeout.as_millis()))??;
+        let Value::Object(set) = serde_json::from_slice(&body).map_err(|e| format!("the response is not JSON: {e}"))?
+        else {
+            return Err("the response is not a JSON object".into());
+        };
+        parse_jwks(&set, false)
+    }
+
+    /// Fetches the set once: stores it on success, keeps the last good one (and logs) on failure.
+    async fn refresh(&self) -> bool {
+        match self.fetch().await {
+            Ok(set) => {
+                tracing::debug!(url = %self.url.text, keys = set.keys.len(), "jwt: JWK set fetched");
+                *self.keys.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(set);
+                true
+            }
+            Err(e) => {
+                tracing::warn!(
+                    url = %self.url.text,
+                    error = %e,
+                    "jwt: could not fetch the JWK set; keeping the last good one",
+                );
+                false
+            }
+        }
+    }
+
+    /// On the first request: fetches the set (concurrent first requests wait for that one
+    /// fetch) and spawns the background refresher.
+    async fn ensure_started(self: &Arc<Self>) {
+        self.started
+            .get_or_init(|| async {
+                let ok = self.refresh().await;
+                tokio::spawn(refresh_loop(Arc::downgrade(self), ok));
+            })
+            .await;
+    }
+}
+
+/// Fetches the set again every `jwks_refresh_secs` (sooner after a failure) for as long as the
+/// plugin lives: it holds the plugin's state weakly, so a replaced config ends it.
+async fn refresh_loop(remote: Weak<RemoteJwks>, mut last_ok: bool) {
+    loop {
+        let Some(delay) =
+            remote.upgrade().map(|r| if last_ok { r.refresh } else { r.refresh.min(JWKS_RETRY_AFTER_FAILURE) })
+        else {
+            return;
+        };
+        tokio::time::sleep(delay).await;
+        let Some(r) = remote.upgrade() else { return };
+        last_ok = r.refresh().await;
+    }
+}
+
+/// The configured JWK set.
+enum Jwks {
+    Inline(Arc<KeySet>),
+    Remote(Arc<RemoteJwks>),
+}
+
+impl Jwks {
+    fn build(config: &JwtConfig) -> Result<Option<Self>, String> {
+        let Some(source) = &config.jwks else { return Ok(None) };
+        if !(1..=MAX_JWKS_REFRESH_SECS).contains(&config.jwks_refresh_secs) {
+            return Err(format!("`jwks_refresh_secs` must be between 1 and {MAX_JWKS_REFRESH_SECS}"));
+        }
+        if !(1..=MAX_JWKS_TIMEOUT_MS).contains(&config.jwks_timeout_ms) {
+            return Err(format!("`jwks_timeout_ms` must be between 1 and {MAX_JWKS_TIMEOUT_MS}"));
+        }
+        Ok(Some(match source {
+            JwksSource::Set(set) => Jwks::Inline(Arc::new(parse_jwks(set, true).map_err(|e| format!("`jwks`: {e}"))?)),
+            JwksSource::Url(url) => Jwks::Remote(Arc::new(RemoteJwks {
+                url: parse_http_url(url)?,
+                refresh: Duration::from_secs(config.jwks_refresh_secs),
+                timeout: Duration::from_millis(config.jwks_timeout_ms),
+                keys: RwLock::default(),
+                started: tokio::sync::OnceCell::new(),
+            })),
+        }))
+    }
+
+    fn current(&self) -> Arc<KeySet> {
+        match self {
+            Jwks::Inline(set) => set.clone(),
+            Jwks::Remote(remote) => remote.current(),
+        }
+    }
 }
 
 /// A token, split and decoded; its signature not yet checked.
@@ -402,6 +933,34 @@ impl Jwt {
         }
         let anonymous = anonymous_consumer(build, config.anonymous.as_deref())?;
         let www_authenticate = www_authenticate("Bearer", config.realm.as_deref())?;
+
+        let jwks = Jwks::build(&config)?;
+        if jwks.is_none() {
+            for (field, set) in [
+                ("issuer", config.issuer.is_some()),
+                ("audience", config.audience.is_some()),
+                ("consumer_claim", config.consumer_claim.is_some()),
+            ] {
+                if set {
+                    return Err(format!("`{field}` applies to tokens verified through `jwks`, which is not set"));
+                }
+            }
+        }
+        let issuers = config.issuer.clone().map(|i| i.into_list("issuer")).transpose()?.unwrap_or_default();
+        let audiences = config.audience.clone().map(|a| a.into_list("audience")).transpose()?.unwrap_or_default();
+        let mut consumers_by_claim = HashMap::new();
+        if let Some(claim) = &config.consumer_claim {
+            if claim.is_empty() {
+                return Err("`consumer_claim` must not be empty".into());
+            }
+            for consumer in build.consumers() {
+                let names = [Some(&consumer.id), consumer.username.as_ref(), consumer.custom_id.as_ref()];
+                for name in names.into_iter().flatten() {
+                    consumers_by_claim.entry(name.clone()).or_insert_with(|| Identity::new(consumer.clone(), None));
+                }
+            }
+        }
+
         let name = &config.key_claim_name;
         Ok(Jwt {
             no_key_claim: format!("No mandatory '{name}' in claims"),
@@ -413,6 +972,10 @@ impl Jwt {
             secrets,
             anonymous,
             www_authenticate,
+            jwks,
+            issuers,
+            audiences,
+            consumers_by_claim,
         })
     }
 
@@ -478,16 +1041,36 @@ impl Jwt {
         }
     }
 
-    /// Kong's checks, in Kong's order: decode, credential, algorithm, signature, claims.
-    fn authenticate(&self, token: &str) -> Result<&Secret, Refusal> {
+    /// Kong's checks, in Kong's order: decode, credential (a JWK set's key by `kid`, else a
+    /// `jwt_secrets` credential), algorithm, signature, claims.
+    fn authenticate(&self, token: &str) -> Result<Verified<'_>, Refusal> {
         let token = decode(token)?;
+        let mut unknown_kid = false;
+        if let Some(jwks) = &self.jwks
+            && let Some(kid) = token.header.get("kid").and_then(Value::as_str)
+        {
+            let keys = jwks.current();
+            if let Some(key) = keys.keys.get(kid) {
+                return self.verify_with_jwk(&token, key);
+            }
+            unknown_kid = true;
+        }
+        self.verify_with_secret(&token, unknown_kid).map(Verified::Secret)
+    }
+
+    /// The `jwt_secrets` path (Kong's). `unknown_kid`: the token named a `kid` the JWK set does
+    /// not hold, which is what a missing credential is reported as.
+    fn verify_with_secret(&self, token: &Token<'_>, unknown_kid: bool) -> Result<&Secret, Refusal> {
+        let no_credential = |message: &String| {
+            Refusal::Message(if unknown_kid { NO_CREDENTIALS_FOR_KID.to_string() } else { message.clone() })
+        };
         let name = &self.config.key_claim_name;
         let key = match token.claims.get(name).or_else(|| token.header.get(name)) {
-            None | Some(Value::Null) => return Err(Refusal::Message(self.no_key_claim.clone())),
+            None | Some(Value::Null) => return Err(no_credential(&self.no_key_claim)),
             Some(Value::String(s)) if !s.is_empty() => s,
-            Some(_) => return Err(Refusal::Message(self.invalid_key_claim.clone())),
+            Some(_) => return Err(no_credential(&self.invalid_key_claim)),
         };
-        let secret = self.secrets.get(key).ok_or_else(|| Refusal::Message(self.no_credentials.clone()))?;
+        let secret = self.secrets.get(key).ok_or_else(|| no_credential(&self.no_credentials))?;
         if token.algorithm != secret.algorithm {
             return Err("Invalid algorithm".into());
         }
@@ -495,13 +1078,60 @@ impl Jwt {
             Ok(true) => {}
             Ok(false) | Err(_) => return Err("Invalid signature".into()),
         }
+        self.check_claims(&token.claims, false)?;
+        Ok(secret)
+    }
+
+    /// The JWK set path: the key's algorithms, the signature, the registered claims (an `exp`
+    /// always), `issuer`, `audience`, then the consumer `consumer_claim` names.
+    fn verify_with_jwk(&self, token: &Token<'_>, key: &JwksKey) -> Result<Verified<'_>, Refusal> {
+        if !key.algorithms.contains(&token.algorithm) {
+            return Err("Invalid algorithm".into());
+        }
+        match jsonwebtoken::crypto::verify(token.signature, token.signed.as_bytes(), &key.key, token.algorithm) {
+            Ok(true) => {}
+            Ok(false) | Err(_) => return Err("Invalid signature".into()),
+        }
+        self.check_claims(&token.claims, true)?;
+        if !self.issuers.is_empty() {
+            match token.claims.get("iss") {
+                None | Some(Value::Null) => return Err("No mandatory 'iss' in claims".into()),
+                Some(Value::String(iss)) if self.issuers.contains(iss) => {}
+                Some(_) => return Err("Invalid 'iss' in claims".into()),
+            }
+        }
+        if !self.audiences.is_empty() {
+            let accepted = |aud: &Value| aud.as_str().is_some_and(|a| self.audiences.iter().any(|x| x == a));
+            match token.claims.get("aud") {
+                None | Some(Value::Null) => return Err("No mandatory 'aud' in claims".into()),
+                Some(Value::Array(auds)) if auds.iter().any(accepted) => {}
+                Some(aud) if accepted(aud) => {}
+                Some(_) => return Err("Invalid 'aud' in claims".into()),
+            }
+        }
+        let who = self
+            .config
+            .consumer_claim
+            .as_ref()
+            .and_then(|claim| token.claims.get(claim))
+            .and_then(Value::as_str)
+            .and_then(|name| self.consumers_by_claim.get(name));
+        Ok(Verified::Jwks { who, credential: key.credential.clone(), credential_value: key.credential_value.clone() })
+    }
+
+    /// `claims_to_verify` and `maximum_expiration`; `always_exp`: an `exp` present is checked
+    /// even when not listed.
+    fn check_claims(&self, claims: &Map<String, Value>, always_exp: bool) -> Result<(), Refusal> {
         let now = now();
         let mut errors = Map::new();
-        for claim in &self.claims_to_verify {
-            let message = match token.claims.get(claim.name()).and_then(Value::as_f64) {
+        let unlisted_exp =
+            (always_exp && claims.contains_key("exp") && !self.claims_to_verify.contains(&RegisteredClaim::Exp))
+                .then_some(RegisteredClaim::Exp);
+        for claim in self.claims_to_verify.iter().copied().chain(unlisted_exp) {
+            let message = match claims.get(claim.name()).and_then(Value::as_f64) {
                 None => "must be a number",
-                Some(exp) if *claim == RegisteredClaim::Exp && exp <= now => "token expired",
-                Some(nbf) if *claim == RegisteredClaim::Nbf && nbf > now => "token not valid yet",
+                Some(exp) if claim == RegisteredClaim::Exp && exp <= now => "token expired",
+                Some(nbf) if claim == RegisteredClaim::Nbf && nbf > now => "token not valid yet",
                 Some(_) => continue,
             };
             errors.insert(claim.name().to_string(), message.into());
@@ -510,13 +1140,13 @@ impl Jwt {
             return Err(Refusal::Claims(errors));
         }
         if self.config.maximum_expiration > 0.0 {
-            let exp = token.claims.get("exp").and_then(Value::as_f64);
+            let exp = claims.get("exp").and_then(Value::as_f64);
             if exp.is_none_or(|exp| exp - now > self.config.maximum_expiration) {
                 errors.insert("exp".into(), "exceeds maximum allowed expiration".into());
                 return Err(Refusal::Claims(errors));
             }
         }
-        Ok(secret)
+        Ok(())
     }
 
     /// Kong's rule for several auth plugins with `anonymous`: if another one already
@@ -543,12 +1173,39 @@ impl Plugin for Jwt {
             },
             Lookup::Multiple => ControlFlow::Break(self.unauthorized(ctx, "Multiple tokens provided".into())),
             Lookup::Token(token) => match self.authenticate(&token) {
-                Ok(secret) => {
+                Ok(Verified::Secret(secret)) => {
                     set_consumer(ctx, req, &secret.who, false);
+                    ControlFlow::Continue(())
+                }
+                Ok(Verified::Jwks { who, credential, credential_value }) => {
+                    match who {
+                        // The identity carries no credential: the key's is set below.
+                        Some(who) => set_consumer(ctx, req, who, false),
+                        None => ctx.consumer = None,
+                    }
+                    req.headers_mut().insert(CREDENTIAL_IDENTIFIER.clone(), credential_value);
+                    ctx.credential = Some(credential);
                     ControlFlow::Continue(())
                 }
                 Err(refusal) => ControlFlow::Break(self.unauthorized(ctx, refusal)),
             },
         }
+    }
+
+    fn is_async(&self) -> bool {
+        matches!(self.jwks, Some(Jwks::Remote(_)))
+    }
+
+    fn access_async<'a>(
+        &'a self,
+        ctx: &'a mut RequestContext,
+        req: &'a mut Request<ProxyBody>,
+    ) -> BoxFuture<'a, ControlFlow<Answer>> {
+        Box::pin(async move {
+            if let Some(Jwks::Remote(remote)) = &self.jwks {
+                remote.ensure_started().await;
+            }
+            self.access(ctx, req)
+        })
     }
 }

@@ -9,8 +9,14 @@ use common::*;
 use gateway_core::Gateway;
 use gateway_core::config::Config;
 use gateway_core::server::ServerSettings;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
 use http::{Request, StatusCode};
-use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use http_body_util::BodyExt;
+use jsonwebtoken::jwk::Jwk;
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header};
 use serde_json::{Value, json};
 
 // Fixed test keys (made once with `openssl genpkey`; they protect nothing).
@@ -519,4 +525,464 @@ async fn bad_keys_credentials_and_configs_fail_the_route_when_built() {
 
 fn hs_token(iss: &str, secret: &str) -> String {
     hs(Algorithm::HS256, secret.as_bytes(), &json!({"iss": iss}))
+}
+
+// ---- JWK sets (beyond Kong's open source) ----
+
+/// A JWK of a public key, with its `kid` (and `alg` when given), as an identity provider
+/// publishes it.
+fn jwk(key: &DecodingKey, kid: &str, alg: Option<Algorithm>) -> Value {
+    let mut v = serde_json::to_value(Jwk::from_decoding_key(key, alg).unwrap()).unwrap();
+    v["kid"] = json!(kid);
+    v
+}
+
+fn rsa_jwk(kid: &str, alg: Option<Algorithm>) -> Value {
+    jwk(&DecodingKey::from_rsa_pem(RSA_PUBLIC.as_bytes()).unwrap(), kid, alg)
+}
+
+fn ec_jwk(kid: &str, alg: Option<Algorithm>) -> Value {
+    jwk(&DecodingKey::from_ec_pem(EC_PUBLIC.as_bytes()).unwrap(), kid, alg)
+}
+
+fn ed_jwk(kid: &str, alg: Option<Algorithm>) -> Value {
+    jwk(&DecodingKey::from_ed_pem(ED_PUBLIC.as_bytes()).unwrap(), kid, alg)
+}
+
+fn rsa_key() -> EncodingKey {
+    EncodingKey::from_rsa_pem(RSA_PRIVATE.as_bytes()).unwrap()
+}
+
+fn ec_key() -> EncodingKey {
+    EncodingKey::from_ec_pem(EC_PRIVATE.as_bytes()).unwrap()
+}
+
+fn ed_key() -> EncodingKey {
+    EncodingKey::from_ed_pem(ED_PRIVATE.as_bytes()).unwrap()
+}
+
+/// A token whose header names `kid`.
+fn with_kid(alg: Algorithm, key: &EncodingKey, kid: &str, claims: &Value) -> String {
+    let mut header = Header::new(alg);
+    header.kid = Some(kid.into());
+    jsonwebtoken::encode(&header, claims, key).unwrap()
+}
+
+/// Asserts a 401 with Kong's `{"message": ...}` body and `WWW-Authenticate`.
+async fn refused(gw: &RunningGateway, token: &str, message: &str) {
+    let resp = send(bearer(gw, "/", token)).await;
+    assert_eq!(resp.status, StatusCode::UNAUTHORIZED, "{message}: {}", String::from_utf8_lossy(&resp.body));
+    assert_eq!(resp.json()["message"], message);
+    assert_eq!(resp.headers["www-authenticate"], "Bearer");
+}
+
+/// Asserts the token is accepted and returns what the upstream saw.
+async fn accepted(gw: &RunningGateway, token: &str) -> Echo {
+    let resp = send(bearer(gw, "/", token)).await;
+    assert_eq!(resp.status, StatusCode::OK, "{}", String::from_utf8_lossy(&resp.body));
+    resp.echo()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_inline_jwks_verifies_tokens_by_kid_with_the_keys_algorithm() {
+    let up = echo_upstream().await;
+    let mut encryption_key = rsa_jwk("enc-1", None);
+    encryption_key["use"] = json!("enc");
+    let config = json!({"jwks": {"keys": [
+        rsa_jwk("rsa-1", Some(Algorithm::RS256)),
+        rsa_jwk("rsa-any", None),
+        ec_jwk("ec-1", Some(Algorithm::ES256)),
+        ed_jwk("ed-1", None),
+        encryption_key,
+    ]}});
+    let gw = start(up.addr, config).await;
+    let (rsa, ec, ed) = (rsa_key(), ec_key(), ed_key());
+    let claims = json!({"sub": "someone", "exp": now() + 60});
+
+    let token = with_kid(Algorithm::RS256, &rsa, "rsa-1", &claims);
+    let resp = send(
+        Request::get(gw.url("/"))
+            .header("authorization", format!("Bearer {token}"))
+            .header("x-consumer-username", "mallory")
+            .header("x-credential-identifier", "forged")
+            .body(full(""))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(resp.status, StatusCode::OK, "{}", String::from_utf8_lossy(&resp.body));
+    let echo = resp.echo();
+    assert_eq!(echo.headers["x-credential-identifier"], vec!["jwks:rsa-1"]);
+    assert_eq!(echo.header("x-consumer-username"), None, "no consumer_claim: no consumer");
+    assert_eq!(echo.header("x-consumer-id"), None);
+    assert_eq!(echo.header("x-anonymous-consumer"), None);
+
+    // Without `alg`, the key's family decides.
+    for (alg, key, kid) in [
+        (Algorithm::PS256, &rsa, "rsa-any"),
+        (Algorithm::RS512, &rsa, "rsa-any"),
+        (Algorithm::ES256, &ec, "ec-1"),
+        (Algorithm::EdDSA, &ed, "ed-1"),
+    ] {
+        let echo = accepted(&gw, &with_kid(alg, key, kid, &claims)).await;
+        assert_eq!(echo.header("x-credential-identifier"), Some(format!("jwks:{kid}").as_str()), "{alg:?}");
+    }
+
+    // The JWK's `alg` pins the algorithm; without one, only the family's are accepted.
+    refused(&gw, &with_kid(Algorithm::RS512, &rsa, "rsa-1", &claims), "Invalid algorithm").await;
+    refused(&gw, &with_kid(Algorithm::ES256, &ec, "rsa-any", &claims), "Invalid algorithm").await;
+    refused(&gw, &with_kid(Algorithm::EdDSA, &ed, "ec-1", &claims), "Invalid algorithm").await;
+    // Key confusion: an HMAC token whose secret is the RSA public key.
+    let confused = with_kid(Algorithm::HS256, &EncodingKey::from_secret(RSA_PUBLIC.as_bytes()), "rsa-any", &claims);
+    refused(&gw, &confused, "Invalid algorithm").await;
+    let none = format!("{}.{}.", b64(&json!({"alg": "none", "kid": "rsa-1"})), b64(&claims));
+    refused(&gw, &none, "Bad token; invalid alg").await;
+    // Tampered claims under a genuine signature; a key of the set signing for another kid.
+    let genuine = with_kid(Algorithm::ES256, &ec, "ec-1", &claims);
+    let mut parts: Vec<&str> = genuine.split('.').collect();
+    let forged = b64(&json!({"sub": "admin", "exp": now() + 60}));
+    parts[1] = &forged;
+    refused(&gw, &parts.join("."), "Invalid signature").await;
+
+    // An expired `exp` is refused even though `claims_to_verify` is empty.
+    let expired = with_kid(Algorithm::ES256, &ec, "ec-1", &json!({"exp": now() - 10}));
+    let resp = send(bearer(&gw, "/", &expired)).await;
+    assert_eq!(resp.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(resp.json(), json!({"exp": "token expired"}));
+    let no_exp = with_kid(Algorithm::ES256, &ec, "ec-1", &json!({"sub": "x"}));
+    accepted(&gw, &no_exp).await;
+
+    // A kid the set does not hold (or holds for encryption only), and no jwt_secrets match.
+    refused(&gw, &with_kid(Algorithm::ES256, &ec, "nope", &claims), "No credentials found for given 'kid'").await;
+    let unknown_with_iss = with_kid(Algorithm::ES256, &ec, "nope", &json!({"iss": "https://idp"}));
+    refused(&gw, &unknown_with_iss, "No credentials found for given 'kid'").await;
+    refused(&gw, &with_kid(Algorithm::RS256, &rsa, "enc-1", &claims), "No credentials found for given 'kid'").await;
+
+    // jwt_secrets still work, with or without a kid the set does not hold: Kong's path, unchanged.
+    let echo = accepted(&gw, &alice(&json!({"iss": "alice-iss"}))).await;
+    assert_eq!(echo.header("x-consumer-username"), Some("alice"));
+    assert_eq!(echo.header("x-credential-identifier"), Some("cred-alice"));
+    let alice_kid = with_kid(
+        Algorithm::HS256,
+        &EncodingKey::from_secret(ALICE_SECRET.as_bytes()),
+        "x",
+        &json!({"iss": "alice-iss"}),
+    );
+    assert_eq!(accepted(&gw, &alice_kid).await.header("x-consumer-username"), Some("alice"));
+    refused(&gw, &alice(&json!({"sub": "a"})), "No mandatory 'iss' in claims").await;
+    // Kong's exp rule for jwt_secrets is unchanged: not listed, not checked.
+    accepted(&gw, &alice(&json!({"iss": "alice-iss", "exp": now() - 10}))).await;
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwks_tokens_must_match_issuer_audience_and_listed_claims() {
+    let up = echo_upstream().await;
+    let config = json!({
+        "jwks": {"keys": [ec_jwk("ec-1", None)]},
+        "issuer": ["https://idp", "https://idp2"],
+        "audience": "api",
+        "claims_to_verify": ["nbf"],
+    });
+    let gw = start(up.addr, config).await;
+    let ec = ec_key();
+    let t = now();
+    let token = |claims: Value| with_kid(Algorithm::ES256, &ec, "ec-1", &claims);
+
+    accepted(&gw, &token(json!({"iss": "https://idp", "aud": "api", "nbf": t - 1}))).await;
+    accepted(&gw, &token(json!({"iss": "https://idp2", "aud": ["web", "api"], "nbf": t}))).await;
+    let cases = [
+        (json!({"iss": "https://evil", "aud": "api", "nbf": t}), "Invalid 'iss' in claims"),
+        (json!({"iss": ["https://idp"], "aud": "api", "nbf": t}), "Invalid 'iss' in claims"),
+        (json!({"aud": "api", "nbf": t}), "No mandatory 'iss' in claims"),
+        (json!({"iss": "https://idp", "aud": "web", "nbf": t}), "Invalid 'aud' in claims"),
+        (json!({"iss": "https://idp", "aud": ["web", "app"], "nbf": t}), "Invalid 'aud' in claims"),
+        (json!({"iss": "https://idp", "aud": 7, "nbf": t}), "Invalid 'aud' in claims"),
+        (json!({"iss": "https://idp", "nbf": t}), "No mandatory 'aud' in claims"),
+    ];
+    for (claims, message) in cases {
+        refused(&gw, &token(claims), message).await;
+    }
+    // The registered claims come first, as in Kong's order.
+    let resp = send(bearer(&gw, "/", &token(json!({"iss": "https://evil", "nbf": t + 600})))).await;
+    assert_eq!(resp.json(), json!({"nbf": "token not valid yet"}));
+    let resp = send(bearer(&gw, "/", &token(json!({"iss": "https://idp", "aud": "api"})))).await;
+    assert_eq!(resp.json(), json!({"nbf": "must be a number"}));
+    let resp =
+        send(bearer(&gw, "/", &token(json!({"iss": "https://idp", "aud": "api", "nbf": t, "exp": t - 5})))).await;
+    assert_eq!(resp.json(), json!({"exp": "token expired"}));
+    // The signature before any claim: a forged token never learns which claim was wrong.
+    let forged = with_kid(Algorithm::ES256, &ec, "ec-1", &json!({"iss": "https://evil"}));
+    let mut parts: Vec<&str> = forged.split('.').collect();
+    let claims = b64(&json!({"iss": "https://idp", "aud": "api", "nbf": t}));
+    parts[1] = &claims;
+    refused(&gw, &parts.join("."), "Invalid signature").await;
+    // Issuer and audience are for JWK set tokens: jwt_secrets ones are Kong's.
+    accepted(&gw, &alice(&json!({"iss": "alice-iss", "nbf": t}))).await;
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumer_claim_maps_jwks_tokens_to_consumers() {
+    let up = echo_upstream().await;
+    let gw = start(up.addr, json!({"jwks": {"keys": [ec_jwk("ec-1", None)]}, "consumer_claim": "sub"})).await;
+    let ec = ec_key();
+    let token = |claims: Value| with_kid(Algorithm::ES256, &ec, "ec-1", &claims);
+
+    for (sub, username) in [("alice", "alice"), ("cust-1", "alice"), ("bob", "bob")] {
+        let resp = send(
+            Request::get(gw.url("/"))
+                .header("authorization", format!("Bearer {}", token(json!({"sub": sub}))))
+                .header("x-consumer-username", "mallory")
+                .body(full(""))
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(resp.status, StatusCode::OK, "{sub}");
+        let echo = resp.echo();
+        assert_eq!(echo.headers["x-consumer-username"], vec![username], "{sub}");
+        assert_eq!(echo.header("x-consumer-id"), Some(username), "{sub}");
+        assert_eq!(echo.headers["x-credential-identifier"], vec!["jwks:ec-1"], "{sub}");
+        assert_eq!(echo.header("x-anonymous-consumer"), None);
+    }
+    assert_eq!(accepted(&gw, &token(json!({"sub": "alice"}))).await.header("x-consumer-custom-id"), Some("cust-1"));
+
+    // No consumer matches (or no such claim): authenticated, without a consumer.
+    for claims in [json!({"sub": "stranger"}), json!({"name": "alice"}), json!({"sub": 7})] {
+        let resp = send(
+            Request::get(gw.url("/"))
+                .header("authorization", format!("Bearer {}", token(claims.clone())))
+                .header("x-consumer-username", "alice")
+                .header("x-consumer-id", "alice")
+                .body(full(""))
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(resp.status, StatusCode::OK, "{claims}");
+        let echo = resp.echo();
+        assert_eq!(echo.header("x-consumer-username"), None, "{claims}");
+        assert_eq!(echo.header("x-consumer-id"), None, "{claims}");
+        assert_eq!(echo.header("x-credential-identifier"), Some("jwks:ec-1"), "{claims}");
+    }
+    gw.shutdown().await;
+
+    // With `anonymous`, a verified token without a consumer is still not the anonymous one.
+    let config = json!({"jwks": {"keys": [ec_jwk("ec-1", None)]}, "consumer_claim": "sub", "anonymous": "guest"});
+    let gw = start(up.addr, config).await;
+    let echo = accepted(&gw, &token(json!({"sub": "stranger"}))).await;
+    assert_eq!(echo.header("x-consumer-username"), None);
+    assert_eq!(echo.header("x-anonymous-consumer"), None);
+    assert_eq!(get(&gw.url("/")).await.echo().header("x-consumer-username"), Some("guest"));
+    gw.shutdown().await;
+}
+
+/// A response body sent in frames of unknown total length: hyper sends it chunked.
+struct Chunked(std::collections::VecDeque<bytes::Bytes>);
+
+impl http_body::Body for Chunked {
+    type Data = bytes::Bytes;
+    type Error = BoxError;
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, BoxError>>> {
+        std::task::Poll::Ready(self.0.pop_front().map(|b| Ok(http_body::Frame::data(b))))
+    }
+}
+
+/// What the JWK set server answers, and how often it was asked.
+struct JwksServer {
+    upstream: Upstream,
+    answer: Arc<Mutex<(StatusCode, String)>>,
+    fetches: Arc<AtomicUsize>,
+}
+
+impl JwksServer {
+    async fn start(set: &Value) -> Self {
+        let answer = Arc::new(Mutex::new((StatusCode::OK, set.to_string())));
+        let fetches = Arc::new(AtomicUsize::new(0));
+        let (a, f) = (answer.clone(), fetches.clone());
+        let upstream = upstream_with(Arc::new(move |req: Request<hyper::body::Incoming>, _, _| {
+            let (status, body) = a.lock().unwrap().clone();
+            f.fetch_add(1, Ordering::SeqCst);
+            Box::pin(async move {
+                let body = if req.uri().path() == "/chunked" {
+                    let (one, two) = body.split_at(body.len() / 2);
+                    let frames = [one, two].map(|s| bytes::Bytes::copy_from_slice(s.as_bytes()));
+                    Chunked(frames.into_iter().collect()).boxed_unsync()
+                } else {
+                    full(body)
+                };
+                http::Response::builder().status(status).header("content-type", "application/json").body(body).unwrap()
+            })
+        }))
+        .await;
+        JwksServer { upstream, answer, fetches }
+    }
+
+    fn serve(&self, status: StatusCode, body: String) {
+        *self.answer.lock().unwrap() = (status, body);
+    }
+
+    fn fetches(&self) -> usize {
+        self.fetches.load(Ordering::SeqCst)
+    }
+
+    /// Waits (at most 5 s) until the set was fetched again after now.
+    async fn wait_for_fetch(&self) {
+        let before = self.fetches();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while self.fetches() <= before {
+            assert!(tokio::time::Instant::now() < deadline, "the JWK set was not fetched again within 5 s");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // Let the fetch that was just answered be parsed and stored.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jwks_url_is_fetched_on_first_use_and_refreshed_in_the_background() {
+    let up = echo_upstream().await;
+    let set_one = json!({"keys": [ec_jwk("k1", Some(Algorithm::ES256))]});
+    let set_two = json!({"keys": [ed_jwk("k2", None), {"kty": "oct", "k": "c2VjcmV0", "kid": "sym"}]});
+    let server = JwksServer::start(&set_one).await;
+    let config = json!({
+        "jwks": format!("http://{}/.well-known/jwks.json", server.upstream.addr),
+        "jwks_refresh_secs": 1,
+        "consumer_claim": "sub",
+    });
+    let gw = start(up.addr, config).await;
+    assert_eq!(server.fetches(), 0, "fetched on first use, not when built");
+    let one = with_kid(Algorithm::ES256, &ec_key(), "k1", &json!({"sub": "alice"}));
+    let two = with_kid(Algorithm::EdDSA, &ed_key(), "k2", &json!({"sub": "bob"}));
+    let echo = accepted(&gw, &one).await;
+    assert_eq!(echo.header("x-consumer-username"), Some("alice"));
+    assert_eq!(echo.header("x-credential-identifier"), Some("jwks:k1"));
+    refused(&gw, &two, "No credentials found for given 'kid'").await;
+
+    // Rotation: the new set replaces the old one within a refresh (the `oct` key is skipped).
+    server.serve(StatusCode::OK, set_two.to_string());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let resp = send(bearer(&gw, "/", &two)).await;
+        if resp.status == StatusCode::OK {
+            assert_eq!(resp.echo().header("x-consumer-username"), Some("bob"));
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the rotated key was not picked up within 5 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    refused(&gw, &one, "No credentials found for given 'kid'").await;
+    let sym = with_kid(Algorithm::HS256, &EncodingKey::from_secret(b"secret"), "sym", &json!({"sub": "bob"}));
+    refused(&gw, &sym, "No credentials found for given 'kid'").await;
+
+    // Failed fetches (an error status, not JSON, not a set, no usable key) keep the last good set.
+    for (status, body) in [
+        (StatusCode::INTERNAL_SERVER_ERROR, set_one.to_string()),
+        (StatusCode::OK, "{not json".to_string()),
+        (StatusCode::OK, json!({"keys": "none"}).to_string()),
+        (StatusCode::OK, json!({"keys": [{"kty": "oct", "k": "c2VjcmV0", "kid": "sym"}]}).to_string()),
+    ] {
+        server.serve(status, body.clone());
+        server.wait_for_fetch().await;
+        assert_eq!(accepted(&gw, &two).await.header("x-credential-identifier"), Some("jwks:k2"), "{status} {body}");
+    }
+    // The refresher holds the plugin weakly: once the gateway is gone, it stops.
+    gw.shutdown().await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let after = server.fetches();
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    assert_eq!(server.fetches(), after, "the refresher outlived its plugin");
+
+    // A chunked response, and a default refresh far away: one fetch for many requests.
+    server.serve(StatusCode::OK, set_one.to_string());
+    let before = server.fetches();
+    let gw = start(up.addr, json!({"jwks": format!("http://{}/chunked", server.upstream.addr)})).await;
+    let (a, b) = tokio::join!(send(bearer(&gw, "/", &one)), send(bearer(&gw, "/", &one)));
+    assert_eq!((a.status, b.status), (StatusCode::OK, StatusCode::OK), "{}", String::from_utf8_lossy(&a.body));
+    assert_eq!(accepted(&gw, &one).await.header("x-consumer-username"), None);
+    assert_eq!(server.fetches(), before + 1, "concurrent first requests share one fetch");
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_or_slow_jwks_url_refuses_its_tokens_but_not_jwt_secrets() {
+    let up = echo_upstream().await;
+    let token = with_kid(Algorithm::ES256, &ec_key(), "k1", &json!({"sub": "x"}));
+    for url in [format!("http://{}/jwks", closed_port().await), format!("http://{}/slow/5000", up.addr)] {
+        let gw = start(up.addr, json!({"jwks": url, "jwks_timeout_ms": 300})).await;
+        let started = std::time::Instant::now();
+        refused(&gw, &token, "No credentials found for given 'kid'").await;
+        assert!(started.elapsed() < Duration::from_secs(3), "{url}: the fetch is bounded by jwks_timeout_ms");
+        assert_eq!(
+            accepted(&gw, &alice(&json!({"iss": "alice-iss"}))).await.header("x-consumer-username"),
+            Some("alice")
+        );
+        gw.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_jwks_configs_fail_the_route_when_built() {
+    let up = echo_upstream().await;
+    let with = |key: Value, fields: Value| {
+        let mut k = key;
+        k.as_object_mut().unwrap().extend(fields.as_object().unwrap().clone());
+        json!({"jwks": {"keys": [k]}})
+    };
+    let mut p384_as_p256 = jwk(&DecodingKey::from_ec_pem(EC384_PUBLIC.as_bytes()).unwrap(), "k", None);
+    p384_as_p256["crv"] = json!("P-256");
+    let bad = vec![
+        json!({"jwks": "https://idp.example/jwks"}),
+        json!({"jwks": "HTTPS://idp.example/jwks"}),
+        json!({"jwks": "ftp://idp.example/jwks"}),
+        json!({"jwks": "jwks.json"}),
+        json!({"jwks": "http://user:pw@idp.example/jwks"}),
+        json!({"jwks": 7}),
+        json!({"jwks": {"keys": []}}),
+        json!({"jwks": {"key": [ec_jwk("k", None)]}}),
+        json!({"jwks": {"keys": [ec_jwk("k", None), ed_jwk("k", None)]}}),
+        with(ec_jwk("k", None), json!({"kid": ""})),
+        json!({"jwks": {"keys": [{"kty": "EC", "crv": "P-256", "x": "AA", "y": "AA"}]}}),
+        with(ec_jwk("k", None), json!({"alg": "RS256"})),
+        with(ec_jwk("k", None), json!({"alg": "ES384"})),
+        with(rsa_jwk("k", None), json!({"alg": "HS256"})),
+        with(rsa_jwk("k", None), json!({"alg": "none"})),
+        with(rsa_jwk("k", None), json!({"n": "BQ", "e": "AQ"})),
+        with(rsa_jwk("k", None), json!({"n": "!!"})),
+        with(ed_jwk("k", None), json!({"x": "AAAA"})),
+        with(ec_jwk("k", None), json!({"crv": "P-521"})),
+        p384_as_p256,
+        json!({"jwks": {"keys": [{"kty": "oct", "k": "c2VjcmV0", "kid": "k"}]}}),
+        json!({"jwks": {"keys": [{"kty": "XYZ", "kid": "k"}]}}),
+        json!({"issuer": "https://idp"}),
+        json!({"audience": ["api"]}),
+        json!({"consumer_claim": "sub"}),
+        json!({"jwks": {"keys": [ec_jwk("k", None)]}, "issuer": []}),
+        json!({"jwks": {"keys": [ec_jwk("k", None)]}, "audience": ""}),
+        json!({"jwks": {"keys": [ec_jwk("k", None)]}, "consumer_claim": ""}),
+        json!({"jwks": "http://127.0.0.1:1/jwks", "jwks_refresh_secs": 0}),
+        json!({"jwks": "http://127.0.0.1:1/jwks", "jwks_timeout_ms": 0}),
+    ];
+    for config in bad {
+        let gw = start(up.addr, config.clone()).await;
+        let resp = send(bearer(&gw, "/", &alice(&json!({"iss": "alice-iss"})))).await;
+        assert_eq!(resp.status, StatusCode::INTERNAL_SERVER_ERROR, "{config}");
+        gw.shutdown().await;
+    }
+    // The same shapes, made right, build: what failed above was the one wrong field.
+    let good = vec![
+        with(ec_jwk("k", None), json!({"alg": "ES256", "use": "sig", "key_ops": ["verify"]})),
+        with(rsa_jwk("k", None), json!({"alg": "PS512"})),
+        json!({"jwks": {"keys": [ec_jwk("k", None), ed_jwk("k2", None), {"kty": "RSA", "use": "enc", "kid": "e", "n": "", "e": ""}]}}),
+        json!({"jwks": {"keys": [ec_jwk("k", None)]}, "issuer": "https://idp", "audience": ["a", "b"], "consumer_claim": "sub"}),
+        json!({"jwks": "http://127.0.0.1:1/jwks", "jwks_refresh_secs": 1, "jwks_timeout_ms": 100}),
+        json!({"jwks": "http://[::1]:1/jwks"}),
+    ];
+    for config in good {
+        let gw = start(up.addr, config.clone()).await;
+        let resp = send(bearer(&gw, "/", &alice(&json!({"iss": "alice-iss"})))).await;
+        assert_eq!(resp.status, StatusCode::OK, "{config}: {}", String::from_utf8_lossy(&resp.body));
+        gw.shutdown().await;
+    }
 }
