@@ -120,3 +120,15 @@ pub fn www_authenticate(scheme: &str, realm: Option<&str>) -> Result<HeaderValue
     };
     HeaderValue::from_str(&value).map_err(|_| "`realm` is not a valid header value".to_string())
 }
+
+/// Whether an authentication plugin stays out of this request: a CORS preflight when
+/// `run_on_preflight` is off, or, by Kong's rule for several auth plugins with `anonymous`
+/// (logical OR), a request another plugin already authenticated.
+pub fn steps_aside(
+    run_on_preflight: bool,
+    has_anonymous: bool,
+    ctx: &RequestContext,
+    req: &Request<ProxyBody>,
+) -> bool {
+    (!run_on_preflight && req.method() == http::Method::OPTIONS) || (has_anonymous && ctx.credential.is_some())
+}

@@ -100,7 +100,7 @@ use base64::alphabet;
 use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
 use gateway_core::body::{ProxyBody, ResponseBody};
 use gateway_core::plugin::{Answer, BoxFuture, BuildContext, Plugin, RequestContext, TypedFactory, typed_factory};
-use http::{HeaderName, HeaderValue, Method, Request, StatusCode, header};
+use http::{HeaderName, HeaderValue, Request, StatusCode, header};
 use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, KeyAlgorithm, KeyOperations, PublicKeyUse};
 use jsonwebtoken::{Algorithm, DecodingKey};
 use serde::Deserialize;
@@ -108,7 +108,8 @@ use serde_json::{Map, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::identity::{
-    CREDENTIAL_IDENTIFIER, Identity, anonymous_consumer, set_consumer, strip_identity_headers, www_authenticate,
+    CREDENTIAL_IDENTIFIER, Identity, anonymous_consumer, set_consumer, steps_aside, strip_identity_headers,
+    www_authenticate,
 };
 
 /// Kong's priority for jwt.
@@ -1149,11 +1150,8 @@ impl Jwt {
         Ok(())
     }
 
-    /// Kong's rule for several auth plugins with `anonymous`: if another one already
-    /// authenticated the request, this one steps aside.
     fn skip(&self, ctx: &RequestContext, req: &Request<ProxyBody>) -> bool {
-        (!self.config.run_on_preflight && req.method() == Method::OPTIONS)
-            || (self.anonymous.is_some() && ctx.credential.is_some())
+        steps_aside(self.config.run_on_preflight, self.anonymous.is_some(), ctx, req)
     }
 }
 

@@ -21,11 +21,13 @@ use std::sync::Arc;
 
 use gateway_core::body::{ProxyBody, read_limited};
 use gateway_core::plugin::{Answer, BoxFuture, BuildContext, Plugin, RequestContext, TypedFactory, typed_factory};
-use http::{HeaderName, HeaderValue, Method, Request, StatusCode, header};
+use http::{HeaderName, HeaderValue, Request, StatusCode, header};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
-use crate::identity::{Identity, anonymous_consumer, set_consumer, strip_identity_headers, www_authenticate};
+use crate::identity::{
+    Identity, anonymous_consumer, set_consumer, steps_aside, strip_identity_headers, www_authenticate,
+};
 use crate::transform::set_query;
 
 /// Kong's priority for key-auth.
@@ -290,11 +292,8 @@ impl KeyAuth {
         }
     }
 
-    /// Kong's rule for several auth plugins with `anonymous`: if another one already
-    /// authenticated the request, this one steps aside.
     fn skip(&self, ctx: &RequestContext, req: &Request<ProxyBody>) -> bool {
-        (!self.config.run_on_preflight && req.method() == Method::OPTIONS)
-            || (self.anonymous.is_some() && ctx.credential.is_some())
+        steps_aside(self.config.run_on_preflight, self.anonymous.is_some(), ctx, req)
     }
 }
 
