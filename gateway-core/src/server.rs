@@ -81,6 +81,22 @@ impl ServerSettings {
     }
 }
 
+/// Waits until the first bytes of a connection tell HTTP/1 from HTTP/2's preface (peeking, so
+/// nothing is consumed). `false` when the client closed first.
+async fn protocol_decidable(stream: &tokio::net::TcpStream) -> bool {
+    const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    let mut buf = [0u8; 24];
+    loop {
+        match stream.peek(&mut buf).await {
+            Ok(0) | Err(_) => return false,
+            Ok(n) if n >= PREFACE.len() || !PREFACE.starts_with(&buf[..n]) => return true,
+            // Part of the preface so far: the rest is on its way (or never comes, and the
+            // caller's timeout ends the wait). Peeking again at once would spin.
+            Ok(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+        }
+    }
+}
+
 /// Serves until `shutdown` resolves, then stops accepting, lets in-flight requests finish
 /// within [`ServerSettings::shutdown_grace`], and returns.
 pub(crate) async fn serve(
@@ -90,6 +106,7 @@ pub(crate) async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
     let builder = Arc::new(settings.builder());
+    let header_timeout = settings.header_read_timeout;
     let graceful = Arc::new(GracefulShutdown::new());
     let mut accept_tasks = tokio::task::JoinSet::new();
     for listener in listeners {
@@ -113,16 +130,28 @@ pub(crate) async fn serve(
                 let conn_info = ConnInfo { client, local, tls: false };
                 let values = ConnValues::new(&conn_info);
                 let shared = shared.clone();
-                let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                    let snapshot = shared.snapshot.load_full();
-                    let req = req.map(ProxyBody::Incoming);
-                    let values = values.clone();
-                    async move { Ok::<_, Infallible>(handle(snapshot, req, conn_info, values).await) }
-                });
-                let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc).into_owned();
-                let fut = graceful.watch(conn);
+                let builder = builder.clone();
+                let watcher = graceful.watcher();
                 tokio::spawn(async move {
-                    if let Err(e) = fut.await {
+                    // hyper-util's auto builder reads the first bytes to tell HTTP/2's preface
+                    // from HTTP/1 with no timer of its own: bound that wait by the header
+                    // timeout, or a client trickling `P`, `R`, `I` holds the connection forever.
+                    match tokio::time::timeout(header_timeout, protocol_decidable(&stream)).await {
+                        Ok(true) => {}
+                        Ok(false) => return,
+                        Err(_) => {
+                            tracing::debug!(%client, "no request head within the header timeout; closing");
+                            return;
+                        }
+                    }
+                    let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        let snapshot = shared.snapshot.load_full();
+                        let req = req.map(ProxyBody::Incoming);
+                        let values = values.clone();
+                        async move { Ok::<_, Infallible>(handle(snapshot, req, conn_info, values).await) }
+                    });
+                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc).into_owned();
+                    if let Err(e) = watcher.watch(conn).await {
                         tracing::debug!(%client, error = %e, "connection ended with an error");
                     }
                 });

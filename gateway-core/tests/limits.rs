@@ -100,3 +100,24 @@ async fn an_idle_keep_alive_connection_is_closed() {
     assert!(start.elapsed() >= Duration::from_millis(250), "closed too early: {:?}", start.elapsed());
     gw.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_or_preface_trickling_connections_are_closed_by_the_header_timeout() {
+    let up = echo_upstream().await;
+    let settings = ServerSettings { header_read_timeout: Duration::from_millis(300), ..Default::default() };
+    let gw = start_gateway_with(&config(up.addr), settings).await;
+    for first_bytes in [&b""[..], &b"PR"[..], &b"PRI * HTTP/2.0\r\n"[..]] {
+        let mut s = TcpStream::connect(gw.addr).await.unwrap();
+        s.write_all(first_bytes).await.unwrap();
+        let start = Instant::now();
+        let mut rest = Vec::new();
+        let closed = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest)).await;
+        assert!(closed.is_ok(), "{first_bytes:?}: connection still open after 5 s");
+        assert!(start.elapsed() < Duration::from_secs(2), "{first_bytes:?}: closed only after {:?}", start.elapsed());
+    }
+    // A normal request still works, over HTTP/1.1 and HTTP/2 alike.
+    assert_eq!(get(&gw.url("/")).await.status, http::StatusCode::OK);
+    let h2 = h2_client().request(http::Request::get(gw.url("/")).body(full("")).unwrap()).await.unwrap();
+    assert_eq!(h2.status(), http::StatusCode::OK);
+    gw.shutdown().await;
+}
