@@ -217,6 +217,10 @@ pub(crate) fn compile(
             continue;
         }
         let Some(factory) = registry.get(&entry.name) else { continue }; // reported by name checks
+        if scope.consumer.is_some() && !factory.consumer_scope_allowed() {
+            problems.push((at, format!("plugin `{}` cannot be scoped to a consumer", entry.name)));
+            continue;
+        }
         if let Some(first) = seen.insert((entry.name.as_str(), scope), at.clone()) {
             problems.push((
                 at,

@@ -146,7 +146,9 @@ pub trait Plugin: Send + Sync + 'static {
     }
 
     /// A tower layer to wrap around the upstream call of every route this instance applies to
-    /// (retries, circuit breaking, body transforms). Asked once per route build.
+    /// (retries, circuit breaking, body transforms). Asked once per route build, of the
+    /// route's default instance only: a layer cannot depend on the consumer, so plugins that
+    /// contribute one should refuse consumer scope ([`TypedFactory::no_consumer`]).
     fn layer(&self) -> Option<UpstreamLayer> {
         None
     }
@@ -256,6 +258,13 @@ pub trait PluginFactory: Send + Sync + 'static {
         &[]
     }
 
+    /// Whether an instance may be scoped to a consumer. Authentication plugins say no (Kong's
+    /// `no_consumer`): they run before any consumer is known, so a consumer-only instance would
+    /// never run and would leave the route open. Such a config is refused.
+    fn consumer_scope_allowed(&self) -> bool {
+        true
+    }
+
     /// Builds an instance from its `config` (an empty object when the config has none).
     fn build(&self, config: &Value, ctx: &BuildContext<'_>) -> Result<Arc<dyn Plugin>, String>;
 }
@@ -268,7 +277,7 @@ where
     P: Plugin,
     F: Fn(C, &BuildContext<'_>) -> Result<P, String> + Send + Sync + 'static,
 {
-    TypedFactory { name, priority, sections: &[], build, _config: std::marker::PhantomData }
+    TypedFactory { name, priority, sections: &[], no_consumer: false, build, _config: std::marker::PhantomData }
 }
 
 /// See [`typed_factory`].
@@ -276,11 +285,19 @@ pub struct TypedFactory<C, F> {
     name: &'static str,
     priority: i32,
     sections: &'static [&'static str],
+    no_consumer: bool,
     build: F,
     _config: std::marker::PhantomData<fn() -> C>,
 }
 
 impl<C, F> TypedFactory<C, F> {
+    /// Refuses instances scoped to a consumer (see [`PluginFactory::consumer_scope_allowed`]).
+    #[must_use]
+    pub fn no_consumer(mut self) -> Self {
+        self.no_consumer = true;
+        self
+    }
+
     /// Declares the consumer credential sections this plugin owns.
     #[must_use]
     pub fn with_credentials(mut self, sections: &'static [&'static str]) -> Self {
@@ -303,6 +320,9 @@ where
     }
     fn credential_sections(&self) -> &[&'static str] {
         self.sections
+    }
+    fn consumer_scope_allowed(&self) -> bool {
+        !self.no_consumer
     }
     fn build(&self, config: &Value, ctx: &BuildContext<'_>) -> Result<Arc<dyn Plugin>, String> {
         let typed: C = serde_json::from_value(config.clone()).map_err(|e| format!("invalid config: {e}"))?;

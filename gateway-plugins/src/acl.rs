@@ -63,7 +63,7 @@ pub struct Acl {
 /// The factory to register.
 pub fn factory() -> TypedFactory<AclConfig, impl Fn(AclConfig, &BuildContext<'_>) -> Result<Acl, String> + Send + Sync>
 {
-    typed_factory("acl", PRIORITY, Acl::new).with_credentials(&["acls"])
+    typed_factory("acl", PRIORITY, Acl::new).no_consumer().with_credentials(&["acls"])
 }
 
 impl Acl {

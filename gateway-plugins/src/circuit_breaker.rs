@@ -200,6 +200,7 @@ pub fn factory() -> TypedFactory<
     impl Fn(CircuitBreakerConfig, &BuildContext<'_>) -> Result<CircuitBreaker, String> + Send + Sync,
 > {
     typed_factory("circuit-breaker", PRIORITY, |c: CircuitBreakerConfig, _: &BuildContext<'_>| CircuitBreaker::new(c))
+        .no_consumer()
 }
 
 impl CircuitBreaker {

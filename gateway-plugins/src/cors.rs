@@ -130,7 +130,7 @@ enum Decision {
 /// The factory to register.
 pub fn factory()
 -> TypedFactory<CorsConfig, impl Fn(CorsConfig, &BuildContext<'_>) -> Result<Cors, String> + Send + Sync> {
-    typed_factory("cors", PRIORITY, |c: CorsConfig, _: &BuildContext<'_>| Cors::new(c))
+    typed_factory("cors", PRIORITY, |c: CorsConfig, _: &BuildContext<'_>| Cors::new(c)).no_consumer()
 }
 
 /// Kong's test for a regex origin: any character but letters, digits and `.:/-`.

@@ -124,11 +124,18 @@ pub fn www_authenticate(scheme: &str, realm: Option<&str>) -> Result<HeaderValue
 /// Whether an authentication plugin stays out of this request: a CORS preflight when
 /// `run_on_preflight` is off, or, by Kong's rule for several auth plugins with `anonymous`
 /// (logical OR), a request another plugin already authenticated.
+///
+/// On the preflight path the client's identity headers are still stripped: only a request
+/// another plugin authenticated keeps the headers that plugin set.
 pub fn steps_aside(
     run_on_preflight: bool,
     has_anonymous: bool,
     ctx: &RequestContext,
-    req: &Request<ProxyBody>,
+    req: &mut Request<ProxyBody>,
 ) -> bool {
-    (!run_on_preflight && req.method() == http::Method::OPTIONS) || (has_anonymous && ctx.credential.is_some())
+    if !run_on_preflight && req.method() == http::Method::OPTIONS {
+        strip_identity_headers(req);
+        return true;
+    }
+    has_anonymous && ctx.credential.is_some()
 }

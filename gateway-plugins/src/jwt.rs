@@ -334,7 +334,7 @@ enum Verified<'a> {
 /// The factory to register.
 pub fn factory() -> TypedFactory<JwtConfig, impl Fn(JwtConfig, &BuildContext<'_>) -> Result<Jwt, String> + Send + Sync>
 {
-    typed_factory("jwt", PRIORITY, Jwt::new).with_credentials(&["jwt_secrets"])
+    typed_factory("jwt", PRIORITY, Jwt::new).no_consumer().with_credentials(&["jwt_secrets"])
 }
 
 /// The algorithms a token or credential may name; `none` and anything else is refused.
@@ -1150,7 +1150,7 @@ impl Jwt {
         Ok(())
     }
 
-    fn skip(&self, ctx: &RequestContext, req: &Request<ProxyBody>) -> bool {
+    fn skip(&self, ctx: &RequestContext, req: &mut Request<ProxyBody>) -> bool {
         steps_aside(self.config.run_on_preflight, self.anonymous.is_some(), ctx, req)
     }
 }

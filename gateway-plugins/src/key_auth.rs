@@ -106,7 +106,7 @@ pub struct KeyAuth {
 /// The factory to register.
 pub fn factory()
 -> TypedFactory<KeyAuthConfig, impl Fn(KeyAuthConfig, &BuildContext<'_>) -> Result<KeyAuth, String> + Send + Sync> {
-    typed_factory("key-auth", PRIORITY, KeyAuth::new).with_credentials(&["keyauth_credentials"])
+    typed_factory("key-auth", PRIORITY, KeyAuth::new).no_consumer().with_credentials(&["keyauth_credentials"])
 }
 
 fn digest(key: &[u8]) -> [u8; 32] {
@@ -292,7 +292,7 @@ impl KeyAuth {
         }
     }
 
-    fn skip(&self, ctx: &RequestContext, req: &Request<ProxyBody>) -> bool {
+    fn skip(&self, ctx: &RequestContext, req: &mut Request<ProxyBody>) -> bool {
         steps_aside(self.config.run_on_preflight, self.anonymous.is_some(), ctx, req)
     }
 }

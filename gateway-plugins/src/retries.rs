@@ -112,7 +112,7 @@ pub struct Retries {
 /// The factory to register.
 pub fn factory()
 -> TypedFactory<RetriesConfig, impl Fn(RetriesConfig, &BuildContext<'_>) -> Result<Retries, String> + Send + Sync> {
-    typed_factory("retries", PRIORITY, |c: RetriesConfig, _: &BuildContext<'_>| Retries::new(c))
+    typed_factory("retries", PRIORITY, |c: RetriesConfig, _: &BuildContext<'_>| Retries::new(c)).no_consumer()
 }
 
 impl Retries {
@@ -120,6 +120,9 @@ impl Retries {
     pub fn new(c: RetriesConfig) -> Result<Self, String> {
         if c.attempts == 0 || c.attempts > 10 {
             return Err(format!("`attempts` must be between 1 and 10, got {}", c.attempts));
+        }
+        if c.budget_min_per_sec > 1_000_000 {
+            return Err(format!("`budget_min_per_sec` must be at most 1000000, got {}", c.budget_min_per_sec));
         }
         if !(0.0..=1000.0).contains(&c.budget_percent) {
             return Err(format!("`budget_percent` must be between 0 and 1000, got {}", c.budget_percent));

@@ -139,9 +139,10 @@ async fn anonymous_realm_and_preflight() {
     gw.shutdown().await;
 
     let gw = start(up.addr, "{run_on_preflight: false}").await;
-    let resp = send(Request::options(gw.url("/")).body(full("")).unwrap()).await;
+    let resp = send(Request::options(gw.url("/")).header("x-consumer-id", "forged").body(full("")).unwrap()).await;
     assert_eq!(resp.status, StatusCode::OK, "preflight passes without a key");
     assert_eq!(resp.echo().header("x-consumer-username"), None);
+    assert_eq!(resp.echo().header("x-consumer-id"), None, "spoofed identity is stripped on preflights too");
     assert_eq!(send(Request::delete(gw.url("/")).body(full("")).unwrap()).await.status, StatusCode::UNAUTHORIZED);
     gw.shutdown().await;
 }
@@ -158,4 +159,35 @@ services:
 "#;
     let gateway = Gateway::builder().plugins(gateway_plugins::registry()).build(&Config::from_yaml(yaml).unwrap());
     assert!(gateway.is_ok(), "a plugin config problem is the route's, not the gateway's");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_cannot_strip_plugin_headers_through_connection() {
+    let up = echo_upstream().await;
+    let gw = start(up.addr, "{anonymous: guest}").await;
+    let answer = raw(
+        gw.addr,
+        "GET / HTTP/1.1\r\nhost: x\r\nconnection: close, x-anonymous-consumer, x-consumer-username\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let body = answer.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    let echo: Echo = serde_json::from_str(body).unwrap();
+    assert_eq!(echo.header("x-anonymous-consumer"), Some("true"));
+    assert_eq!(echo.header("x-consumer-username"), Some("guest"));
+    gw.shutdown().await;
+}
+
+#[test]
+fn an_auth_plugin_scoped_to_a_consumer_is_refused_not_silently_skipped() {
+    let yaml = r#"_format_version: "3.0"
+consumers: [{username: alice, plugins: [{name: key-auth}]}]
+services: [{name: s, url: "http://127.0.0.1:9", routes: [{name: r, paths: ["/"]}]}]
+"#;
+    let err =
+        Gateway::builder().plugins(gateway_plugins::registry()).build(&Config::from_yaml(yaml).unwrap()).unwrap_err();
+    assert!(
+        err.to_string().contains("consumers[0].plugins[0]: plugin `key-auth` cannot be scoped to a consumer"),
+        "{err}"
+    );
 }

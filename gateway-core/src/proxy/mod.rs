@@ -371,7 +371,10 @@ pub(crate) async fn handle(
 ) -> Response<ResponseBody> {
     let start = Instant::now();
     let request_id = next_request_id();
-    let (parts, body) = req.into_parts();
+    let (mut parts, body) = req.into_parts();
+    // Before routing and plugins: a client must not be able to name, in `Connection`, a header
+    // a plugin sets (`X-Anonymous-Consumer`, `X-Consumer-Groups`) and have it stripped later.
+    remove_hop_by_hop(&mut parts.headers);
     let original_pq = parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
     let normalized = path::normalize(original_pq.path());
     let path: &str = &normalized;
