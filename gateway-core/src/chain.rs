@@ -151,7 +151,6 @@ pub(crate) fn compile(
     problems: &mut Problems,
 ) -> PluginPlan {
     let consumers = compile_consumers(config, registry, problems);
-    let ctx = BuildContext { consumers: &consumers.infos, credentials: &consumers.credentials };
 
     // Every instance with its scope.
     let mut raw: Vec<(String, &PluginEntry, Scope)> = Vec::new();
@@ -236,6 +235,11 @@ pub(crate) fn compile(
             }
         };
         let empty = Value::Object(Default::default());
+        let ctx = BuildContext {
+            consumers: &consumers.infos,
+            credentials: &consumers.credentials,
+            instance: entry.id.clone().unwrap_or_else(|| at.clone()),
+        };
         let built = factory.build(entry.config.as_ref().unwrap_or(&empty), &ctx);
         if let Err(e) = &built {
             tracing::error!(plugin = %entry.name, at = %at, error = %e, "plugin config rejected; the routes it applies to answer 500");

@@ -224,9 +224,17 @@ impl RequestContext {
 pub struct BuildContext<'a> {
     pub(crate) consumers: &'a [Arc<ConsumerInfo>],
     pub(crate) credentials: &'a [BTreeMap<String, Vec<Value>>],
+    pub(crate) instance: String,
 }
 
 impl BuildContext<'_> {
+    /// Where this instance is in the config (its `id` when it has one, else its position such
+    /// as `services[0].plugins[1]`): the same in every replica reading the same config, so
+    /// shared state (Redis keys) can be named after it.
+    pub fn instance(&self) -> &str {
+        &self.instance
+    }
+
     /// Every consumer of the config.
     pub fn consumers(&self) -> &[Arc<ConsumerInfo>] {
         self.consumers

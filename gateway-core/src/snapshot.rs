@@ -120,6 +120,25 @@ impl Balancer {
         (0..self.schedule.len().min(64)).filter_map(|_| self.pick()).find(|t| !std::ptr::eq(*t, avoid)).or(Some(first))
     }
 
+    /// The next target in rotation that `allowed` accepts: the rotation's pick if accepted,
+    /// else each other target once, in order (weights do not make a refused target come
+    /// round again and hide the others).
+    pub(crate) fn pick_where(
+        &self,
+        avoid: Option<&TargetRuntime>,
+        allowed: impl Fn(&TargetRuntime) -> bool,
+    ) -> Option<&TargetRuntime> {
+        let first = self.pick_avoiding(avoid)?;
+        if allowed(first) {
+            return Some(first);
+        }
+        let start = self.targets.iter().position(|t| std::ptr::eq(t, first)).unwrap_or(0);
+        (1..self.targets.len())
+            .map(|i| &self.targets[(start + i) % self.targets.len()])
+            .filter(|t| avoid.is_none_or(|a| !std::ptr::eq(*t, a)) || self.targets.len() == 1)
+            .find(|t| allowed(t))
+    }
+
     /// The next target in rotation, or `None` when no target has a weight.
     pub(crate) fn pick(&self) -> Option<&TargetRuntime> {
         if self.schedule.is_empty() {

@@ -91,7 +91,7 @@ fn default_statuses() -> Vec<u16> {
 enum State {
     Closed { window_start: Instant, total: u32, failed: u32, in_a_row: u32 },
     Open { until: Instant },
-    HalfOpen { probes: u32 },
+    HalfOpen { probes: u32, since: Instant },
 }
 
 struct Settings {
@@ -127,12 +127,20 @@ impl Breakers {
             State::Closed { .. } => true,
             State::Open { until } if Instant::now() >= *until => {
                 tracing::info!(target = target, "circuit half-open: probing");
-                *state = State::HalfOpen { probes: 1 };
+                *state = State::HalfOpen { probes: 1, since: Instant::now() };
                 true
             }
             State::Open { .. } => false,
-            State::HalfOpen { probes } if *probes < self.settings.probes => {
+            State::HalfOpen { probes, .. } if *probes < self.settings.probes => {
                 *probes += 1;
+                true
+            }
+            // A probe whose outcome never came back (its request went to another target, or
+            // the client left) must not hold the target out forever: after another open
+            // period, probe again.
+            State::HalfOpen { since, probes } if since.elapsed() >= self.settings.open => {
+                *since = Instant::now();
+                *probes = 1;
                 true
             }
             State::HalfOpen { .. } => false,

@@ -1150,6 +1150,18 @@ impl Jwt {
         Ok(())
     }
 
+    /// Kong's rule: with `anonymous` set, a failed authentication proceeds as the anonymous
+    /// consumer; otherwise it is refused.
+    fn refuse(&self, ctx: &mut RequestContext, req: &mut Request<ProxyBody>, refusal: Refusal) -> ControlFlow<Answer> {
+        match &self.anonymous {
+            Some(anon) => {
+                set_consumer(ctx, req, anon, true);
+                ControlFlow::Continue(())
+            }
+            None => ControlFlow::Break(self.unauthorized(ctx, refusal)),
+        }
+    }
+
     fn skip(&self, ctx: &RequestContext, req: &mut Request<ProxyBody>) -> bool {
         steps_aside(self.config.run_on_preflight, self.anonymous.is_some(), ctx, req)
     }
@@ -1169,7 +1181,7 @@ impl Plugin for Jwt {
                 }
                 None => ControlFlow::Break(self.unauthorized(ctx, "Unauthorized".into())),
             },
-            Lookup::Multiple => ControlFlow::Break(self.unauthorized(ctx, "Multiple tokens provided".into())),
+            Lookup::Multiple => self.refuse(ctx, req, "Multiple tokens provided".into()),
             Lookup::Token(token) => match self.authenticate(&token) {
                 Ok(Verified::Secret(secret)) => {
                     set_consumer(ctx, req, &secret.who, false);
@@ -1185,7 +1197,7 @@ impl Plugin for Jwt {
                     ctx.credential = Some(credential);
                     ControlFlow::Continue(())
                 }
-                Err(refusal) => ControlFlow::Break(self.unauthorized(ctx, refusal)),
+                Err(refusal) => self.refuse(ctx, req, refusal),
             },
         }
     }

@@ -270,25 +270,28 @@ impl KeyAuth {
     }
 
     fn decide(&self, ctx: &mut RequestContext, req: &mut Request<ProxyBody>, lookup: Lookup) -> ControlFlow<Answer> {
-        match lookup {
-            Lookup::Duplicate => ControlFlow::Break(self.unauthorized(ctx, "Duplicate API key found")),
-            Lookup::Missing => match &self.anonymous {
-                Some(anon) => {
-                    set_consumer(ctx, req, anon, true);
-                    ControlFlow::Continue(())
-                }
-                None => ControlFlow::Break(self.unauthorized(ctx, "No API key found in request")),
-            },
+        let failure = match lookup {
             Lookup::Key(key, source) => match self.keys.get(&digest(key.as_bytes())) {
                 Some(found) => {
                     if self.config.hide_credentials {
                         self.hide(req, source);
                     }
                     set_consumer(ctx, req, &found.who, false);
-                    ControlFlow::Continue(())
+                    return ControlFlow::Continue(());
                 }
-                None => ControlFlow::Break(self.unauthorized(ctx, "Unauthorized")),
+                None => "Unauthorized",
             },
+            Lookup::Duplicate => "Duplicate API key found",
+            Lookup::Missing => "No API key found in request",
+        };
+        // Kong's rule: with `anonymous` set, any failure proceeds as the anonymous consumer
+        // (so another auth plugin or the upstream can decide).
+        match &self.anonymous {
+            Some(anon) => {
+                set_consumer(ctx, req, anon, true);
+                ControlFlow::Continue(())
+            }
+            None => ControlFlow::Break(self.unauthorized(ctx, failure)),
         }
     }
 

@@ -235,11 +235,17 @@ impl Counter {
     fn take(&self, start: u32, limit: u32) -> Option<u32> {
         let mut cur = self.0.load(Ordering::Acquire);
         loop {
-            let count = if (cur >> 32) as u32 == start { cur as u32 } else { 0 };
+            let stored = (cur >> 32) as u32;
+            // A request that computed its window just before a boundary must not drag the
+            // counter back from a newer window (that would forget the newer window's count).
+            let (window, count) = match stored.cmp(&start) {
+                std::cmp::Ordering::Less => (start, 0),
+                _ => (stored, cur as u32),
+            };
             if count >= limit {
                 return None;
             }
-            let next = (u64::from(start) << 32) | u64::from(count + 1);
+            let next = (u64::from(window) << 32) | u64::from(count + 1);
             match self.0.compare_exchange_weak(cur, next, Ordering::AcqRel, Ordering::Acquire) {
                 Ok(_) => return Some(count + 1),
                 Err(actual) => cur = actual,
@@ -325,7 +331,9 @@ pub fn factory() -> TypedFactory<
     RateLimitingConfig,
     impl Fn(RateLimitingConfig, &BuildContext<'_>) -> Result<RateLimiting, String> + Send + Sync,
 > {
-    typed_factory("rate-limiting", PRIORITY, |c: RateLimitingConfig, _: &BuildContext<'_>| RateLimiting::new(c))
+    typed_factory("rate-limiting", PRIORITY, |c: RateLimitingConfig, build: &BuildContext<'_>| {
+        RateLimiting::new(c, build.instance())
+    })
 }
 
 static RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("ratelimit-limit");
@@ -334,7 +342,7 @@ static RATELIMIT_RESET: HeaderName = HeaderName::from_static("ratelimit-reset");
 
 impl RateLimiting {
     /// Builds the plugin from its config.
-    pub fn new(c: RateLimitingConfig) -> Result<Self, String> {
+    pub fn new(c: RateLimitingConfig, instance: &str) -> Result<Self, String> {
         let redis = match c.policy {
             Policy::Local => None,
             Policy::Cluster => return Err("policy `cluster` needs Kong's database; use `local` or `redis`".into()),
@@ -347,7 +355,7 @@ impl RateLimiting {
                 rc.password = rc.password.or(c.redis_password.clone());
                 rc.database = rc.database.or(c.redis_database);
                 rc.timeout = rc.timeout.or(c.redis_timeout);
-                Some(RedisPolicy::new(&rc, c.fault_tolerant)?)
+                Some(RedisPolicy::new(&rc, c.fault_tolerant, instance)?)
             }
         };
         let _ = (c.sync_rate, &c.path);
@@ -412,8 +420,10 @@ impl RateLimiting {
     fn key(&self, ctx: &RequestContext, req: &Request<ProxyBody>) -> String {
         use std::fmt::Write;
         let mut k = String::with_capacity(64);
-        k.push_str(&ctx.route);
-        k.push('|');
+        // One budget per plugin instance (Kong keys counters on the instance's own scope): a
+        // global limit is shared by every route it covers, not multiplied by them. The counter
+        // store is per instance; Redis keys carry the instance's config location.
+        let _ = &ctx.route;
         let ip = |k: &mut String| {
             let _ = write!(k, "ip:{}", ctx.client_addr().ip().to_canonical());
         };
@@ -657,6 +667,8 @@ pub struct RedisConfig {
 
 /// The Redis policy: one multiplexed, self-reconnecting connection, made on first use.
 struct RedisPolicy {
+    /// Where the instance is in the config, so instances with different limits never share keys.
+    instance: String,
     client: redis::Client,
     conn: tokio::sync::OnceCell<redis::aio::ConnectionManager>,
     script: redis::Script,
@@ -665,7 +677,7 @@ struct RedisPolicy {
 }
 
 impl RedisPolicy {
-    fn new(c: &RedisConfig, fault_tolerant: bool) -> Result<Self, String> {
+    fn new(c: &RedisConfig, fault_tolerant: bool, instance: &str) -> Result<Self, String> {
         if c.ssl {
             return Err("`redis.ssl` is not supported yet".into());
         }
@@ -684,6 +696,7 @@ impl RedisPolicy {
         let client = redis::Client::open(info).map_err(|e| format!("redis: {e}"))?;
         let timeout = std::time::Duration::from_millis(c.timeout.unwrap_or(2000).max(1));
         Ok(RedisPolicy {
+            instance: instance.to_string(),
             client,
             conn: tokio::sync::OnceCell::new(),
             script: redis::Script::new(TAKE_SCRIPT),
@@ -708,7 +721,7 @@ impl RedisPolicy {
             let mut invocation = self.script.prepare_invoke();
             for l in limits {
                 let (start, _) = l.period.window(now);
-                invocation.key(format!("ratelimit:{key}:{}:{start}", l.period.name()));
+                invocation.key(format!("ratelimit:{}:{key}:{}:{start}", self.instance, l.period.name()));
             }
             for l in limits {
                 invocation.arg(l.limit);

@@ -401,10 +401,10 @@ async fn anonymous_realm_preflight_and_custom_sources() {
     assert_eq!(echo.headers["x-consumer-username"], vec!["guest"]);
     assert_eq!(echo.header("x-anonymous-consumer"), Some("true"));
     assert_eq!(echo.header("x-credential-identifier"), None);
-    // A token that fails is still refused, and the realm is announced.
-    let resp = send(bearer(&gw, "/", &alice(&json!({"iss": "nobody"})))).await;
-    assert_eq!(resp.status, StatusCode::UNAUTHORIZED);
-    assert_eq!(resp.headers["www-authenticate"], "Bearer realm=\"api\"");
+    // Kong's rule: with `anonymous`, a token that fails proceeds as the anonymous consumer.
+    let echo = send(bearer(&gw, "/", &alice(&json!({"iss": "nobody"})))).await.echo();
+    assert_eq!(echo.header("x-consumer-username"), Some("guest"));
+    assert_eq!(echo.header("x-anonymous-consumer"), Some("true"));
     let echo = send(bearer(&gw, "/", &alice(&json!({"iss": "alice-iss"})))).await.echo();
     assert_eq!(echo.header("x-consumer-username"), Some("alice"));
     assert_eq!(echo.header("x-anonymous-consumer"), None);
@@ -985,4 +985,14 @@ async fn bad_jwks_configs_fail_the_route_when_built() {
         assert_eq!(resp.status, StatusCode::OK, "{config}: {}", String::from_utf8_lossy(&resp.body));
         gw.shutdown().await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_announce_the_realm() {
+    let up = echo_upstream().await;
+    let gw = start(up.addr, json!({"realm": "api"})).await;
+    let resp = send(bearer(&gw, "/", &alice(&json!({"iss": "nobody"})))).await;
+    assert_eq!(resp.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(resp.headers["www-authenticate"], "Bearer realm=\"api\"");
+    gw.shutdown().await;
 }

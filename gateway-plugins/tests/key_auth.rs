@@ -132,7 +132,14 @@ async fn anonymous_realm_and_preflight() {
     assert_eq!(echo.header("x-consumer-username"), Some("guest"));
     assert_eq!(echo.header("x-anonymous-consumer"), Some("true"));
     assert_eq!(echo.header("x-credential-identifier"), None);
-    // A wrong key is still refused, and the realm is announced.
+    // Kong's rule: with `anonymous`, a wrong key also proceeds as the anonymous consumer.
+    let echo = send(req(&gw, "/").header("apikey", "bad").body(full("")).unwrap()).await.echo();
+    assert_eq!(echo.header("x-consumer-username"), Some("guest"));
+    assert_eq!(echo.header("x-anonymous-consumer"), Some("true"));
+    gw.shutdown().await;
+
+    // Without `anonymous` the wrong key is refused, and the realm is announced.
+    let gw = start(up.addr, "{realm: api}").await;
     let resp = send(req(&gw, "/").header("apikey", "bad").body(full("")).unwrap()).await;
     assert_eq!(resp.status, StatusCode::UNAUTHORIZED);
     assert_eq!(resp.headers["www-authenticate"], "Key realm=\"api\"");

@@ -148,3 +148,35 @@ async fn an_invalid_limit_config_fails_its_route() {
         gw.shutdown().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_global_limit_is_one_budget_across_routes() {
+    let up = echo_upstream().await;
+    for _attempt in 0..2 {
+        let hour = hour_now();
+        let yaml = format!(
+            r#"_format_version: "3.0"
+services:
+- name: s
+  url: http://{}
+  routes: [{{name: a, paths: ["/a"]}}, {{name: b, paths: ["/b"]}}]
+plugins: [{{name: rate-limiting, config: {{hour: 3, limit_by: ip}}}}]
+"#,
+            up.addr
+        );
+        let gateway =
+            Gateway::builder().plugins(gateway_plugins::registry()).build(&Config::from_yaml(&yaml).unwrap()).unwrap();
+        let gw = start_running(gateway, ServerSettings::default()).await;
+        let mut statuses = Vec::new();
+        for path in ["/a", "/b", "/a", "/b"] {
+            statuses.push(get(&gw.url(path)).await.status);
+        }
+        gw.shutdown().await;
+        if hour_now() != hour {
+            continue;
+        }
+        assert_eq!(statuses, [StatusCode::OK, StatusCode::OK, StatusCode::OK, StatusCode::TOO_MANY_REQUESTS]);
+        return;
+    }
+    panic!("crossed an hour boundary twice");
+}

@@ -715,9 +715,7 @@ async fn send_with_retries(
         let picked = match &filter {
             None => service.balancer.pick_avoiding(failed),
             // Ask the filter about each candidate, at most once around the rotation.
-            Some(f) => (0..service.balancer.targets.len().max(1))
-                .filter_map(|_| service.balancer.pick_avoiding(failed))
-                .find(|t| (f.0)(&t.label)),
+            Some(f) => service.balancer.pick_where(failed, |t| (f.0)(&t.label)),
         };
         let Some(target) = picked else {
             return Err((
