@@ -151,7 +151,7 @@ impl RequestTransformer {
                 let qs = form_urlencoded::Serializer::new(String::new()).extend_pairs(pairs).finish();
                 set_query(req, &qs);
             }
-            self.uri.as_ref().map(|t| t.render(&lookup).into_owned())
+            self.uri.as_ref().map(|t| t.render_path(&lookup))
         };
         if let Some(p) = path {
             ctx.extensions.insert(NewPath(p));

@@ -114,6 +114,34 @@ impl Template {
         self.0.iter().all(|p| matches!(p, Part::Lit(_)))
     }
 
+    /// Renders the template for use inside a URL path: values looked up from the request are
+    /// percent-encoded so they stay within one path segment (`/`, `?`, `#`, `%` and anything
+    /// outside visible ASCII is escaped, and a value of `.` or `..` is escaped too), so a
+    /// request cannot steer `replace.uri` to another path or inject a query.
+    pub fn render_path(&self, l: &Lookup<'_>) -> String {
+        let mut out = String::new();
+        for p in &self.0 {
+            match p {
+                Part::Lit(s) => out.push_str(s),
+                lookup => {
+                    let value = Template(vec![lookup.clone()]).render(l).into_owned();
+                    if value == "." || value == ".." {
+                        out.push_str(&value.replace('.', "%2E"));
+                        continue;
+                    }
+                    for b in value.bytes() {
+                        if b.is_ascii_graphic() && !matches!(b, b'/' | b'?' | b'#' | b'%' | b'\\') {
+                            out.push(b as char);
+                        } else {
+                            out.push_str(&format!("%{b:02X}"));
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
     /// Renders the template; borrows when it is a single literal.
     pub fn render<'s>(&'s self, l: &Lookup<'_>) -> Cow<'s, str> {
         if let [Part::Lit(s)] = self.0.as_slice() {

@@ -152,3 +152,16 @@ async fn bad_templates_fail_the_route() {
         gw.shutdown().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replace_uri_values_cannot_leave_their_path_segment() {
+    let up = echo_upstream().await;
+    let gw = start(up.addr, r#"{name: r, paths: ["/u"]}"#, r#"{replace: {uri: "/v1/users/$(query_params.id)"}}"#).await;
+    let echo = get(&gw.url("/u?id=..%2F..%2Fadmin")).await.echo();
+    assert!(echo.uri.starts_with("/v1/users/..%2F..%2Fadmin?"), "{}", echo.uri);
+    let echo = get(&gw.url("/u?id=1%3Frole%3Dadmin")).await.echo();
+    assert!(echo.uri.starts_with("/v1/users/1%3Frole=admin?"), "{}", echo.uri);
+    let echo = get(&gw.url("/u?id=..")).await.echo();
+    assert!(echo.uri.starts_with("/v1/users/%2E%2E?"), "{}", echo.uri);
+    gw.shutdown().await;
+}
