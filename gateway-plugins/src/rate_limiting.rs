@@ -102,7 +102,8 @@ pub struct RateLimitingConfig {
     /// The header for `limit_by: header`.
     #[serde(default)]
     pub header_name: Option<String>,
-    /// Kong's field for `limit_by: path`; requests are counted per request path.
+    /// For `limit_by: path`: requests to this (normalised) path share one budget; requests to
+    /// other paths are counted by client IP (Kong's rule).
     #[serde(default)]
     pub path: Option<String>,
     /// Where counters live (only `local` is supported).
@@ -319,6 +320,7 @@ pub struct RateLimiting {
     limits: Vec<Limit>,
     limit_by: LimitBy,
     header_name: Option<HeaderName>,
+    path: Option<String>,
     hide_headers: bool,
     error_code: StatusCode,
     error_message: String,
@@ -358,7 +360,10 @@ impl RateLimiting {
                 Some(RedisPolicy::new(&rc, c.fault_tolerant, instance)?)
             }
         };
-        let _ = (c.sync_rate, &c.path);
+        let _ = c.sync_rate;
+        if c.limit_by == LimitBy::Path && c.path.is_none() {
+            return Err("`limit_by: path` needs `path`".into());
+        }
         let values = [c.second, c.minute, c.hour, c.day, c.month, c.year];
         let mut limits = Vec::new();
         for (period, value) in Period::ALL.into_iter().zip(values) {
@@ -408,6 +413,7 @@ impl RateLimiting {
             limits,
             limit_by: c.limit_by,
             header_name,
+            path: c.path.clone(),
             hide_headers: c.hide_client_headers,
             error_code,
             error_message: c.error_message,
@@ -460,10 +466,14 @@ impl RateLimiting {
                     None => ip(&mut k),
                 }
             }
-            LimitBy::Path => {
-                k.push_str("path:");
-                k.push_str(req.uri().path());
-            }
+            // Kong's rule: requests to `path` share one budget; any other path counts by IP.
+            LimitBy::Path => match &self.path {
+                Some(p) if req.uri().path() == p => {
+                    k.push_str("path:");
+                    k.push_str(p);
+                }
+                _ => ip(&mut k),
+            },
         }
         k
     }

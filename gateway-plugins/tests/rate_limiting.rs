@@ -180,3 +180,36 @@ plugins: [{{name: rate-limiting, config: {{hour: 3, limit_by: ip}}}}]
     }
     panic!("crossed an hour boundary twice");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limit_by_path_counts_the_normalised_path() {
+    let up = echo_upstream().await;
+    for _attempt in 0..2 {
+        let hour = hour_now();
+        let yaml = format!(
+            r#"_format_version: "3.0"
+services:
+- name: s
+  url: http://{}
+  routes: [{{name: a, paths: ["/api"], strip_path: false}}]
+  plugins: [{{name: rate-limiting, config: {{hour: 2, limit_by: path, path: /api/users}}}}]
+"#,
+            up.addr
+        );
+        let gateway =
+            Gateway::builder().plugins(gateway_plugins::registry()).build(&Config::from_yaml(&yaml).unwrap()).unwrap();
+        let gw = start_running(gateway, ServerSettings::default()).await;
+        let mut statuses = Vec::new();
+        // Three spellings of one path share one budget.
+        for path in ["/api/users", "/api/%75sers", "/api/x/../users"] {
+            statuses.push(get(&gw.url(path)).await.status);
+        }
+        gw.shutdown().await;
+        if hour_now() != hour {
+            continue;
+        }
+        assert_eq!(statuses, [StatusCode::OK, StatusCode::OK, StatusCode::TOO_MANY_REQUESTS]);
+        return;
+    }
+    panic!("crossed an hour boundary twice");
+}

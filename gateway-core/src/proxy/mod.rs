@@ -460,6 +460,20 @@ pub(crate) async fn handle(
             None
         },
     };
+    // Plugins see the path the router saw (`%61dmin` is `admin` to them too).
+    if let (Cow::Owned(p), false) = (&normalized, route.chain.slots.is_empty()) {
+        let pq = match original_pq.query() {
+            Some(q) => format!("{p}?{q}"),
+            None => p.clone(),
+        };
+        if let Ok(pq) = PathAndQuery::from_maybe_shared(Bytes::from(pq)) {
+            let mut uri = parts.uri.clone().into_parts();
+            uri.path_and_query = Some(pq);
+            if let Ok(uri) = Uri::from_parts(uri) {
+                parts.uri = uri;
+            }
+        }
+    }
     let req = Request::from_parts(parts, body);
 
     let slots = &route.chain.slots;
