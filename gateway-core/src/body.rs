@@ -145,9 +145,15 @@ impl Body for ProxyBody {
 /// Why [`read_limited`] stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum ReadError {
-    /// The body is longer than the limit.
-    #[error("body larger than {0} bytes")]
-    TooLarge(usize),
+    /// The body is longer than `limit`. `read` holds what was read before stopping and the
+    /// rest is still in the body: `ProxyBody::prefixed(read, body)` is the whole body again.
+    #[error("body larger than {limit} bytes")]
+    TooLarge {
+        /// The limit.
+        limit: usize,
+        /// The bytes consumed before the limit was passed.
+        read: Bytes,
+    },
     /// The body failed while reading (client gone, malformed framing).
     #[error("body read failed: {0}")]
     Failed(BoxError),
@@ -155,22 +161,69 @@ pub enum ReadError {
 
 /// Reads a whole body into memory, refusing more than `limit` bytes. For plugins that must
 /// see a body (credentials in a form, size limits on chunked uploads, body transforms); put
-/// the bytes back with `ProxyBody::from_body(http_body_util::Full::new(bytes))`.
+/// the bytes back with [`ProxyBody::full`]. Nothing is lost when the body is too large: see
+/// [`ReadError::TooLarge`].
 pub async fn read_limited(body: &mut ProxyBody, limit: usize) -> Result<Bytes, ReadError> {
     if body.size_hint().lower() > limit as u64 {
-        return Err(ReadError::TooLarge(limit));
+        return Err(ReadError::TooLarge { limit, read: Bytes::new() });
     }
     let mut buf = bytes::BytesMut::new();
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(ReadError::Failed)?;
         if let Some(data) = frame.data_ref() {
-            if buf.len() + data.len() > limit {
-                return Err(ReadError::TooLarge(limit));
-            }
             buf.extend_from_slice(data);
+            if buf.len() > limit {
+                return Err(ReadError::TooLarge { limit, read: buf.freeze() });
+            }
         }
     }
     Ok(buf.freeze())
+}
+
+impl ProxyBody {
+    /// `prefix` followed by the rest of `rest`: a body partly read, made whole again.
+    pub fn prefixed(prefix: Bytes, rest: ProxyBody) -> ProxyBody {
+        if prefix.is_empty() {
+            return rest;
+        }
+        let hint = {
+            let h = rest.size_hint();
+            let mut s = SizeHint::new();
+            s.set_lower(h.lower() + prefix.len() as u64);
+            if let Some(u) = h.upper() {
+                s.set_upper(u + prefix.len() as u64);
+            }
+            s
+        };
+        ProxyBody::Boxed(Prefixed { prefix: Some(prefix), rest, hint }.boxed_unsync())
+    }
+}
+
+/// See [`ProxyBody::prefixed`].
+struct Prefixed {
+    prefix: Option<Bytes>,
+    rest: ProxyBody,
+    hint: SizeHint,
+}
+
+impl Body for Prefixed {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if let Some(p) = self.prefix.take() {
+            return Poll::Ready(Some(Ok(Frame::data(p))));
+        }
+        Pin::new(&mut self.rest).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.prefix.is_none() && self.rest.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.hint
+    }
 }
 
 impl ProxyBody {

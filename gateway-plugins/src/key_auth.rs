@@ -19,7 +19,7 @@ use std::collections::HashMap;
 use std::ops::ControlFlow;
 use std::sync::Arc;
 
-use gateway_core::body::{ProxyBody, read_limited};
+use gateway_core::body::{ProxyBody, ReadError, read_limited};
 use gateway_core::plugin::{Answer, BoxFuture, BuildContext, Plugin, RequestContext, TypedFactory, typed_factory};
 use http::{HeaderName, HeaderValue, Request, StatusCode, header};
 use serde::Deserialize;
@@ -204,7 +204,16 @@ impl KeyAuth {
         if !form && !json {
             return Ok(Lookup::Missing);
         }
-        let bytes = read_limited(req.body_mut(), BODY_LIMIT).await.map_err(|e| e.to_string())?;
+        let bytes = match read_limited(req.body_mut(), BODY_LIMIT).await {
+            Ok(b) => b,
+            Err(ReadError::TooLarge { read, .. }) => {
+                // Too large to search: put it back whole and look no further.
+                let rest = std::mem::replace(req.body_mut(), ProxyBody::Empty);
+                *req.body_mut() = ProxyBody::prefixed(read, rest);
+                return Ok(Lookup::Missing);
+            }
+            Err(e) => return Err(e.to_string()),
+        };
         let mut found = Lookup::Missing;
         let mut rewritten = None;
         if form {

@@ -111,7 +111,7 @@ impl Plugin for RequestSizeLimiting {
                     *req.body_mut() = ProxyBody::full(bytes);
                     ControlFlow::Continue(())
                 }
-                Err(ReadError::TooLarge(_)) => ControlFlow::Break(Self::too_large(ctx)),
+                Err(ReadError::TooLarge { .. }) => ControlFlow::Break(Self::too_large(ctx)),
                 Err(ReadError::Failed(e)) => {
                     tracing::debug!(error = %e, "request body failed while counting it");
                     ControlFlow::Break(ctx.error(StatusCode::BAD_REQUEST, "Bad request"))

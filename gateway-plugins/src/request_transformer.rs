@@ -171,7 +171,7 @@ impl RequestTransformer {
         }
         let bytes = match read_limited(req.body_mut(), BODY_LIMIT).await {
             Ok(b) => b,
-            Err(ReadError::TooLarge(_)) => {
+            Err(ReadError::TooLarge { .. }) => {
                 return Err(ctx.error(StatusCode::PAYLOAD_TOO_LARGE, "Request body too large to transform"));
             }
             Err(ReadError::Failed(_)) => return Err(ctx.error(StatusCode::BAD_REQUEST, "Bad request")),

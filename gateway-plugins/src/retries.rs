@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use gateway_core::body::{ProxyBody, read_limited};
+use gateway_core::body::{ProxyBody, ReadError, read_limited};
 use gateway_core::plugin::{BuildContext, Plugin, TypedFactory, UpstreamLayer, UpstreamService, typed_factory};
 use gateway_core::proxy::{UpstreamFailure, X_REQUEST_ID, error_response, next_request_id};
 use http::{Method, Request, Response, StatusCode};
@@ -190,11 +190,14 @@ async fn call(
     } else {
         match read_limited(&mut body, policy.max_body).await {
             Ok(b) => b,
-            Err(_) => {
-                // Over the limit mid-stream: what was read is gone, so the request cannot be
-                // sent at all; answer as the gateway does for a body it cannot forward.
+            // Larger than we keep for replay: send it once, whole.
+            Err(ReadError::TooLarge { read, .. }) => {
+                let whole = ProxyBody::prefixed(read, body);
+                return inner.oneshot(Request::from_parts(parts, whole)).await.unwrap_or_else(|e| match e {});
+            }
+            Err(ReadError::Failed(_)) => {
                 let id = parts.headers.get(&X_REQUEST_ID).cloned().unwrap_or_else(next_request_id);
-                return error_response(StatusCode::PAYLOAD_TOO_LARGE, "Request body too large to retry", &id);
+                return error_response(StatusCode::BAD_REQUEST, "Bad request", &id);
             }
         }
     };

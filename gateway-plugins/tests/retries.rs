@@ -124,3 +124,24 @@ async fn timeouts_are_retried_and_a_budget_stops_retry_storms() {
     assert_eq!(calls.load(Ordering::SeqCst), 5, "no retries beyond the budget");
     gw.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_too_large_to_replay_is_sent_once_and_whole() {
+    let (up, calls) = flaky(0).await;
+    let gw =
+        start(&format!("name: s\n  url: http://{}", up.addr), "{attempts: 3, on_statuses: [503], max_body_bytes: 16}")
+            .await;
+    // Known length, over the limit.
+    let resp = send(Request::put(gw.url("/")).body(full(vec![b'a'; 100])).unwrap()).await;
+    assert_eq!((resp.status, resp.body.as_ref()), (StatusCode::OK, &b"100"[..]));
+    // Unknown length (chunked), found to be over the limit while reading it.
+    let answer = raw(
+        gw.addr,
+        "PUT / HTTP/1.1\r\nhost: x\r\nconnection: close\r\ntransfer-encoding: chunked\r\n\r\n10\r\n0123456789abcdef\r\n10\r\n0123456789abcdef\r\n0\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.ends_with("32"), "the upstream got all 32 bytes: {answer}");
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    gw.shutdown().await;
+}
