@@ -86,6 +86,10 @@
 //!   identified with the usual headers. Without `consumer_claim`, or when no consumer matches,
 //!   the request is authenticated without a consumer: no `X-Consumer-*` header is set.
 //!   Either way the credential (and `X-Credential-Identifier`) is `jwks:<kid>`.
+//! - The credential of a key-set token is `jwks:<kid>:<sub>` (or `jwks:<kid>` without a
+//!   `sub`), so rate limits by credential count each subject separately.
+//! - `consumer_claim` needs `issuer` and `audience` (a shared key set must not let tokens
+//!   issued for others become our consumers).
 //! - `issuer`, `audience` and `consumer_claim` need `jwks`: set without it, they would check
 //!   nothing, so the build fails instead.
 
@@ -954,6 +958,11 @@ impl Jwt {
             if claim.is_empty() {
                 return Err("`consumer_claim` must not be empty".into());
             }
+            // A key set may be shared by many tenants and applications (a cloud IdP's common
+            // keys): only tokens issued for us may be mapped to our consumers.
+            if issuers.is_empty() || audiences.is_empty() {
+                return Err("`consumer_claim` needs `issuer` and `audience`, so tokens issued for others cannot become our consumers".into());
+            }
             for consumer in build.consumers() {
                 let names = [Some(&consumer.id), consumer.username.as_ref(), consumer.custom_id.as_ref()];
                 for name in names.into_iter().flatten() {
@@ -1117,7 +1126,19 @@ impl Jwt {
             .and_then(|claim| token.claims.get(claim))
             .and_then(Value::as_str)
             .and_then(|name| self.consumers_by_claim.get(name));
-        Ok(Verified::Jwks { who, credential: key.credential.clone(), credential_value: key.credential_value.clone() })
+        // The credential names the subject when the token has one, so per-credential limits
+        // count each user of a shared key separately.
+        let (credential, credential_value) = match token.claims.get("sub").and_then(Value::as_str) {
+            Some(sub) => {
+                let c = format!("{}:{sub}", key.credential);
+                match HeaderValue::from_str(&c) {
+                    Ok(v) => (Arc::from(c), v),
+                    Err(_) => (key.credential.clone(), key.credential_value.clone()),
+                }
+            }
+            None => (key.credential.clone(), key.credential_value.clone()),
+        };
+        Ok(Verified::Jwks { who, credential, credential_value })
     }
 
     /// `claims_to_verify` and `maximum_expiration`; `always_exp`: an `exp` present is checked

@@ -611,7 +611,7 @@ async fn an_inline_jwks_verifies_tokens_by_kid_with_the_keys_algorithm() {
     .await;
     assert_eq!(resp.status, StatusCode::OK, "{}", String::from_utf8_lossy(&resp.body));
     let echo = resp.echo();
-    assert_eq!(echo.headers["x-credential-identifier"], vec!["jwks:rsa-1"]);
+    assert_eq!(echo.headers["x-credential-identifier"], vec!["jwks:rsa-1:someone"]);
     assert_eq!(echo.header("x-consumer-username"), None, "no consumer_claim: no consumer");
     assert_eq!(echo.header("x-consumer-id"), None);
     assert_eq!(echo.header("x-anonymous-consumer"), None);
@@ -624,7 +624,7 @@ async fn an_inline_jwks_verifies_tokens_by_kid_with_the_keys_algorithm() {
         (Algorithm::EdDSA, &ed, "ed-1"),
     ] {
         let echo = accepted(&gw, &with_kid(alg, key, kid, &claims)).await;
-        assert_eq!(echo.header("x-credential-identifier"), Some(format!("jwks:{kid}").as_str()), "{alg:?}");
+        assert_eq!(echo.header("x-credential-identifier"), Some(format!("jwks:{kid}:someone").as_str()), "{alg:?}");
     }
 
     // The JWK's `alg` pins the algorithm; without one, only the family's are accepted.
@@ -724,9 +724,15 @@ async fn jwks_tokens_must_match_issuer_audience_and_listed_claims() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consumer_claim_maps_jwks_tokens_to_consumers() {
     let up = echo_upstream().await;
-    let gw = start(up.addr, json!({"jwks": {"keys": [ec_jwk("ec-1", None)]}, "consumer_claim": "sub"})).await;
+    let issued = json!({"issuer": "https://idp", "audience": "gw"});
+    let gw = start(up.addr, json!({"jwks": {"keys": [ec_jwk("ec-1", None)]}, "consumer_claim": "sub", "issuer": issued["issuer"], "audience": issued["audience"]})).await;
     let ec = ec_key();
-    let token = |claims: Value| with_kid(Algorithm::ES256, &ec, "ec-1", &claims);
+    // Tokens issued for us: `consumer_claim` needs issuer and audience checks.
+    let token = |mut claims: Value| {
+        claims["iss"] = json!("https://idp");
+        claims["aud"] = json!("gw");
+        with_kid(Algorithm::ES256, &ec, "ec-1", &claims)
+    };
 
     for (sub, username) in [("alice", "alice"), ("cust-1", "alice"), ("bob", "bob")] {
         let resp = send(
@@ -741,7 +747,7 @@ async fn consumer_claim_maps_jwks_tokens_to_consumers() {
         let echo = resp.echo();
         assert_eq!(echo.headers["x-consumer-username"], vec![username], "{sub}");
         assert_eq!(echo.header("x-consumer-id"), Some(username), "{sub}");
-        assert_eq!(echo.headers["x-credential-identifier"], vec!["jwks:ec-1"], "{sub}");
+        assert_eq!(echo.headers["x-credential-identifier"], vec![format!("jwks:ec-1:{sub}")], "{sub}");
         assert_eq!(echo.header("x-anonymous-consumer"), None);
     }
     assert_eq!(accepted(&gw, &token(json!({"sub": "alice"}))).await.header("x-consumer-custom-id"), Some("cust-1"));
@@ -761,12 +767,14 @@ async fn consumer_claim_maps_jwks_tokens_to_consumers() {
         let echo = resp.echo();
         assert_eq!(echo.header("x-consumer-username"), None, "{claims}");
         assert_eq!(echo.header("x-consumer-id"), None, "{claims}");
-        assert_eq!(echo.header("x-credential-identifier"), Some("jwks:ec-1"), "{claims}");
+        let want =
+            claims.get("sub").and_then(Value::as_str).map_or("jwks:ec-1".to_string(), |s| format!("jwks:ec-1:{s}"));
+        assert_eq!(echo.header("x-credential-identifier"), Some(want.as_str()), "{claims}");
     }
     gw.shutdown().await;
 
     // With `anonymous`, a verified token without a consumer is still not the anonymous one.
-    let config = json!({"jwks": {"keys": [ec_jwk("ec-1", None)]}, "consumer_claim": "sub", "anonymous": "guest"});
+    let config = json!({"jwks": {"keys": [ec_jwk("ec-1", None)]}, "consumer_claim": "sub", "anonymous": "guest", "issuer": "https://idp", "audience": "gw"});
     let gw = start(up.addr, config).await;
     let echo = accepted(&gw, &token(json!({"sub": "stranger"}))).await;
     assert_eq!(echo.header("x-consumer-username"), None);
@@ -850,14 +858,16 @@ async fn a_jwks_url_is_fetched_on_first_use_and_refreshed_in_the_background() {
         "jwks": format!("http://{}/.well-known/jwks.json", server.upstream.addr),
         "jwks_refresh_secs": 1,
         "consumer_claim": "sub",
+        "issuer": "https://idp",
+        "audience": "gw",
     });
     let gw = start(up.addr, config).await;
     assert_eq!(server.fetches(), 0, "fetched on first use, not when built");
-    let one = with_kid(Algorithm::ES256, &ec_key(), "k1", &json!({"sub": "alice"}));
-    let two = with_kid(Algorithm::EdDSA, &ed_key(), "k2", &json!({"sub": "bob"}));
+    let one = with_kid(Algorithm::ES256, &ec_key(), "k1", &json!({"sub": "alice", "iss": "https://idp", "aud": "gw"}));
+    let two = with_kid(Algorithm::EdDSA, &ed_key(), "k2", &json!({"sub": "bob", "iss": "https://idp", "aud": "gw"}));
     let echo = accepted(&gw, &one).await;
     assert_eq!(echo.header("x-consumer-username"), Some("alice"));
-    assert_eq!(echo.header("x-credential-identifier"), Some("jwks:k1"));
+    assert_eq!(echo.header("x-credential-identifier"), Some("jwks:k1:alice"));
     refused(&gw, &two, "No credentials found for given 'kid'").await;
 
     // Rotation: the new set replaces the old one within a refresh (the `oct` key is skipped).
@@ -885,7 +895,7 @@ async fn a_jwks_url_is_fetched_on_first_use_and_refreshed_in_the_background() {
     ] {
         server.serve(status, body.clone());
         server.wait_for_fetch().await;
-        assert_eq!(accepted(&gw, &two).await.header("x-credential-identifier"), Some("jwks:k2"), "{status} {body}");
+        assert_eq!(accepted(&gw, &two).await.header("x-credential-identifier"), Some("jwks:k2:bob"), "{status} {body}");
     }
     // The refresher holds the plugin weakly: once the gateway is gone, it stops.
     gw.shutdown().await;
@@ -961,6 +971,8 @@ async fn bad_jwks_configs_fail_the_route_when_built() {
         json!({"jwks": {"keys": [ec_jwk("k", None)]}, "issuer": []}),
         json!({"jwks": {"keys": [ec_jwk("k", None)]}, "audience": ""}),
         json!({"jwks": {"keys": [ec_jwk("k", None)]}, "consumer_claim": ""}),
+        json!({"jwks": {"keys": [ec_jwk("k", None)]}, "consumer_claim": "sub"}),
+        json!({"jwks": {"keys": [ec_jwk("k", None)]}, "consumer_claim": "sub", "issuer": "https://idp"}),
         json!({"jwks": "http://127.0.0.1:1/jwks", "jwks_refresh_secs": 0}),
         json!({"jwks": "http://127.0.0.1:1/jwks", "jwks_timeout_ms": 0}),
     ];
