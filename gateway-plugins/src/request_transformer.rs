@@ -179,11 +179,14 @@ impl RequestTransformer {
         let headers = if self.needs_headers { req.headers().clone() } else { HeaderMap::new() };
         let lookup = Lookup { headers: &headers, query: req.uri().query(), captures: ctx.uri_captures() };
         let out = if json {
-            match serde_json::from_slice::<serde_json::Value>(&bytes) {
-                Ok(mut doc) if doc.is_object() || bytes.iter().all(u8::is_ascii_whitespace) => {
-                    if doc.is_null() {
-                        doc = serde_json::Value::Object(Default::default());
-                    }
+            // An empty JSON body is an empty object to add fields to (as in Kong).
+            let parsed = if bytes.iter().all(u8::is_ascii_whitespace) {
+                Ok(serde_json::Value::Object(Default::default()))
+            } else {
+                serde_json::from_slice::<serde_json::Value>(&bytes)
+            };
+            match parsed {
+                Ok(mut doc) if doc.is_object() => {
                     apply_json(&self.body, &mut doc, &lookup);
                     serde_json::to_vec(&doc).unwrap_or_else(|_| bytes.to_vec())
                 }

@@ -136,6 +136,11 @@ async fn json_and_form_bodies_are_transformed_and_others_pass_untouched() {
     let text =
         send(Request::post(gw.url("/")).header("content-type", "text/plain").body(full("password=x")).unwrap()).await;
     assert_eq!(String::from_utf8_lossy(&text.body), "password=x");
+
+    // An empty JSON body is an empty object to add to.
+    let empty =
+        send(Request::post(gw.url("/")).header("content-type", "application/json").body(full("")).unwrap()).await;
+    assert_eq!(empty.json(), serde_json::json!({"meta":{"source":"gateway"},"count":3,"roles":["admin"]}));
     gw.shutdown().await;
 }
 
