@@ -154,18 +154,28 @@ async fn anonymous_realm_and_preflight() {
     gw.shutdown().await;
 }
 
-#[test]
-fn bad_credentials_and_configs_fail_the_route_not_the_gateway() {
-    let yaml = r#"_format_version: "3.0"
-consumers: [{username: a, keyauth_credentials: [{key: k, colour: red}]}]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_credentials_and_configs_fail_their_route_not_the_gateway() {
+    let up = echo_upstream().await;
+    for (credential, config) in [("{key: k, colour: red}", "{}"), ("{key: k}", "{key_names: []}")] {
+        let yaml = format!(
+            r#"_format_version: "3.0"
+consumers: [{{username: a, keyauth_credentials: [{credential}]}}]
 services:
 - name: s
-  url: http://127.0.0.1:9
-  routes: [{name: r, paths: ["/"]}]
-  plugins: [{name: key-auth, config: {key_names: []}}]
-"#;
-    let gateway = Gateway::builder().plugins(gateway_plugins::registry()).build(&Config::from_yaml(yaml).unwrap());
-    assert!(gateway.is_ok(), "a plugin config problem is the route's, not the gateway's");
+  url: http://{}
+  routes: [{{name: guarded, paths: ["/guarded"], plugins: [{{name: key-auth, config: {config}}}]}}, {{name: open, paths: ["/open"]}}]
+"#,
+            up.addr
+        );
+        let gateway =
+            Gateway::builder().plugins(gateway_plugins::registry()).build(&Config::from_yaml(&yaml).unwrap()).unwrap();
+        let gw = start_running(gateway, ServerSettings::default()).await;
+        let resp = send(Request::get(gw.url("/guarded")).header("apikey", "k").body(full("")).unwrap()).await;
+        assert_eq!(resp.status, StatusCode::INTERNAL_SERVER_ERROR, "{credential} {config}: the route fails closed");
+        assert_eq!(get(&gw.url("/open")).await.status, StatusCode::OK, "other routes keep serving");
+        gw.shutdown().await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
