@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use gateway_core::body::ProxyBody;
-use gateway_core::plugin::{BuildContext, ConsumerInfo, RequestContext};
+use gateway_core::plugin::{Answer, BuildContext, ConsumerInfo, RequestContext};
 use http::{HeaderName, HeaderValue, Request};
 
 /// `X-Consumer-ID`
@@ -138,4 +138,22 @@ pub fn steps_aside(
         return true;
     }
     has_anonymous && ctx.credential.is_some()
+}
+
+/// Kong's rule for a failed authentication: with `anonymous` set the request proceeds as the
+/// anonymous consumer (another auth plugin or the upstream decides); otherwise `refuse`
+/// answers it.
+pub fn anonymous_or(
+    ctx: &mut RequestContext,
+    req: &mut Request<ProxyBody>,
+    anonymous: Option<&Identity>,
+    refuse: impl FnOnce(&RequestContext) -> Answer,
+) -> std::ops::ControlFlow<Answer> {
+    match anonymous {
+        Some(anon) => {
+            set_consumer(ctx, req, anon, true);
+            std::ops::ControlFlow::Continue(())
+        }
+        None => std::ops::ControlFlow::Break(refuse(ctx)),
+    }
 }

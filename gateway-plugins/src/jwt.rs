@@ -112,8 +112,8 @@ use serde_json::{Map, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::identity::{
-    CREDENTIAL_IDENTIFIER, Identity, anonymous_consumer, set_consumer, steps_aside, strip_identity_headers,
-    www_authenticate,
+    CREDENTIAL_IDENTIFIER, Identity, anonymous_consumer, anonymous_or, set_consumer, steps_aside,
+    strip_identity_headers, www_authenticate,
 };
 
 /// Kong's priority for jwt.
@@ -1171,16 +1171,8 @@ impl Jwt {
         Ok(())
     }
 
-    /// Kong's rule: with `anonymous` set, a failed authentication proceeds as the anonymous
-    /// consumer; otherwise it is refused.
     fn refuse(&self, ctx: &mut RequestContext, req: &mut Request<ProxyBody>, refusal: Refusal) -> ControlFlow<Answer> {
-        match &self.anonymous {
-            Some(anon) => {
-                set_consumer(ctx, req, anon, true);
-                ControlFlow::Continue(())
-            }
-            None => ControlFlow::Break(self.unauthorized(ctx, refusal)),
-        }
+        anonymous_or(ctx, req, self.anonymous.as_ref(), |ctx| self.unauthorized(ctx, refusal))
     }
 
     fn skip(&self, ctx: &RequestContext, req: &mut Request<ProxyBody>) -> bool {
@@ -1195,13 +1187,7 @@ impl Plugin for Jwt {
         }
         strip_identity_headers(req);
         match self.find_token(req) {
-            Lookup::Missing => match &self.anonymous {
-                Some(anon) => {
-                    set_consumer(ctx, req, anon, true);
-                    ControlFlow::Continue(())
-                }
-                None => ControlFlow::Break(self.unauthorized(ctx, "Unauthorized".into())),
-            },
+            Lookup::Missing => self.refuse(ctx, req, "Unauthorized".into()),
             Lookup::Multiple => self.refuse(ctx, req, "Multiple tokens provided".into()),
             Lookup::Token(token) => match self.authenticate(&token) {
                 Ok(Verified::Secret(secret)) => {

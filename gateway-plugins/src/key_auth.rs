@@ -26,7 +26,7 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 use crate::identity::{
-    Identity, anonymous_consumer, set_consumer, steps_aside, strip_identity_headers, www_authenticate,
+    Identity, anonymous_consumer, anonymous_or, set_consumer, steps_aside, strip_identity_headers, www_authenticate,
 };
 use crate::transform::set_query;
 
@@ -293,15 +293,7 @@ impl KeyAuth {
             Lookup::Duplicate => "Duplicate API key found",
             Lookup::Missing => "No API key found in request",
         };
-        // Kong's rule: with `anonymous` set, any failure proceeds as the anonymous consumer
-        // (so another auth plugin or the upstream can decide).
-        match &self.anonymous {
-            Some(anon) => {
-                set_consumer(ctx, req, anon, true);
-                ControlFlow::Continue(())
-            }
-            None => ControlFlow::Break(self.unauthorized(ctx, failure)),
-        }
+        anonymous_or(ctx, req, self.anonymous.as_ref(), |ctx| self.unauthorized(ctx, failure))
     }
 
     fn skip(&self, ctx: &RequestContext, req: &mut Request<ProxyBody>) -> bool {
