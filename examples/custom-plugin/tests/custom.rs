@@ -29,19 +29,26 @@ async fn the_custom_plugin_filters_and_tags_from_its_yaml_config() {
     gw.shutdown().await;
 }
 
-#[test]
-fn a_typo_in_the_plugin_config_fails_its_route_and_names_the_field() {
-    let yaml = r#"_format_version: "3.0"
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_typo_in_the_plugin_config_fails_its_route_and_names_the_field() {
+    let up = echo_upstream().await;
+    let yaml = format!(
+        r#"_format_version: "3.0"
 services:
 - name: s
-  url: http://127.0.0.1:9
-  routes: [{name: r, paths: ["/"]}]
-  plugins: [{name: user-agent-filter, config: {deny: [x], stauts: 403}}]
-"#;
+  url: http://{}
+  routes: [{{name: r, paths: ["/"]}}]
+  plugins: [{{name: user-agent-filter, config: {{deny: [x], stauts: 403}}}}]
+"#,
+        up.addr
+    );
     let gateway =
-        Gateway::builder().plugins(custom_plugin::registry()).build(&Config::from_yaml(yaml).unwrap()).unwrap();
-    // The gateway loads; the route is the one that fails (500), see gateway-core's plugin tests.
-    assert_eq!(gateway.routes().len(), 1);
+        Gateway::builder().plugins(custom_plugin::registry()).build(&Config::from_yaml(&yaml).unwrap()).unwrap();
+    // The gateway loads; the route is the one that fails, closed.
+    let gw = start_running(gateway, ServerSettings::default()).await;
+    let resp = get(&gw.url("/")).await;
+    assert_eq!(resp.status, StatusCode::INTERNAL_SERVER_ERROR);
+    gw.shutdown().await;
     let err = custom_plugin::UserAgentFilter::new(serde_json::from_str(r#"{"deny": []}"#).unwrap()).err().unwrap();
     assert!(err.contains("`deny` must list"), "{err}");
     let typo =
