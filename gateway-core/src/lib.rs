@@ -105,6 +105,7 @@ pub mod proxy;
 pub mod router;
 pub mod server;
 mod snapshot;
+pub mod tls;
 
 /// The regex crate, re-exported: [`plugin::RequestContext::uri_captures`] returns its `Captures`.
 pub use regex;
@@ -259,7 +260,20 @@ impl Gateway {
         settings: ServerSettings,
         shutdown: impl Future<Output = ()>,
     ) -> std::io::Result<()> {
-        server::serve(self.shared.clone(), listeners, settings, shutdown).await
+        server::serve(self.shared.clone(), listeners, Vec::new(), settings, shutdown).await
+    }
+
+    /// Like [`Gateway::serve`], plus TLS listeners. Their certificates come from the config's
+    /// `certificates` and `snis` (see [`tls`]) and follow reloads; a client whose name no
+    /// certificate covers gets the default one, or a self-signed one made at startup.
+    pub async fn serve_tls(
+        &self,
+        listeners: Vec<TcpListener>,
+        tls_listeners: Vec<TcpListener>,
+        settings: ServerSettings,
+        shutdown: impl Future<Output = ()>,
+    ) -> std::io::Result<()> {
+        server::serve(self.shared.clone(), listeners, tls_listeners, settings, shutdown).await
     }
 }
 

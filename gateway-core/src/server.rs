@@ -1,5 +1,6 @@
-//! The built-in server: HTTP/1.1 and HTTP/2 (TLS-less prior knowledge, "h2c") on one listener,
-//! with client-side limits on by default and graceful shutdown.
+//! The built-in server: HTTP/1.1 and HTTP/2 on every listener (prior knowledge, "h2c", on
+//! plain ones; ALPN on TLS ones, with certificates chosen by SNI from the config), client-side
+//! limits on by default, and graceful shutdown.
 //!
 //! ```no_run
 //! use gateway_core::{Gateway, server::ServerSettings};
@@ -97,24 +98,51 @@ async fn protocol_decidable(stream: &tokio::net::TcpStream) -> bool {
     }
 }
 
+/// The three connection builders: sniffing (plain listeners: HTTP/1.1 or h2c), and one per
+/// ALPN outcome on TLS listeners.
+struct Builders {
+    auto: auto::Builder<TokioExecutor>,
+    h1: auto::Builder<TokioExecutor>,
+    h2: auto::Builder<TokioExecutor>,
+}
+
 /// Serves until `shutdown` resolves, then stops accepting, lets in-flight requests finish
 /// within [`ServerSettings::shutdown_grace`], and returns.
 pub(crate) async fn serve(
     shared: Arc<Shared>,
     listeners: Vec<TcpListener>,
+    tls_listeners: Vec<TcpListener>,
     settings: ServerSettings,
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
-    let builder = Arc::new(settings.builder());
-    let header_timeout = settings.header_read_timeout;
+    let builders = Arc::new(Builders {
+        auto: settings.builder(),
+        h1: settings.builder().http1_only(),
+        h2: settings.builder().http2_only(),
+    });
+    let acceptor = if tls_listeners.is_empty() {
+        None
+    } else {
+        let fallback = crate::tls::self_signed().map_err(io::Error::other)?;
+        let certs = shared.clone();
+        let resolver =
+            crate::tls::SnapshotCerts { current: Box::new(move || certs.snapshot.load().certs.clone()), fallback };
+        if shared.snapshot.load().certs.is_empty() {
+            tracing::warn!("no certificates configured: TLS listeners serve a self-signed certificate for `localhost`");
+        }
+        let config = crate::tls::server_config(Arc::new(resolver)).map_err(io::Error::other)?;
+        Some(tokio_rustls::TlsAcceptor::from(config))
+    };
     let graceful = Arc::new(GracefulShutdown::new());
     let mut accept_tasks = tokio::task::JoinSet::new();
-    for listener in listeners {
+    let all = listeners.into_iter().map(|l| (l, None)).chain(tls_listeners.into_iter().map(|l| (l, acceptor.clone())));
+    for (listener, tls) in all {
         let local = listener.local_addr()?;
-        tracing::info!(%local, "listening");
+        tracing::info!(%local, tls = tls.is_some(), "listening");
         let shared = shared.clone();
-        let builder = builder.clone();
+        let builders = builders.clone();
         let graceful = graceful.clone();
+        let header_timeout = settings.header_read_timeout;
         accept_tasks.spawn(async move {
             loop {
                 let (stream, client) = match listener.accept().await {
@@ -127,29 +155,52 @@ pub(crate) async fn serve(
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let conn_info = ConnInfo { client, local, tls: false };
-                let values = ConnValues::new(&conn_info);
+                let conn_info = ConnInfo { client, local, tls: tls.is_some() };
                 let shared = shared.clone();
-                let builder = builder.clone();
+                let builders = builders.clone();
                 let watcher = graceful.watcher();
+                let tls = tls.clone();
                 tokio::spawn(async move {
-                    // hyper-util's auto builder reads the first bytes to tell HTTP/2's preface
-                    // from HTTP/1 with no timer of its own: bound that wait by the header
-                    // timeout, or a client trickling `P`, `R`, `I` holds the connection forever.
-                    match tokio::time::timeout(header_timeout, protocol_decidable(&stream)).await {
-                        Ok(true) => {}
-                        Ok(false) => return,
-                        Err(_) => {
-                            tracing::debug!(%client, "no request head within the header timeout; closing");
-                            return;
-                        }
-                    }
+                    let values = ConnValues::new(&conn_info);
                     let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
                         let snapshot = shared.snapshot.load_full();
                         let req = req.map(ProxyBody::Incoming);
                         let values = values.clone();
                         async move { Ok::<_, Infallible>(handle(snapshot, req, conn_info, values).await) }
                     });
+                    let Some(acceptor) = tls else {
+                        // hyper-util's auto builder reads the first bytes to tell HTTP/2's
+                        // preface from HTTP/1 with no timer of its own: bound that wait by the
+                        // header timeout, or a client trickling `P`, `R`, `I` holds the
+                        // connection forever.
+                        match tokio::time::timeout(header_timeout, protocol_decidable(&stream)).await {
+                            Ok(true) => {}
+                            Ok(false) => return,
+                            Err(_) => {
+                                tracing::debug!(%client, "no request head within the header timeout; closing");
+                                return;
+                            }
+                        }
+                        let conn = builders.auto.serve_connection_with_upgrades(TokioIo::new(stream), svc).into_owned();
+                        if let Err(e) = watcher.watch(conn).await {
+                            tracing::debug!(%client, error = %e, "connection ended with an error");
+                        }
+                        return;
+                    };
+                    // The handshake counts against the header timeout too.
+                    let stream = match tokio::time::timeout(header_timeout, acceptor.accept(stream)).await {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(e)) => {
+                            tracing::debug!(%client, error = %e, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!(%client, "no TLS handshake within the header timeout; closing");
+                            return;
+                        }
+                    };
+                    let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+                    let builder = if h2 { &builders.h2 } else { &builders.h1 };
                     let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc).into_owned();
                     if let Err(e) = watcher.watch(conn).await {
                         tracing::debug!(%client, error = %e, "connection ended with an error");

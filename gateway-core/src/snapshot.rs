@@ -18,8 +18,9 @@ use crate::config::{
 };
 use crate::plugin::{PluginRegistry, UpstreamService};
 use crate::proxy::UpstreamCall;
-use crate::proxy::client::{Timeouts, UpstreamClient, build_client};
+use crate::proxy::client::{ClientKey, Timeouts, UpstreamClient, build_client};
 use crate::router::{PathKind, PathSpec, RouteSpec, Router};
+use crate::tls::{CertStore, UpstreamTls};
 
 /// A compiled, immutable config. Requests load the current one once and use only it.
 #[derive(Debug)]
@@ -28,6 +29,8 @@ pub(crate) struct Snapshot {
     pub(crate) routes: Box<[RouteRuntime]>,
     /// For `gateway routes`: route index to its description.
     pub(crate) route_names: Box<[Arc<str>]>,
+    /// Server certificates for TLS listeners, by SNI.
+    pub(crate) certs: Arc<CertStore>,
 }
 
 /// What a matched route needs at request time.
@@ -56,6 +59,8 @@ pub(crate) struct ServiceRuntime {
     pub(crate) balancer: Balancer,
     pub(crate) retries: u32,
     pub(crate) client: UpstreamClient,
+    /// HTTP/2 to the upstream (`grpc`, `grpcs`); HTTP/1.1 otherwise.
+    pub(crate) version: http::Version,
 }
 
 /// One upstream address, with its header values computed once.
@@ -154,10 +159,11 @@ fn gcd(a: u64, b: u64) -> u64 {
 }
 
 /// State that outlives snapshots: upstream clients (and so their connection pools) keyed by
-/// timeouts, reused by the next compile when a service's settings are unchanged.
+/// timeouts and TLS settings, reused by the next compile when a service's settings are
+/// unchanged.
 #[derive(Debug, Default)]
 pub(crate) struct ClientCache {
-    clients: HashMap<Timeouts, UpstreamClient>,
+    clients: HashMap<ClientKey, UpstreamClient>,
 }
 
 /// Kong's bundled plugins: named in "not supported yet" messages instead of "unknown plugin".
@@ -326,9 +332,6 @@ pub(crate) fn compile(
     }
     let u = &config;
     let top = unsupported_fields(&[
-        ("certificates", &u.certificates, &[]),
-        ("snis", &u.snis, &[]),
-        ("ca_certificates", &u.ca_certificates, &[]),
         ("vaults", &u.vaults, &[]),
         ("consumer_groups", &u.consumer_groups, &[]),
         ("key_sets", &u.key_sets, &[]),
@@ -338,6 +341,24 @@ pub(crate) fn compile(
     ]);
     for entity in top {
         c.problem(entity, format!("the Kong entity `{entity}` is not supported yet"));
+    }
+
+    let certs = crate::tls::compile_certificates(config, &mut |at, m| c.problem(at, m));
+    let mut cas: HashMap<&str, Vec<rustls::pki_types::CertificateDer<'static>>> = HashMap::new();
+    for (i, ca) in config.ca_certificates.iter().enumerate() {
+        let at = format!("ca_certificates[{i}]");
+        let Some(id) = ca.id.as_deref() else {
+            c.problem(at, "a CA certificate needs an `id` for services to name it");
+            continue;
+        };
+        match crate::tls::parse_certs(&ca.cert) {
+            Ok(certs) => {
+                if cas.insert(id, certs).is_some() {
+                    c.problem(at, format!("duplicate CA certificate id `{id}`"));
+                }
+            }
+            Err(e) => c.problem(at, format!("`cert`: {e}")),
+        }
     }
 
     // Upstreams and their targets.
@@ -409,7 +430,7 @@ pub(crate) fn compile(
     }
 
     // Services.
-    let mut fresh_clients: HashMap<Timeouts, UpstreamClient> = HashMap::new();
+    let mut fresh_clients: HashMap<ClientKey, UpstreamClient> = HashMap::new();
     let mut services: Vec<Option<Arc<ServiceRuntime>>> = Vec::new();
     let mut service_keys: HashMap<&str, usize> = HashMap::new();
     for (i, s) in config.services.iter().enumerate() {
@@ -420,7 +441,7 @@ pub(crate) fn compile(
             }
         }
         c.check_plugins(&format!("{at}."), &s.plugins);
-        let built = compile_service(&mut c, &at, s, &upstreams, clients, &mut fresh_clients);
+        let built = compile_service(&mut c, &at, s, &upstreams, &cas, clients, &mut fresh_clients);
         services.push(built.map(Arc::new));
     }
 
@@ -516,6 +537,7 @@ pub(crate) fn compile(
                 router,
                 route_names: runtimes.iter().map(|r: &RouteRuntime| r.name.clone()).collect(),
                 routes: runtimes.into(),
+                certs: Arc::new(certs),
             })
         }
         _ => Err(ConfigError { source_name: None, problems: c.problems }),
@@ -533,19 +555,19 @@ fn push_target(c: &mut Compiler<'_>, at: &str, t: &crate::config::Target, out: &
     }
 }
 
+#[allow(clippy::too_many_arguments)] // one call site
 fn compile_service(
     c: &mut Compiler<'_>,
     at: &str,
     s: &Service,
     upstreams: &HashMap<&str, ParsedUpstream<'_>>,
+    cas: &HashMap<&str, Vec<rustls::pki_types::CertificateDer<'static>>>,
     old_clients: &ClientCache,
-    fresh_clients: &mut HashMap<Timeouts, UpstreamClient>,
+    fresh_clients: &mut HashMap<ClientKey, UpstreamClient>,
 ) -> Option<ServiceRuntime> {
     let null = [Value::Null];
     let fields = unsupported_fields(&[
-        ("tls_verify", &s.tls_verify, &null),
         ("tls_verify_depth", &s.tls_verify_depth, &null),
-        ("ca_certificates", &s.ca_certificates, &null),
         ("client_certificate", &s.client_certificate, &null),
     ]);
     c.unsupported(at, fields);
@@ -582,11 +604,35 @@ fn compile_service(
         }
     }
     let protocol = protocol.unwrap_or(ServiceProtocol::Http);
-    if protocol != ServiceProtocol::Http {
-        c.problem(
-            at,
-            format!("service protocol `{}` is not supported yet (only http)", json!(protocol).as_str().unwrap_or("?")),
-        );
+    let (scheme, version) = match protocol {
+        ServiceProtocol::Http => (Scheme::HTTP, http::Version::HTTP_11),
+        ServiceProtocol::Https => (Scheme::HTTPS, http::Version::HTTP_11),
+        ServiceProtocol::Grpc => (Scheme::HTTP, http::Version::HTTP_2),
+        ServiceProtocol::Grpcs => (Scheme::HTTPS, http::Version::HTTP_2),
+        other => {
+            c.problem(
+                at,
+                format!(
+                    "service protocol `{}` is not supported yet (http, https, grpc and grpcs are)",
+                    json!(other).as_str().unwrap_or("?")
+                ),
+            );
+            (Scheme::HTTP, http::Version::HTTP_11)
+        }
+    };
+    let mut tls = UpstreamTls { skip_verify: s.tls_verify == Some(false), roots: None };
+    if let Some(ids) = s.ca_certificates.as_ref().filter(|ids| !ids.is_empty()) {
+        let mut roots = Vec::new();
+        for id in ids {
+            match cas.get(id.as_str()) {
+                Some(certs) => roots.extend(certs.iter().cloned()),
+                None => c.problem(at, format!("CA certificate `{id}` does not exist")),
+            }
+        }
+        tls.roots = Some(roots.into());
+    }
+    if tls.skip_verify && scheme == Scheme::HTTPS {
+        tracing::warn!(service = at, "`tls_verify: false`: the upstream's certificate is not verified");
     }
     let Some(host) = host else {
         c.problem(at, "a service needs `url` or `host`");
@@ -608,7 +654,6 @@ fn compile_service(
         read: timeout(c, at, "read_timeout", s.read_timeout),
         write: timeout(c, at, "write_timeout", s.write_timeout),
     };
-    let scheme = Scheme::HTTP;
     let targets: Vec<(TargetRuntime, u32)> = match upstreams.get(host.as_str()) {
         Some(up) => {
             let mut out = Vec::new();
@@ -621,7 +666,7 @@ fn compile_service(
             out
         }
         None => {
-            let port = port.unwrap_or(80);
+            let port = port.unwrap_or(if scheme == Scheme::HTTPS { 443 } else { 80 });
             match target_runtime(&host, port, None, &scheme) {
                 Ok(t) => vec![(t, 1)],
                 Err(e) => {
@@ -631,10 +676,15 @@ fn compile_service(
             }
         }
     };
-    let client = fresh_clients
-        .entry(timeouts)
-        .or_insert_with(|| old_clients.clients.get(&timeouts).cloned().unwrap_or_else(|| build_client(timeouts)))
-        .clone();
+    let key = ClientKey { timeouts, tls, h2: version == http::Version::HTTP_2 };
+    let client = match fresh_clients.get(&key) {
+        Some(client) => client.clone(),
+        None => {
+            let client = old_clients.clients.get(&key).cloned().unwrap_or_else(|| build_client(&key));
+            fresh_clients.insert(key, client.clone());
+            client
+        }
+    };
     Some(ServiceRuntime {
         name: s.name.clone().or_else(|| s.id.clone()).unwrap_or_else(|| host.clone()).into(),
         scheme,
@@ -642,6 +692,7 @@ fn compile_service(
         balancer: Balancer::new(targets),
         retries,
         client,
+        version,
     })
 }
 
@@ -672,11 +723,11 @@ fn compile_route(
     }
     let protocols = r.protocols.clone().unwrap_or_else(|| vec![RouteProtocol::Http, RouteProtocol::Https]);
     for p in &protocols {
-        if !matches!(p, RouteProtocol::Http | RouteProtocol::Https) {
+        if !matches!(p, RouteProtocol::Http | RouteProtocol::Https | RouteProtocol::Grpc | RouteProtocol::Grpcs) {
             c.problem(
                 at,
                 format!(
-                    "route protocol `{}` is not supported yet (only http and https)",
+                    "route protocol `{}` is not supported yet (http, https, grpc and grpcs are)",
                     json!(p).as_str().unwrap_or("?")
                 ),
             );
@@ -760,8 +811,8 @@ fn compile_route(
         preserve_host,
         chain,
         upstream,
-        allow_http: protocols.contains(&RouteProtocol::Http),
-        allow_https: protocols.contains(&RouteProtocol::Https),
+        allow_http: protocols.iter().any(|p| matches!(p, RouteProtocol::Http | RouteProtocol::Grpc)),
+        allow_https: protocols.iter().any(|p| matches!(p, RouteProtocol::Https | RouteProtocol::Grpcs)),
         redirect_status: StatusCode::from_u16(redirect).unwrap_or(StatusCode::UPGRADE_REQUIRED),
     };
     Some((spec, runtime))
@@ -791,7 +842,7 @@ mod tests {
 services:
 - name: a
   url: http://127.0.0.1:9
-  tls_verify: true
+  tls_verify_depth: 3
   routes:
   - name: r
     paths: ["~/(bad"]
@@ -807,8 +858,8 @@ routes:
 plugins:
 - name: rate-limiting
 - name: no-such-plugin
-certificates:
-- cert: x
+vaults:
+- name: env
 upstreams:
 - name: u
   algorithm: least-connections
@@ -816,9 +867,9 @@ upstreams:
         );
         let want = [
             "_format_version: only \"3.0\" is supported",
-            "certificates: the Kong entity `certificates` is not supported yet",
+            "vaults: the Kong entity `vaults` is not supported yet",
             "upstreams[0] (name \"u\"): algorithm `least-connections` is not supported yet",
-            "services[0] (name \"a\"): `tls_verify` is a Kong field this gateway does not support yet",
+            "services[0] (name \"a\"): `tls_verify_depth` is a Kong field this gateway does not support yet",
             "services[1] (name \"a\"): duplicate service name or id `a`",
             "services[1] (name \"a\"): `connect_timeout` must be between 1",
             "routes[0] (name \"top\"): service `missing` does not exist",

@@ -1,7 +1,8 @@
 //! The `gateway` binary: a thin user of `gateway-core`'s public API.
 //!
 //! ```text
-//! gateway run --config kong.yml [--listen 127.0.0.1:8000]... [--admin-listen 127.0.0.1:8001] [--workers N]
+//! gateway run --config kong.yml [--listen 127.0.0.1:8000]... [--listen-tls 127.0.0.1:8443]...
+//!              [--admin-listen 127.0.0.1:8001] [--workers N]
 //! gateway validate kong.yml
 //! gateway routes --config kong.yml
 //! gateway demo
@@ -62,6 +63,10 @@ struct ServeArgs {
     /// Proxy listen address; repeat for several.
     #[arg(long = "listen", default_value = "127.0.0.1:8000")]
     listen: Vec<SocketAddr>,
+    /// TLS proxy listen address (HTTP/1.1 and HTTP/2 by ALPN, certificates by SNI from the
+    /// config's `certificates`); repeat for several. `off` listens on none.
+    #[arg(long = "listen-tls", default_value = "127.0.0.1:8443", value_parser = parse_listen)]
+    listen_tls: Vec<Option<SocketAddr>>,
     /// Admin listen address (health and status).
     #[arg(long, default_value = "127.0.0.1:8001")]
     admin_listen: SocketAddr,
@@ -92,6 +97,14 @@ impl ServeArgs {
             ..ServerSettings::default()
         }
     }
+}
+
+/// An address, or `off`.
+fn parse_listen(s: &str) -> Result<Option<SocketAddr>, String> {
+    if s == "off" {
+        return Ok(None);
+    }
+    s.parse().map(Some).map_err(|e| format!("`{s}` is not an address like 127.0.0.1:8443 (or `off`): {e}"))
 }
 
 /// `250ms`, `10s`, `2m`, or plain seconds.
@@ -221,7 +234,18 @@ async fn run(config_path: Option<PathBuf>, args: ServeArgs) -> ExitCode {
             }
         }
     }
+    let mut tls_listeners = Vec::new();
+    for addr in args.listen_tls.iter().flatten() {
+        match TcpListener::bind(addr).await {
+            Ok(l) => tls_listeners.push(l),
+            Err(e) => {
+                eprintln!("cannot listen on {addr} (TLS): {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
     let proxy_addrs: Vec<SocketAddr> = listeners.iter().filter_map(|l| l.local_addr().ok()).collect();
+    let tls_addrs: Vec<SocketAddr> = tls_listeners.iter().filter_map(|l| l.local_addr().ok()).collect();
     let admin = match TcpListener::bind(args.admin_listen).await {
         Ok(l) => l,
         Err(e) => {
@@ -235,10 +259,16 @@ async fn run(config_path: Option<PathBuf>, args: ServeArgs) -> ExitCode {
     if let Some(path) = config_path.clone() {
         spawn_reloader(gateway.clone(), path);
     } else if let Some(addr) = proxy_addrs.first() {
-        print_demo_help(*addr, admin_addr);
+        print_demo_help(*addr, tls_addrs.first().copied(), admin_addr);
     }
-    tracing::info!(proxy = ?proxy_addrs, admin = ?admin_addr, routes = gateway.routes().len(), "gateway started");
-    match gateway.serve(listeners, args.settings(), shutdown_signal()).await {
+    tracing::info!(
+        proxy = ?proxy_addrs,
+        tls = ?tls_addrs,
+        admin = ?admin_addr,
+        routes = gateway.routes().len(),
+        "gateway started"
+    );
+    match gateway.serve_tls(listeners, tls_listeners, args.settings(), shutdown_signal()).await {
         Ok(()) => {
             tracing::info!("stopped");
             ExitCode::SUCCESS
@@ -348,7 +378,7 @@ async fn demo_gateway() -> Result<Gateway, Box<dyn std::error::Error>> {
     Ok(build(&config)?)
 }
 
-fn print_demo_help(proxy: SocketAddr, admin: Option<SocketAddr>) {
+fn print_demo_help(proxy: SocketAddr, tls: Option<SocketAddr>, admin: Option<SocketAddr>) {
     println!("gateway demo: proxy on http://{proxy}, built-in echo upstream behind it. Try:");
     println!("  curl -i http://{proxy}/echo/hello              # strip_path: the upstream sees /hello");
     println!("  curl -i http://{proxy}/api/items?page=2        # service path /v1: the upstream sees /v1/items?page=2");
@@ -357,6 +387,12 @@ fn print_demo_help(proxy: SocketAddr, admin: Option<SocketAddr>) {
     println!("  curl -i http://{proxy}/private                 # key-auth: 401 without a key");
     println!("  curl -i -H 'apikey: demo-key' http://{proxy}/private  # the upstream sees X-Consumer-Username: demo");
     println!("  curl -i http://{proxy}/nope                    # 404 with a JSON body and a request id");
+    if let Some(tls) = tls {
+        println!(
+            "  curl -ik https://localhost:{}/echo/tls         # TLS (a self-signed certificate: the demo has none)",
+            tls.port()
+        );
+    }
     if let Some(admin) = admin {
         println!("  curl -s http://{admin}/status                 # admin: status");
     }

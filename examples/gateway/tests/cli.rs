@@ -72,6 +72,7 @@ fn config(upstream: SocketAddr, prefix: &str) -> String {
 
 struct Running {
     child: Child,
+    tls: SocketAddr,
     stderr: Arc<Mutex<String>>,
     addr: SocketAddr,
 }
@@ -80,10 +81,12 @@ impl Running {
     fn start(config: &Path) -> Running {
         let addr = free_port();
         let admin = free_port();
+        let tls = free_port();
         let mut child = bin()
             .args(["run", "--config"])
             .arg(config)
             .args(["--listen", &addr.to_string(), "--admin-listen", &admin.to_string(), "--workers", "2"])
+            .args(["--listen-tls", &tls.to_string()])
             .args(["--shutdown-grace", "5s"])
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -97,7 +100,7 @@ impl Running {
                 sink.lock().unwrap().push_str(&(line + "\n"));
             }
         });
-        let r = Running { child, stderr, addr };
+        let r = Running { child, tls, stderr, addr };
         r.wait_for(|| http_get(addr, "/").is_some(), "the gateway to listen");
         r
     }
@@ -247,7 +250,79 @@ fn a_bad_config_at_start_exits_1_with_the_problem() {
     let dir = temp_dir("badstart");
     let file = dir.join("kong.yml");
     std::fs::write(&file, "_format_version: \"1.1\"\n").unwrap();
-    let out = bin().args(["run", "--config"]).arg(&file).args(["--listen", &free_port().to_string()]).output().unwrap();
+    let out = bin()
+        .args(["run", "--config"])
+        .arg(&file)
+        .args(["--listen", &free_port().to_string(), "--listen-tls", "off"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("only \"3.0\" is supported"));
+}
+
+/// `--listen-tls` serves the config's certificates (here from PEM files) by SNI, and picks up
+/// a new certificate when the config changes.
+#[test]
+fn listen_tls_serves_certificates_from_files_by_sni() {
+    use rustls::pki_types::ServerName;
+    let dir = temp_dir("tls");
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let leaf = |name: &str, file: &str| {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec![name.to_string()]).unwrap().signed_by(&key, &issuer).unwrap();
+        std::fs::write(dir.join(format!("{file}.crt")), cert.pem()).unwrap();
+        std::fs::write(dir.join(format!("{file}.key")), key.serialize_pem()).unwrap();
+        cert.der().to_vec()
+    };
+    let api = leaf("api.example.com", "api");
+    let upstream = spawn_upstream();
+    let file = dir.join("kong.yml");
+    let with_cert = |name: &str| {
+        format!(
+            "{}certificates:\n- cert: {}\n  key: {}\n  snis: [{name}]\n",
+            config(upstream, ""),
+            dir.join("api.crt").display(),
+            dir.join("api.key").display()
+        )
+    };
+    std::fs::write(&file, with_cert("api.example.com")).unwrap();
+    let gw = Running::start(&file);
+
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca_cert.der().clone()).unwrap();
+    let client = Arc::new(
+        rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    );
+    let get = |name: &str| -> Result<(Vec<u8>, String), String> {
+        let server_name = ServerName::try_from(name.to_string()).unwrap();
+        let conn = rustls::ClientConnection::new(client.clone(), server_name).unwrap();
+        let tcp = TcpStream::connect(gw.tls).map_err(|e| e.to_string())?;
+        tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut tls = rustls::StreamOwned::new(conn, tcp);
+        write!(tls, "GET /over-tls HTTP/1.1\r\nhost: {name}\r\nconnection: close\r\n\r\n")
+            .map_err(|e| e.to_string())?;
+        let mut out = String::new();
+        let _ = tls.read_to_string(&mut out);
+        let peer = tls.conn.peer_certificates().ok_or("no certificate")?[0].to_vec();
+        Ok((peer, out))
+    };
+    gw.wait_for(|| get("api.example.com").is_ok(), "the TLS listener");
+    let (peer, out) = get("api.example.com").unwrap();
+    assert_eq!(peer, api);
+    assert!(out.starts_with("HTTP/1.1 200") && out.ends_with("/over-tls"), "{out}");
+    // Not covered by any certificate: the self-signed fallback, which the CA does not vouch for.
+    assert!(get("other.example.com").is_err());
+
+    // The same files now serve another name after a config change.
+    let other = leaf("other.example.com", "api");
+    std::fs::write(&file, with_cert("other.example.com")).unwrap();
+    gw.wait_for(|| get("other.example.com").is_ok_and(|(p, _)| p == other), "the new certificate");
 }

@@ -72,13 +72,16 @@ pub struct Config {
     /// Consumers of the APIs.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub consumers: Vec<Consumer>,
+    /// TLS certificates served to clients, chosen by SNI.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub certificates: Vec<Certificate>,
+    /// Top-level SNIs, each naming its certificate.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub snis: Vec<Sni>,
+    /// CA certificates that services name to verify their upstreams.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ca_certificates: Vec<CaCertificate>,
     // Kong entities that are not supported yet (refused when non-empty).
-    #[serde(default, skip_serializing)]
-    pub(crate) certificates: Option<Value>,
-    #[serde(default, skip_serializing)]
-    pub(crate) snis: Option<Value>,
-    #[serde(default, skip_serializing)]
-    pub(crate) ca_certificates: Option<Value>,
     #[serde(default, skip_serializing)]
     pub(crate) vaults: Option<Value>,
     #[serde(default, skip_serializing)]
@@ -140,11 +143,11 @@ impl EntityRef {
 pub enum ServiceProtocol {
     /// Plain HTTP.
     Http,
-    /// HTTP over TLS (not supported yet).
+    /// HTTP/1.1 over TLS, the upstream's certificate verified (see [`Service::tls_verify`]).
     Https,
-    /// gRPC (not supported yet).
+    /// gRPC: HTTP/2 with prior knowledge (h2c).
     Grpc,
-    /// gRPC over TLS (not supported yet).
+    /// gRPC over TLS (HTTP/2 by ALPN).
     Grpcs,
     /// TCP streams (not supported).
     Tcp,
@@ -216,13 +219,18 @@ pub struct Service {
     /// Kong bookkeeping, ignored.
     #[serde(default, skip_serializing)]
     pub updated_at: Option<Value>,
+    /// Verify the upstream's certificate (`https` and `grpcs`). Default `true`, unlike Kong,
+    /// whose default follows an nginx setting that is off: an unverified upstream is one
+    /// anyone on the path can impersonate. `false` is allowed and logged as a warning.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_verify: Option<bool>,
+    /// The CA certificates (ids or names of `ca_certificates` entities) that verify the
+    /// upstream; when empty, the system's roots do.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_certificates: Option<Vec<String>>,
     /// Kong fields not supported yet.
     #[serde(default, skip_serializing)]
-    pub(crate) tls_verify: Option<Value>,
-    #[serde(default, skip_serializing)]
     pub(crate) tls_verify_depth: Option<Value>,
-    #[serde(default, skip_serializing)]
-    pub(crate) ca_certificates: Option<Value>,
     #[serde(default, skip_serializing)]
     pub(crate) client_certificate: Option<Value>,
 }
@@ -235,9 +243,9 @@ pub enum RouteProtocol {
     Http,
     /// HTTPS.
     Https,
-    /// gRPC (not supported yet).
+    /// gRPC in cleartext (h2c); matches like `http`.
     Grpc,
-    /// gRPC over TLS (not supported yet).
+    /// gRPC over TLS; matches like `https`.
     Grpcs,
     /// TCP (not supported).
     Tcp,
@@ -563,6 +571,111 @@ impl Config {
             ("oauth2_credentials", self.oauth2_credentials.as_ref()),
         ]
     }
+}
+
+/// A certificate and its private key, PEM-encoded: inline, or a path to a PEM file (any value
+/// that does not contain `-----BEGIN` is read as a path when the config is compiled).
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Certificate {
+    /// Optional id, what top-level `snis` name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// The certificate chain (leaf first), PEM or a file path.
+    pub cert: String,
+    /// The private key (PKCS#8, PKCS#1 or SEC1), PEM or a file path.
+    pub key: String,
+    /// Server names served with this certificate: exact (`api.example.com`), or a wildcard
+    /// at either end (`*.example.com`, `example.*`). The certificate named by `*`, or else
+    /// the first with no SNIs at all, serves clients that send no (or an unknown) name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub snis: Vec<SniName>,
+    /// Free-form tags.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
+    /// Kong bookkeeping, ignored.
+    #[serde(default, skip_serializing)]
+    pub created_at: Option<Value>,
+    /// Kong bookkeeping, ignored.
+    #[serde(default, skip_serializing)]
+    pub updated_at: Option<Value>,
+    #[serde(default, skip_serializing)]
+    pub(crate) cert_alt: Option<Value>,
+    #[serde(default, skip_serializing)]
+    pub(crate) key_alt: Option<Value>,
+}
+
+/// A server name nested in a certificate: `api.example.com` or `{ name: api.example.com }`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(untagged)]
+pub enum SniName {
+    /// `- api.example.com`
+    Name(String),
+    /// `- name: api.example.com`
+    Object {
+        /// The server name.
+        name: String,
+        /// Optional id.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<String>,
+        /// Free-form tags.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        tags: Vec<String>,
+    },
+}
+
+impl SniName {
+    /// The server name.
+    pub fn name(&self) -> &str {
+        match self {
+            SniName::Name(n) | SniName::Object { name: n, .. } => n,
+        }
+    }
+}
+
+/// A top-level SNI: a server name and the certificate that serves it.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Sni {
+    /// Optional id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// The server name (see [`Certificate::snis`] for wildcards).
+    pub name: String,
+    /// The certificate, by id.
+    pub certificate: EntityRef,
+    /// Free-form tags.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
+    /// Kong bookkeeping, ignored.
+    #[serde(default, skip_serializing)]
+    pub created_at: Option<Value>,
+    /// Kong bookkeeping, ignored.
+    #[serde(default, skip_serializing)]
+    pub updated_at: Option<Value>,
+}
+
+/// A CA certificate (PEM, inline or a file path) that services name in `ca_certificates`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CaCertificate {
+    /// The id services use to name it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// One or more PEM certificates, or a file path.
+    pub cert: String,
+    /// Kong's digest of `cert`; accepted and ignored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert_digest: Option<String>,
+    /// Free-form tags.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
+    /// Kong bookkeeping, ignored.
+    #[serde(default, skip_serializing)]
+    pub created_at: Option<Value>,
+    /// Kong bookkeeping, ignored.
+    #[serde(default, skip_serializing)]
+    pub updated_at: Option<Value>,
 }
 
 /// Lists the Kong-only fields of an entity that hold something other than Kong's default.

@@ -19,6 +19,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::Uri;
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -26,9 +27,19 @@ use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
 use crate::body::{BoxError, ProxyBody};
+use crate::tls::UpstreamTls;
 
-/// The client type every service uses.
-pub(crate) type UpstreamClient = Client<TimeoutConnector, ProxyBody>;
+/// The client type every service uses: plain or TLS by the URI's scheme.
+pub(crate) type UpstreamClient = Client<HttpsConnector<TimeoutConnector>, ProxyBody>;
+
+/// What makes two services' clients (and pools) different.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) struct ClientKey {
+    pub(crate) timeouts: Timeouts,
+    pub(crate) tls: UpstreamTls,
+    /// HTTP/2 only (gRPC): prior knowledge over plain TCP, ALPN `h2` over TLS.
+    pub(crate) h2: bool,
+}
 
 /// Timeouts of one service, the key of the shared client cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -38,17 +49,27 @@ pub(crate) struct Timeouts {
     pub(crate) write: Duration,
 }
 
-/// Builds a pooled client for a set of timeouts.
-pub(crate) fn build_client(t: Timeouts) -> UpstreamClient {
+/// Builds a pooled client for a set of timeouts and TLS settings.
+pub(crate) fn build_client(key: &ClientKey) -> UpstreamClient {
+    let t = key.timeouts;
     let mut http = HttpConnector::new();
     http.set_connect_timeout(Some(t.connect));
     http.set_nodelay(true);
     http.set_keepalive(Some(Duration::from_secs(60)));
+    // The scheme of the request's URI decides: `http` passes through, `https` gets TLS with
+    // the service's verification and SNI from the target's host name.
+    http.enforce_http(false);
+    let tcp = TimeoutConnector { http, read: t.read, write: t.write };
+    let builder = HttpsConnectorBuilder::new().with_tls_config(crate::tls::client_config(&key.tls)).https_or_http();
+    let connector =
+        if key.h2 { builder.enable_http2().wrap_connector(tcp) } else { builder.enable_http1().wrap_connector(tcp) };
     Client::builder(TokioExecutor::new())
         .pool_timer(TokioTimer::new())
+        .timer(TokioTimer::new())
         // An idle pooled connection must be dropped before its own read timer would fire.
         .pool_idle_timeout(t.read.min(Duration::from_secs(60)).mul_f32(0.9))
-        .build(TimeoutConnector { http, read: t.read, write: t.write })
+        .http2_only(key.h2)
+        .build(connector)
 }
 
 /// `HttpConnector` plus read/write timeouts on the stream.

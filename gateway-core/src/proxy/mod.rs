@@ -319,6 +319,8 @@ struct Forwarding {
     path: Option<HeaderValue>,
     prefix: Option<HeaderValue>,
     client_host: Option<HeaderValue>,
+    /// The protocol a client asked to switch to (`Upgrade`), to pass on.
+    upgrade: Option<HeaderValue>,
 }
 
 /// Turns the client's request into the upstream's: path, forwarding headers, framing.
@@ -328,14 +330,24 @@ fn prepare(
     conn: &ConnInfo,
     values: &ConnValues,
     request_id: &HeaderValue,
+    upstream_version: Version,
 ) -> Request<ProxyBody> {
     let (mut parts, body) = req.into_parts();
     set_forwarding_headers(&mut parts.headers, conn, values, fwd.host, fwd.path, fwd.prefix, request_id, parts.version);
-    if parts.version == Version::HTTP_2 {
+    if upstream_version == Version::HTTP_2 {
+        // gRPC servers may insist on it; it is the one `TE` HTTP/2 allows.
+        parts.headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    } else if parts.version == Version::HTTP_2 {
         join_cookies(&mut parts.headers);
     }
-    // A body of unknown length must be framed explicitly, or hyper sends none for GET/HEAD.
-    if !http_body::Body::is_end_stream(&body)
+    if let Some(upgrade) = fwd.upgrade {
+        parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        parts.headers.insert(header::UPGRADE, upgrade);
+    }
+    // A body of unknown length must be framed explicitly on HTTP/1.1, or hyper sends none
+    // for GET/HEAD; HTTP/2 frames bodies itself.
+    if upstream_version == Version::HTTP_11
+        && !http_body::Body::is_end_stream(&body)
         && http_body::Body::size_hint(&body).exact().is_none()
         && !parts.headers.contains_key(header::CONTENT_LENGTH)
     {
@@ -344,7 +356,7 @@ fn prepare(
     if let Some(h) = fwd.client_host {
         parts.headers.insert(header::HOST, h);
     }
-    parts.version = Version::HTTP_11;
+    parts.version = upstream_version;
     // The path is routing's; the query is whatever the access hooks left (key-auth may have
     // removed a key from it).
     let pq = if parts.uri.query() == fwd.pq.query() {
@@ -362,8 +374,98 @@ fn prepare(
     Request::from_parts(parts, body)
 }
 
-/// Handles one request against one snapshot. Never fails: every error is an HTTP answer.
+/// Handles one request against one snapshot. Never fails: every error is an HTTP answer (a
+/// gRPC answer when the client speaks gRPC).
 pub(crate) async fn handle(
+    snapshot: Arc<Snapshot>,
+    req: Request<ProxyBody>,
+    conn: ConnInfo,
+    values: ConnValues,
+) -> Response<ResponseBody> {
+    let grpc = req.headers().get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    let resp = handle_http(snapshot, req, conn, values).await;
+    // The gateway's own answers (not the upstream's) become gRPC statuses for gRPC clients,
+    // which do not read HTTP statuses or JSON bodies.
+    if grpc && resp.status() != StatusCode::OK && matches!(resp.body(), ResponseBody::Full(_)) {
+        return grpc_answer(resp).await;
+    }
+    resp
+}
+
+/// An HTTP answer turned into a trailers-only gRPC answer: HTTP 200 with `grpc-status` (the
+/// mapping of gRPC's "HTTP to gRPC status code mapping") and `grpc-message` from the body's
+/// `message`.
+async fn grpc_answer(resp: Response<ResponseBody>) -> Response<ResponseBody> {
+    let (mut parts, body) = resp.into_parts();
+    let code = match parts.status.as_u16() {
+        400 => 13,                   // INTERNAL
+        401 => 16,                   // UNAUTHENTICATED
+        403 => 7,                    // PERMISSION_DENIED
+        404 => 12,                   // UNIMPLEMENTED
+        429 | 502 | 503 | 504 => 14, // UNAVAILABLE
+        500 => 13,
+        _ => 2, // UNKNOWN
+    };
+    let bytes = body.collect_bytes().await.unwrap_or_default();
+    let message = serde_json::from_slice::<serde_json::Value>(&bytes)
+        .ok()
+        .and_then(|v| v.get("message").and_then(|m| m.as_str()).map(str::to_string))
+        .unwrap_or_else(|| parts.status.canonical_reason().unwrap_or("").to_string());
+    // grpc-message is percent-encoded (gRPC's PROTOCOL-HTTP2): anything outside printable
+    // ASCII, and `%` itself.
+    let mut encoded = String::with_capacity(message.len());
+    for b in message.bytes() {
+        if (0x20..0x7f).contains(&b) && b != b'%' {
+            encoded.push(b as char);
+        } else {
+            let _ = write!(encoded, "%{b:02X}");
+        }
+    }
+    parts.status = StatusCode::OK;
+    parts.headers.remove(header::CONTENT_LENGTH);
+    parts.headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+    parts.headers.insert(HeaderName::from_static("grpc-status"), HeaderValue::from(code));
+    if let Ok(v) = HeaderValue::from_str(&encoded) {
+        parts.headers.insert(HeaderName::from_static("grpc-message"), v);
+    }
+    Response::from_parts(parts, ResponseBody::empty())
+}
+
+/// A client's `Upgrade` (WebSocket and the like) when its request asks for one: HTTP/1.1,
+/// `Connection: upgrade`, and the `Upgrade` header.
+fn upgrade_request(parts: &http::request::Parts) -> Option<HeaderValue> {
+    if parts.version != Version::HTTP_11 {
+        return None;
+    }
+    let wants = parts
+        .headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .any(|v| v.to_str().is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade"))));
+    if wants { parts.headers.get(header::UPGRADE).cloned() } else { None }
+}
+
+/// Joins the client's and the upstream's upgraded connections and copies bytes both ways
+/// until either side closes. The tunnel holds no snapshot: reloads do not touch it.
+fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade, route: Arc<str>) {
+    tokio::spawn(async move {
+        let (client, upstream) = match tokio::try_join!(client, upstream) {
+            Ok(both) => both,
+            Err(e) => {
+                tracing::debug!(route = &*route, error = %e, "upgrade failed");
+                return;
+            }
+        };
+        let mut client = hyper_util::rt::TokioIo::new(client);
+        let mut upstream = hyper_util::rt::TokioIo::new(upstream);
+        match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+            Ok((up, down)) => tracing::debug!(route = &*route, up, down, "upgraded connection closed"),
+            Err(e) => tracing::debug!(route = &*route, error = %e, "upgraded connection ended with an error"),
+        }
+    });
+}
+
+async fn handle_http(
     snapshot: Arc<Snapshot>,
     req: Request<ProxyBody>,
     conn: ConnInfo,
@@ -372,6 +474,8 @@ pub(crate) async fn handle(
     let start = Instant::now();
     let request_id = next_request_id();
     let (mut parts, body) = req.into_parts();
+    let upgrade = upgrade_request(&parts);
+    let client_upgrade = upgrade.as_ref().and_then(|_| parts.extensions.remove::<hyper::upgrade::OnUpgrade>());
     // Before routing and plugins: a client must not be able to name, in `Connection`, a header
     // a plugin sets (`X-Anonymous-Consumer`, `X-Consumer-Groups`) and have it stripped later.
     remove_hop_by_hop(&mut parts.headers);
@@ -459,6 +563,7 @@ pub(crate) async fn handle(
         } else {
             None
         },
+        upgrade: if client_upgrade.is_some() { upgrade } else { None },
     };
     // Plugins see the path the router saw (`%61dmin` is `admin` to them too).
     if let (Cow::Owned(p), false) = (&normalized, route.chain.slots.is_empty()) {
@@ -478,9 +583,10 @@ pub(crate) async fn handle(
 
     let slots = &route.chain.slots;
     if slots.is_empty() {
-        let up = prepare(req, fwd, &conn, &values, &request_id);
-        let (resp, target) = call_upstream(service, route.preserve_host, up).await;
+        let up = prepare(req, fwd, &conn, &values, &request_id, service.version);
+        let (mut resp, target) = call_upstream(service, route.preserve_host, up).await;
         facts.upstream = target;
+        finish_upgrade(&mut resp, client_upgrade, &route.name);
         access_log(&facts, resp.status());
         return resp;
     }
@@ -513,7 +619,7 @@ pub(crate) async fn handle(
             answer
         }
         None => {
-            let mut up = prepare(req, fwd, &ctx.conn, &values, &request_id);
+            let mut up = prepare(req, fwd, &ctx.conn, &values, &request_id, service.version);
             for slot in slots.iter() {
                 if let Some(p) = slot.pick(consumer(&ctx)) {
                     p.before_upstream(&mut ctx, &mut up);
@@ -533,6 +639,7 @@ pub(crate) async fn handle(
             }
         }
     };
+    finish_upgrade(&mut resp, client_upgrade, &route.name);
     for slot in slots.iter().rev() {
         if let Some(p) = slot.pick(consumer(&ctx)) {
             p.response(&mut ctx, &mut resp);
@@ -546,6 +653,26 @@ pub(crate) async fn handle(
     }
     access_log(&facts, status);
     resp
+}
+
+/// When the upstream agreed to switch protocols, starts the tunnel between the two upgraded
+/// connections (hyper hands them over once the 101 is written to the client).
+fn finish_upgrade(resp: &mut Response<ResponseBody>, client: Option<hyper::upgrade::OnUpgrade>, route: &Arc<str>) {
+    if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+        return;
+    }
+    match (client, resp.extensions_mut().remove::<hyper::upgrade::OnUpgrade>()) {
+        (Some(client), Some(upstream)) => tunnel(client, upstream, route.clone()),
+        _ => {
+            // A 101 nobody asked for (or a plugin answered it): nothing to join.
+            tracing::warn!(route = &**route, "101 response without an upgrade on both sides; answering 502");
+            *resp = error_response(
+                StatusCode::BAD_GATEWAY,
+                "An invalid response was received from the upstream server",
+                resp.headers().get(&X_REQUEST_ID).unwrap_or(&HeaderValue::from_static("")),
+            );
+        }
+    }
 }
 
 /// Why the upstream call failed, in the extensions of the gateway's own 502/503/504 answers,
@@ -628,7 +755,14 @@ async fn call_upstream(
     let resp = match result {
         Ok(resp) => {
             let (mut rparts, rbody) = resp.into_parts();
+            let switching = (rparts.status == StatusCode::SWITCHING_PROTOCOLS)
+                .then(|| rparts.headers.get(header::UPGRADE).cloned())
+                .flatten();
             remove_hop_by_hop(&mut rparts.headers);
+            if let Some(protocol) = switching {
+                rparts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+                rparts.headers.insert(header::UPGRADE, protocol);
+            }
             append_via(&mut rparts.headers, rparts.version);
             rparts.headers.insert(X_REQUEST_ID.clone(), request_id);
             rparts.version = Version::HTTP_11;
@@ -757,7 +891,7 @@ async fn send_with_retries(
         let mut req = Request::new(body);
         *req.method_mut() = parts.method.clone();
         *req.uri_mut() = uri;
-        *req.version_mut() = Version::HTTP_11;
+        *req.version_mut() = service.version;
         *req.headers_mut() = if last { std::mem::take(&mut parts.headers) } else { parts.headers.clone() };
         if !preserve_host {
             req.headers_mut().insert(header::HOST, target.host_header.clone());

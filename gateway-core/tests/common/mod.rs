@@ -53,6 +53,13 @@ pub struct Upstream {
     task: JoinHandle<()>,
 }
 
+impl Upstream {
+    /// An upstream served by `task` on `addr`, stopped when dropped.
+    pub fn from_task(addr: SocketAddr, task: JoinHandle<()>) -> Upstream {
+        Upstream { addr, task }
+    }
+}
+
 impl Drop for Upstream {
     fn drop(&mut self) {
         self.task.abort();
@@ -74,19 +81,24 @@ pub async fn upstream_with(handler: Handler) -> Upstream {
             let Ok((stream, peer)) = listener.accept().await else {
                 continue;
             };
-            let handler = handler.clone();
-            tokio::spawn(async move {
-                let svc = service_fn(move |req| {
-                    let fut = handler(req, addr, peer);
-                    async move { Ok::<_, Infallible>(fut.await) }
-                });
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection_with_upgrades(TokioIo::new(stream), svc)
-                    .await;
-            });
+            tokio::spawn(serve_upstream_conn(stream, handler.clone(), addr, peer));
         }
     });
     Upstream { addr, task }
+}
+
+/// Serves one upstream connection (HTTP/1.1 or h2c, upgrades allowed) with `handler`.
+pub async fn serve_upstream_conn<I>(io: I, handler: Handler, addr: SocketAddr, peer: SocketAddr)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = service_fn(move |req| {
+        let fut = handler(req, addr, peer);
+        async move { Ok::<_, Infallible>(fut.await) }
+    });
+    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+        .serve_connection_with_upgrades(TokioIo::new(io), svc)
+        .await;
 }
 
 pub fn full(b: impl Into<Bytes>) -> TestBody {
@@ -96,7 +108,12 @@ pub fn full(b: impl Into<Bytes>) -> TestBody {
 /// An upstream that answers every request with a JSON description of it, after draining the
 /// body. `/slow/<ms>` waits that long first.
 pub async fn echo_upstream() -> Upstream {
-    upstream_with(std::sync::Arc::new(|req: Request<Incoming>, addr: SocketAddr, peer: SocketAddr| {
+    upstream_with(echo_handler()).await
+}
+
+/// The handler of [`echo_upstream`], to serve elsewhere (over TLS, say).
+pub fn echo_handler() -> Handler {
+    std::sync::Arc::new(|req: Request<Incoming>, addr: SocketAddr, peer: SocketAddr| {
         Box::pin(async move {
             if let Some(ms) = req.uri().path().rsplit_once("/slow/").and_then(|(_, ms)| ms.parse::<u64>().ok()) {
                 tokio::time::sleep(Duration::from_millis(ms)).await;
@@ -130,13 +147,14 @@ pub async fn echo_upstream() -> Upstream {
                 .body(full(json.to_string()))
                 .unwrap()
         })
-    }))
-    .await
+    })
 }
 
 /// A running gateway on 127.0.0.1:0.
 pub struct RunningGateway {
     pub addr: SocketAddr,
+    /// The TLS listener, when started with [`start_running_tls`].
+    pub tls_addr: Option<SocketAddr>,
     pub gateway: Gateway,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<std::io::Result<()>>>,
@@ -195,7 +213,24 @@ pub async fn start_running(gateway: Gateway, settings: ServerSettings) -> Runnin
         })
         .await
     });
-    RunningGateway { addr, gateway, stop: Some(tx), task: Some(task) }
+    RunningGateway { addr, tls_addr: None, gateway, stop: Some(tx), task: Some(task) }
+}
+
+/// Serves an already built gateway on a plain and a TLS listener, both on 127.0.0.1:0.
+pub async fn start_running_tls(gateway: Gateway, settings: ServerSettings) -> RunningGateway {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let tls = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let tls_addr = tls.local_addr().unwrap();
+    let (tx, rx) = oneshot::channel();
+    let g = gateway.clone();
+    let task = tokio::spawn(async move {
+        g.serve_tls(vec![listener], vec![tls], settings, async {
+            let _ = rx.await;
+        })
+        .await
+    });
+    RunningGateway { addr, tls_addr: Some(tls_addr), gateway, stop: Some(tx), task: Some(task) }
 }
 
 pub fn client() -> Client<HttpConnector, TestBody> {
