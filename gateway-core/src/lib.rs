@@ -97,6 +97,7 @@
 //! assert_eq!(gateway.routes().len(), 0); // the old snapshot keeps serving
 //! ```
 
+mod balance;
 pub mod body;
 mod chain;
 pub mod config;

@@ -133,6 +133,11 @@ pub(crate) async fn serve(
         let config = crate::tls::server_config(Arc::new(resolver)).map_err(io::Error::other)?;
         Some(tokio_rustls::TlsAcceptor::from(config))
     };
+    for route in shared.snapshot.load().routes.iter() {
+        if let Some(service) = &route.service {
+            service.balancer.ensure_checks_started();
+        }
+    }
     let graceful = Arc::new(GracefulShutdown::new());
     let mut accept_tasks = tokio::task::JoinSet::new();
     let all = listeners.into_iter().map(|l| (l, None)).chain(tls_listeners.into_iter().map(|l| (l, acceptor.clone())));

@@ -4,13 +4,13 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use http::uri::{Authority, Scheme};
 use http::{HeaderName, HeaderValue, Method, StatusCode};
 use serde_json::{Value, json};
 
+use crate::balance::{Balancer, BalancerSpec, HashSpec, HealthCache, HealthGroup, Passive, TargetRuntime, TargetState};
 use crate::chain::Chain;
 use crate::config::{
     Algorithm, Config, ConfigError, DEFAULT_RETRIES, DEFAULT_TIMEOUT_MS, DEFAULT_WEIGHT, PathType, Plugin, Problem,
@@ -63,107 +63,13 @@ pub(crate) struct ServiceRuntime {
     pub(crate) version: http::Version,
 }
 
-/// One upstream address, with its header values computed once.
-#[derive(Debug)]
-pub(crate) struct TargetRuntime {
-    pub(crate) authority: Authority,
-    pub(crate) host_header: HeaderValue,
-    pub(crate) label: Arc<str>,
-}
-
-/// Weighted round-robin over targets: a pre-computed smooth schedule walked by an atomic counter.
-#[derive(Debug)]
-pub(crate) struct Balancer {
-    pub(crate) targets: Box<[TargetRuntime]>,
-    schedule: Box<[u32]>,
-    next: AtomicUsize,
-}
-
-impl Balancer {
-    fn new(targets: Vec<(TargetRuntime, u32)>) -> Self {
-        let live: Vec<(TargetRuntime, u32)> = targets.into_iter().filter(|(_, w)| *w > 0).collect();
-        let mut weights: Vec<u64> = live.iter().map(|(_, w)| u64::from(*w)).collect();
-        let g = weights.iter().copied().fold(0, gcd);
-        if g > 1 {
-            weights.iter_mut().for_each(|w| *w /= g);
-        }
-        // Keep the schedule small: scale big weight sums down (ratios kept to ~0.1%).
-        let sum: u64 = weights.iter().sum();
-        if sum > 1000 {
-            weights.iter_mut().for_each(|w| *w = (*w * 1000 / sum).max(1));
-        }
-        let total: i64 = weights.iter().map(|w| *w as i64).sum();
-        let mut current = vec![0i64; weights.len()];
-        let mut schedule = Vec::with_capacity(total as usize);
-        for _ in 0..total {
-            for (c, w) in current.iter_mut().zip(&weights) {
-                *c += *w as i64;
-            }
-            let (best, _) =
-                current.iter().enumerate().max_by_key(|(i, c)| (**c, std::cmp::Reverse(*i))).expect("non-empty");
-            current[best] -= total;
-            schedule.push(best as u32);
-        }
-        Balancer {
-            targets: live.into_iter().map(|(t, _)| t).collect(),
-            schedule: schedule.into(),
-            next: AtomicUsize::new(0),
-        }
-    }
-
-    /// The next target in rotation other than `avoid` (the one that just failed), when there
-    /// is another; `None` when no target has a weight.
-    pub(crate) fn pick_avoiding(&self, avoid: Option<&TargetRuntime>) -> Option<&TargetRuntime> {
-        let first = self.pick()?;
-        let Some(avoid) = avoid else {
-            return Some(first);
-        };
-        if self.targets.len() < 2 || !std::ptr::eq(first, avoid) {
-            return Some(first);
-        }
-        // Walk the schedule forward (bounded) to the next other target.
-        (0..self.schedule.len().min(64)).filter_map(|_| self.pick()).find(|t| !std::ptr::eq(*t, avoid)).or(Some(first))
-    }
-
-    /// The next target in rotation that `allowed` accepts: the rotation's pick if accepted,
-    /// else each other target once, in order (weights do not make a refused target come
-    /// round again and hide the others).
-    pub(crate) fn pick_where(
-        &self,
-        avoid: Option<&TargetRuntime>,
-        allowed: impl Fn(&TargetRuntime) -> bool,
-    ) -> Option<&TargetRuntime> {
-        let first = self.pick_avoiding(avoid)?;
-        if allowed(first) {
-            return Some(first);
-        }
-        let start = self.targets.iter().position(|t| std::ptr::eq(t, first)).unwrap_or(0);
-        (1..self.targets.len())
-            .map(|i| &self.targets[(start + i) % self.targets.len()])
-            .filter(|t| avoid.is_none_or(|a| !std::ptr::eq(*t, a)) || self.targets.len() == 1)
-            .find(|t| allowed(t))
-    }
-
-    /// The next target in rotation, or `None` when no target has a weight.
-    pub(crate) fn pick(&self) -> Option<&TargetRuntime> {
-        if self.schedule.is_empty() {
-            return None;
-        }
-        let n = self.next.fetch_add(1, Ordering::Relaxed) % self.schedule.len();
-        self.targets.get(self.schedule[n] as usize)
-    }
-}
-
-fn gcd(a: u64, b: u64) -> u64 {
-    if b == 0 { a } else { gcd(b, a % b) }
-}
-
 /// State that outlives snapshots: upstream clients (and so their connection pools) keyed by
 /// timeouts and TLS settings, reused by the next compile when a service's settings are
 /// unchanged.
 #[derive(Debug, Default)]
 pub(crate) struct ClientCache {
     clients: HashMap<ClientKey, UpstreamClient>,
+    health: HealthCache,
 }
 
 /// Kong's bundled plugins: named in "not supported yet" messages instead of "unknown plugin".
@@ -284,28 +190,29 @@ fn host_header_for(host: &str, port: u16, scheme: &Scheme) -> String {
     if port == default { host.to_string() } else { format!("{host}:{port}") }
 }
 
-fn target_runtime(host: &str, port: u16, host_header: Option<&str>, scheme: &Scheme) -> Result<TargetRuntime, String> {
+fn target_runtime(
+    host: &str,
+    port: u16,
+    host_header: Option<&str>,
+    scheme: &Scheme,
+    state: Arc<TargetState>,
+) -> Result<TargetRuntime, String> {
     let label = format!("{host}:{port}");
     let authority: Authority = label.parse().map_err(|e| format!("`{label}` is not a valid address: {e}"))?;
     let header = host_header.map(str::to_string).unwrap_or_else(|| host_header_for(host, port, scheme));
     let host_header =
         HeaderValue::from_str(&header).map_err(|e| format!("`{header}` is not a valid Host header: {e}"))?;
-    Ok(TargetRuntime { authority, host_header, label: label.into() })
-}
-
-fn healthchecks_enabled(v: &Value) -> bool {
-    let num = |p: &str| v.pointer(p).and_then(Value::as_f64).unwrap_or(0.0) > 0.0;
-    num("/active/healthy/interval")
-        || num("/active/unhealthy/interval")
-        || num("/passive/healthy/successes")
-        || num("/passive/unhealthy/http_failures")
-        || num("/passive/unhealthy/tcp_failures")
-        || num("/passive/unhealthy/timeouts")
+    Ok(TargetRuntime { authority, host_header, label: label.into(), state })
 }
 
 struct ParsedUpstream<'a> {
     upstream: &'a Upstream,
     targets: Vec<(String, u16, u32)>,
+    /// Filled once all targets are known: the targets' shared states, in `targets` order.
+    states: Vec<Arc<TargetState>>,
+    hash: Option<HashSpec>,
+    passive: Option<Passive>,
+    checks: Option<Arc<HealthGroup>>,
 }
 
 /// Compiles a config. Reuses and refreshes `clients`; never touches the network.
@@ -365,36 +272,43 @@ pub(crate) fn compile(
     let mut upstreams: HashMap<&str, ParsedUpstream<'_>> = HashMap::new();
     for (i, up) in config.upstreams.iter().enumerate() {
         let at = label("upstreams", i, Some(&up.name));
-        if up.algorithm != Algorithm::RoundRobin {
-            c.problem(
-                &at,
-                format!(
-                    "algorithm `{}` is not supported yet (only round-robin)",
-                    json!(up.algorithm).as_str().unwrap_or("?")
-                ),
-            );
-        }
-        if up.healthchecks.as_ref().is_some_and(healthchecks_enabled) {
-            c.problem(&at, "health checks are not supported yet (set their intervals and thresholds to 0)");
-        }
-        let none = [json!("none")];
-        let slash = [json!("/")];
         let fls = [json!(false)];
         let fields = unsupported_fields(&[
-            ("hash_on", &up.hash_on, &none),
-            ("hash_fallback", &up.hash_fallback, &none),
-            ("hash_on_header", &up.hash_on_header, &[]),
-            ("hash_fallback_header", &up.hash_fallback_header, &[]),
-            ("hash_on_cookie", &up.hash_on_cookie, &[]),
-            ("hash_on_cookie_path", &up.hash_on_cookie_path, &slash),
-            ("hash_on_query_arg", &up.hash_on_query_arg, &[]),
-            ("hash_fallback_query_arg", &up.hash_fallback_query_arg, &[]),
-            ("hash_on_uri_capture", &up.hash_on_uri_capture, &[]),
-            ("hash_fallback_uri_capture", &up.hash_fallback_uri_capture, &[]),
             ("client_certificate", &up.client_certificate, &[]),
             ("use_srv_name", &up.use_srv_name, &fls),
         ]);
         c.unsupported(&at, fields);
+        let hash = match crate::balance::hash_spec(up) {
+            Ok(h) => (up.algorithm == Algorithm::ConsistentHashing).then_some(h),
+            Err(e) => {
+                c.problem(&at, e);
+                None
+            }
+        };
+        let checks = up.healthchecks.clone().unwrap_or_default();
+        if checks.threshold != 0.0 {
+            c.problem(&at, "`healthchecks.threshold` is not supported yet (only 0)");
+        }
+        for (kind, field) in [(&checks.active.kind, "active"), (&checks.passive.kind, "passive")] {
+            if !["http", "https", "tcp"].contains(&kind.as_str()) {
+                c.problem(&at, format!("`healthchecks.{field}.type` must be http, https or tcp, got `{kind}`"));
+            }
+        }
+        for (name, v) in [
+            ("active.healthy.interval", checks.active.healthy.interval),
+            ("active.unhealthy.interval", checks.active.unhealthy.interval),
+            ("active.timeout", checks.active.timeout),
+        ] {
+            if !(0.0..=65535.0).contains(&v) {
+                c.problem(&at, format!("`healthchecks.{name}` must be between 0 and 65535 seconds, got {v}"));
+            }
+        }
+        if !checks.active.http_path.starts_with('/') {
+            c.problem(
+                &at,
+                format!("`healthchecks.active.http_path` must start with `/`, got `{}`", checks.active.http_path),
+            );
+        }
         let mut targets = Vec::new();
         for (j, t) in up.targets.iter().enumerate() {
             let tat = format!("{at}.targets[{j}]");
@@ -403,7 +317,9 @@ pub(crate) fn compile(
             }
             push_target(&mut c, &tat, t, &mut targets);
         }
-        if upstreams.insert(up.name.as_str(), ParsedUpstream { upstream: up, targets }).is_some() {
+        let passive = crate::balance::passive(&checks);
+        let parsed = ParsedUpstream { upstream: up, targets, states: Vec::new(), hash, passive, checks: None };
+        if upstreams.insert(up.name.as_str(), parsed).is_some() {
             c.problem(&at, format!("duplicate upstream name `{}`", up.name));
         }
     }
@@ -427,6 +343,39 @@ pub(crate) fn compile(
         if let Some(u) = upstreams.get_mut(name) {
             u.targets.extend(parsed);
         }
+    }
+
+    // Target states and active checkers carry over from the last compile when the upstream
+    // keeps the target (and its checks are unchanged).
+    let mut fresh_health = HealthCache::default();
+    for (name, up) in upstreams.iter_mut() {
+        for (h, p, _) in &up.targets {
+            let key = (name.to_string(), format!("{h}:{p}"));
+            let state =
+                fresh_health.states.get(&key).or_else(|| clients.health.states.get(&key)).cloned().unwrap_or_default();
+            fresh_health.states.insert(key, state.clone());
+            up.states.push(state);
+        }
+        let checks = up.upstream.healthchecks.clone().unwrap_or_default();
+        let signature = format!("{:?}|{:?}", checks.active, up.targets);
+        let group = match clients.health.groups.get(*name) {
+            Some((sig, g)) if *sig == signature => Some(g.clone()),
+            _ => {
+                let mut probed = Vec::new();
+                for ((h, p, _), state) in up.targets.iter().zip(&up.states) {
+                    if let Ok(t) =
+                        target_runtime(h, *p, up.upstream.host_header.as_deref(), &Scheme::HTTP, state.clone())
+                    {
+                        probed.push((t.authority, t.host_header, t.label, t.state));
+                    }
+                }
+                HealthGroup::new(name, &checks, probed)
+            }
+        };
+        if let Some(g) = &group {
+            fresh_health.groups.insert(name.to_string(), (signature, g.clone()));
+        }
+        up.checks = group;
     }
 
     // Services.
@@ -531,8 +480,13 @@ pub(crate) fn compile(
     };
     match router {
         Some(router) if c.problems.is_empty() => {
-            // Only a config that compiles replaces the cached clients (and their pools).
+            // Only a config that compiles replaces the cached clients (and their pools) and
+            // health state, and starts active checks.
             clients.clients = fresh_clients;
+            for (_, g) in fresh_health.groups.values() {
+                g.ensure_started();
+            }
+            clients.health = fresh_health;
             Ok(Snapshot {
                 router,
                 route_names: runtimes.iter().map(|r: &RouteRuntime| r.name.clone()).collect(),
@@ -654,21 +608,27 @@ fn compile_service(
         read: timeout(c, at, "read_timeout", s.read_timeout),
         write: timeout(c, at, "write_timeout", s.write_timeout),
     };
-    let targets: Vec<(TargetRuntime, u32)> = match upstreams.get(host.as_str()) {
+    let (targets, spec): (Vec<(TargetRuntime, u32)>, BalancerSpec) = match upstreams.get(host.as_str()) {
         Some(up) => {
             let mut out = Vec::new();
-            for (h, p, w) in &up.targets {
-                match target_runtime(h, *p, up.upstream.host_header.as_deref(), &scheme) {
+            for ((h, p, w), state) in up.targets.iter().zip(&up.states) {
+                match target_runtime(h, *p, up.upstream.host_header.as_deref(), &scheme, state.clone()) {
                     Ok(t) => out.push((t, *w)),
                     Err(e) => c.problem(at, format!("upstream `{}`: {e}", up.upstream.name)),
                 }
             }
-            out
+            let spec = BalancerSpec {
+                algorithm: up.upstream.algorithm,
+                hash: up.hash.clone(),
+                passive: up.passive.clone(),
+                checks: up.checks.clone(),
+            };
+            (out, spec)
         }
         None => {
             let port = port.unwrap_or(if scheme == Scheme::HTTPS { 443 } else { 80 });
-            match target_runtime(&host, port, None, &scheme) {
-                Ok(t) => vec![(t, 1)],
+            match target_runtime(&host, port, None, &scheme, Arc::default()) {
+                Ok(t) => (vec![(t, 1)], BalancerSpec::round_robin()),
                 Err(e) => {
                     c.problem(at, e);
                     return None;
@@ -689,7 +649,7 @@ fn compile_service(
         name: s.name.clone().or_else(|| s.id.clone()).unwrap_or_else(|| host.clone()).into(),
         scheme,
         base_path: path.filter(|p| p != "/").map(Into::into),
-        balancer: Balancer::new(targets),
+        balancer: Balancer::new(targets, spec),
         retries,
         client,
         version,
@@ -862,13 +822,13 @@ vaults:
 - name: env
 upstreams:
 - name: u
-  algorithm: least-connections
+  use_srv_name: true
 "#,
         );
         let want = [
             "_format_version: only \"3.0\" is supported",
             "vaults: the Kong entity `vaults` is not supported yet",
-            "upstreams[0] (name \"u\"): algorithm `least-connections` is not supported yet",
+            "upstreams[0] (name \"u\"): `use_srv_name` is a Kong field this gateway does not support yet",
             "services[0] (name \"a\"): `tls_verify_depth` is a Kong field this gateway does not support yet",
             "services[1] (name \"a\"): duplicate service name or id `a`",
             "services[1] (name \"a\"): `connect_timeout` must be between 1",
@@ -913,15 +873,15 @@ services:
 
     #[test]
     fn weighted_round_robin_follows_weights() {
-        let t = |n: &str| target_runtime(n, 1, None, &Scheme::HTTP).unwrap();
-        let b = Balancer::new(vec![(t("a"), 300), (t("b"), 100), (t("c"), 0)]);
+        let t = |n: &str| target_runtime(n, 1, None, &Scheme::HTTP, Arc::default()).unwrap();
+        let b = Balancer::new(vec![(t("a"), 300), (t("b"), 100), (t("c"), 0)], BalancerSpec::round_robin());
         let mut counts = HashMap::new();
         for _ in 0..400 {
-            *counts.entry(b.pick().unwrap().label.to_string()).or_insert(0) += 1;
+            *counts.entry(b.pick(None, None, &|_| true).unwrap().label.to_string()).or_insert(0) += 1;
         }
         assert_eq!(counts.get("a:1"), Some(&300));
         assert_eq!(counts.get("b:1"), Some(&100));
         assert_eq!(counts.get("c:1"), None);
-        assert!(Balancer::new(vec![(t("z"), 0)]).pick().is_none());
+        assert!(Balancer::new(vec![(t("z"), 0)], BalancerSpec::round_robin()).pick(None, None, &|_| true).is_none());
     }
 }

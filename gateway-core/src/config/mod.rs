@@ -367,11 +367,12 @@ pub enum Algorithm {
     /// Weighted round-robin.
     #[default]
     RoundRobin,
-    /// Consistent hashing (not supported yet).
+    /// Consistent hashing on `hash_on` (then `hash_fallback`): the same key goes to the
+    /// same target while the target set is unchanged.
     ConsistentHashing,
-    /// Least connections (not supported yet).
+    /// Fewest requests in flight, relative to weight.
     LeastConnections,
-    /// Latency-aware (not supported yet).
+    /// Lowest peak-EWMA response time (times requests in flight), of two picked at random.
     Latency,
 }
 
@@ -405,32 +406,230 @@ pub struct Upstream {
     /// Kong bookkeeping, ignored.
     #[serde(default, skip_serializing)]
     pub updated_at: Option<Value>,
-    #[serde(default, skip_serializing)]
-    pub(crate) healthchecks: Option<Value>,
-    #[serde(default, skip_serializing)]
-    pub(crate) hash_on: Option<Value>,
-    #[serde(default, skip_serializing)]
-    pub(crate) hash_fallback: Option<Value>,
-    #[serde(default, skip_serializing)]
-    pub(crate) hash_on_header: Option<Value>,
-    #[serde(default, skip_serializing)]
-    pub(crate) hash_fallback_header: Option<Value>,
-    #[serde(default, skip_serializing)]
-    pub(crate) hash_on_cookie: Option<Value>,
-    #[serde(default, skip_serializing)]
-    pub(crate) hash_on_cookie_path: Option<Value>,
-    #[serde(default, skip_serializing)]
-    pub(crate) hash_on_query_arg: Option<Value>,
-    #[serde(default, skip_serializing)]
-    pub(crate) hash_fallback_query_arg: Option<Value>,
-    #[serde(default, skip_serializing)]
-    pub(crate) hash_on_uri_capture: Option<Value>,
-    #[serde(default, skip_serializing)]
-    pub(crate) hash_fallback_uri_capture: Option<Value>,
+    /// Active and passive health checks (Kong's shape and defaults: all off).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub healthchecks: Option<Healthchecks>,
+    /// consistent-hashing: what to hash (default `none`: round-robin-like spread).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hash_on: Option<HashOn>,
+    /// consistent-hashing: what to hash when `hash_on` gives nothing (not `cookie`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hash_fallback: Option<HashOn>,
+    /// The header `hash_on: header` reads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hash_on_header: Option<String>,
+    /// The header `hash_fallback: header` reads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hash_fallback_header: Option<String>,
+    /// The cookie `hash_on: cookie` reads, and sets (with a random value) when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hash_on_cookie: Option<String>,
+    /// The `Path` of the cookie set for `hash_on: cookie` (default `/`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hash_on_cookie_path: Option<String>,
+    /// The query argument `hash_on: query_arg` reads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hash_on_query_arg: Option<String>,
+    /// The query argument `hash_fallback: query_arg` reads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hash_fallback_query_arg: Option<String>,
+    /// The route regex capture (name or number) `hash_on: uri_capture` reads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hash_on_uri_capture: Option<String>,
+    /// The route regex capture `hash_fallback: uri_capture` reads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hash_fallback_uri_capture: Option<String>,
     #[serde(default, skip_serializing)]
     pub(crate) client_certificate: Option<Value>,
     #[serde(default, skip_serializing)]
     pub(crate) use_srv_name: Option<Value>,
+}
+
+/// What consistent hashing hashes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HashOn {
+    /// Nothing: spread like round-robin.
+    #[default]
+    None,
+    /// The authenticated consumer's id (set by an auth plugin).
+    Consumer,
+    /// The client's address.
+    Ip,
+    /// A request header (`hash_on_header`).
+    Header,
+    /// A cookie (`hash_on_cookie`), set by the gateway when the client has none.
+    Cookie,
+    /// The request path, as routed (normalised).
+    Path,
+    /// A query argument (`hash_on_query_arg`).
+    QueryArg,
+    /// A capture of the route's regex path (`hash_on_uri_capture`).
+    UriCapture,
+}
+
+/// Kong's upstream `healthchecks`, with Kong's defaults (every check off).
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Healthchecks {
+    /// Probes the gateway sends to each target.
+    pub active: ActiveHealthcheck,
+    /// Counting outcomes of proxied traffic.
+    pub passive: PassiveHealthcheck,
+    /// Kong's threshold of healthy weight; only 0 (off) is supported.
+    pub threshold: f64,
+}
+
+/// Active health checks: HTTP(S) or TCP probes on an interval.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ActiveHealthcheck {
+    /// `http`, `https` or `tcp`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Path probed (HTTP types).
+    pub http_path: String,
+    /// Probe timeout in seconds.
+    pub timeout: f64,
+    /// How many targets are probed at once.
+    pub concurrency: u32,
+    /// Verify the target's certificate on `https` probes.
+    pub https_verify_certificate: bool,
+    /// SNI of `https` probes (default: the target's host).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub https_sni: Option<String>,
+    /// Extra probe headers: name to values.
+    pub headers: std::collections::BTreeMap<String, Vec<String>>,
+    /// When a target counts as healthy.
+    pub healthy: ActiveHealthy,
+    /// When a target counts as unhealthy.
+    pub unhealthy: ActiveUnhealthy,
+}
+
+impl Default for ActiveHealthcheck {
+    fn default() -> Self {
+        ActiveHealthcheck {
+            kind: "http".into(),
+            http_path: "/".into(),
+            timeout: 1.0,
+            concurrency: 10,
+            https_verify_certificate: true,
+            https_sni: None,
+            headers: Default::default(),
+            healthy: ActiveHealthy::default(),
+            unhealthy: ActiveUnhealthy::default(),
+        }
+    }
+}
+
+/// Active checks: the healthy side.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ActiveHealthy {
+    /// Seconds between probes of a healthy target (0: none).
+    pub interval: f64,
+    /// Statuses that count as a success.
+    pub http_statuses: Vec<u16>,
+    /// Successes in a row that make an unhealthy target healthy (0: never).
+    pub successes: u32,
+}
+
+impl Default for ActiveHealthy {
+    fn default() -> Self {
+        ActiveHealthy { interval: 0.0, http_statuses: vec![200, 302], successes: 0 }
+    }
+}
+
+/// Active checks: the unhealthy side.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ActiveUnhealthy {
+    /// Seconds between probes of an unhealthy target (0: none).
+    pub interval: f64,
+    /// Statuses that count as an HTTP failure.
+    pub http_statuses: Vec<u16>,
+    /// HTTP failures in a row that make a target unhealthy (0: never).
+    pub http_failures: u32,
+    /// Connection failures in a row that make a target unhealthy (0: never).
+    pub tcp_failures: u32,
+    /// Timeouts in a row that make a target unhealthy (0: never).
+    pub timeouts: u32,
+}
+
+impl Default for ActiveUnhealthy {
+    fn default() -> Self {
+        ActiveUnhealthy {
+            interval: 0.0,
+            http_statuses: vec![429, 404, 500, 501, 502, 503, 504, 505],
+            http_failures: 0,
+            tcp_failures: 0,
+            timeouts: 0,
+        }
+    }
+}
+
+/// Passive checks: outcomes of proxied requests.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PassiveHealthcheck {
+    /// `http` or `https` (the same here).
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The healthy side.
+    pub healthy: PassiveHealthy,
+    /// The unhealthy side.
+    pub unhealthy: PassiveUnhealthy,
+}
+
+impl Default for PassiveHealthcheck {
+    fn default() -> Self {
+        PassiveHealthcheck {
+            kind: "http".into(),
+            healthy: PassiveHealthy::default(),
+            unhealthy: PassiveUnhealthy::default(),
+        }
+    }
+}
+
+/// Passive checks: the healthy side.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PassiveHealthy {
+    /// Statuses that count as a success.
+    pub http_statuses: Vec<u16>,
+    /// Successes in a row that make an unhealthy target healthy (0: never).
+    pub successes: u32,
+}
+
+impl Default for PassiveHealthy {
+    fn default() -> Self {
+        PassiveHealthy {
+            http_statuses: vec![
+                200, 201, 202, 203, 204, 205, 206, 207, 208, 226, 300, 301, 302, 303, 304, 305, 306, 307, 308,
+            ],
+            successes: 0,
+        }
+    }
+}
+
+/// Passive checks: the unhealthy side.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PassiveUnhealthy {
+    /// Statuses that count as an HTTP failure.
+    pub http_statuses: Vec<u16>,
+    /// HTTP failures in a row that make a target unhealthy (0: never).
+    pub http_failures: u32,
+    /// Connection failures in a row that make a target unhealthy (0: never).
+    pub tcp_failures: u32,
+    /// Timeouts in a row that make a target unhealthy (0: never).
+    pub timeouts: u32,
+}
+
+impl Default for PassiveUnhealthy {
+    fn default() -> Self {
+        PassiveUnhealthy { http_statuses: vec![429, 500, 503], http_failures: 0, tcp_failures: 0, timeouts: 0 }
+    }
 }
 
 /// One backend address of an upstream.

@@ -34,10 +34,11 @@ use http::{Request, Response, StatusCode, Version};
 
 use std::ops::ControlFlow;
 
+use crate::balance::{BalanceKey, KeyInput, Outcome, TargetRuntime};
 use crate::body::{ProxyBody, ResponseBody};
 use crate::plugin::RequestContext;
 use crate::router::{RouteInput, split_host};
-use crate::snapshot::{ServiceRuntime, Snapshot, TargetRuntime};
+use crate::snapshot::{ServiceRuntime, Snapshot};
 
 /// Facts about the connection a request arrived on.
 ///
@@ -170,6 +171,19 @@ fn append_via(headers: &mut HeaderMap, version: Version) {
 
 /// A new request id: 32 hex digits from a per-thread generator seeded from the OS.
 pub fn next_request_id() -> HeaderValue {
+    let (a, b) = random_pair();
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut out = [0u8; 32];
+    for (i, byte) in a.to_be_bytes().iter().chain(b.to_be_bytes().iter()).enumerate() {
+        out[2 * i] = HEX[(byte >> 4) as usize];
+        out[2 * i + 1] = HEX[(byte & 15) as usize];
+    }
+    HeaderValue::from_bytes(&out).expect("hex is a valid header value")
+}
+
+/// Two fast, unpredictable-enough numbers (a per-thread splitmix64 stream seeded from the OS):
+/// request ids, balancer dice, cookie values. Not for secrets.
+fn random_pair() -> (u64, u64) {
     use std::cell::Cell;
     use std::hash::{BuildHasher, Hasher};
     thread_local! {
@@ -181,18 +195,16 @@ pub fn next_request_id() -> HeaderValue {
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
         z ^ (z >> 31)
     }
-    let (a, b) = STATE.with(|s| {
+    STATE.with(|s| {
         let x = s.get().wrapping_add(0x9E37_79B9_7F4A_7C15);
         s.set(x);
         (splitmix(x), splitmix(x ^ 0xD1B5_4A32_D192_ED03))
-    });
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut out = [0u8; 32];
-    for (i, byte) in a.to_be_bytes().iter().chain(b.to_be_bytes().iter()).enumerate() {
-        out[2 * i] = HEX[(byte >> 4) as usize];
-        out[2 * i + 1] = HEX[(byte & 15) as usize];
-    }
-    HeaderValue::from_bytes(&out).expect("hex is a valid header value")
+    })
+}
+
+/// One number from the same stream as request ids.
+pub(crate) fn random_u64() -> u64 {
+    random_pair().0
 }
 
 /// Builds the one kind of answer the gateway writes itself: a short JSON body.
@@ -582,10 +594,16 @@ async fn handle_http(
     let req = Request::from_parts(parts, body);
 
     let slots = &route.chain.slots;
+    let route_regex = snapshot.router.regex(&found);
     if slots.is_empty() {
+        let mut req = req;
+        let cookie = attach_balance_key(service, &mut req, None, &values, path, route_regex.map(|r| &**r));
         let up = prepare(req, fwd, &conn, &values, &request_id, service.version);
         let (mut resp, target) = call_upstream(service, route.preserve_host, up).await;
         facts.upstream = target;
+        if let Some(c) = cookie {
+            resp.headers_mut().append(header::SET_COOKIE, c);
+        }
         finish_upgrade(&mut resp, client_upgrade, &route.name);
         access_log(&facts, resp.status());
         return resp;
@@ -600,7 +618,7 @@ async fn handle_http(
         consumer: None,
         credential: None,
         extensions: http::Extensions::new(),
-        route_regex: snapshot.router.regex(&found).map(|re| (re.clone(), Box::from(path))),
+        route_regex: route_regex.map(|re| (re.clone(), Box::from(path))),
     };
     let consumer = |ctx: &RequestContext| ctx.consumer.as_ref().map(|c| c.index);
     let mut req = req;
@@ -613,12 +631,16 @@ async fn handle_http(
             break;
         }
     }
+    let mut cookie = None;
     let mut resp = match answered {
         Some(mut answer) => {
             answer.headers_mut().insert(X_REQUEST_ID.clone(), request_id);
             answer
         }
         None => {
+            let consumer_id = ctx.consumer.as_ref().map(|c| c.id.clone());
+            cookie =
+                attach_balance_key(service, &mut req, consumer_id.as_deref(), &values, path, route_regex.map(|r| &**r));
             let mut up = prepare(req, fwd, &ctx.conn, &values, &request_id, service.version);
             for slot in slots.iter() {
                 if let Some(p) = slot.pick(consumer(&ctx)) {
@@ -639,6 +661,9 @@ async fn handle_http(
             }
         }
     };
+    if let Some(c) = cookie {
+        resp.headers_mut().append(header::SET_COOKIE, c);
+    }
     finish_upgrade(&mut resp, client_upgrade, &route.name);
     for slot in slots.iter().rev() {
         if let Some(p) = slot.pick(consumer(&ctx)) {
@@ -653,6 +678,40 @@ async fn handle_http(
     }
     access_log(&facts, status);
     resp
+}
+
+/// Consistent hashing: puts the request's key in its extensions for the balancer, and returns
+/// the `Set-Cookie` value when `hash_on: cookie` had to make the key up.
+fn attach_balance_key(
+    service: &ServiceRuntime,
+    req: &mut Request<ProxyBody>,
+    consumer: Option<&str>,
+    values: &ConnValues,
+    path: &str,
+    regex: Option<&regex::Regex>,
+) -> Option<HeaderValue> {
+    let spec = service.balancer.hash_spec()?;
+    let capture = |name: &str| {
+        let caps = regex?.captures(path)?;
+        match name.parse::<usize>() {
+            Ok(i) => caps.get(i),
+            Err(_) => caps.name(name),
+        }
+        .map(|m| m.as_str().to_string())
+    };
+    let input = KeyInput {
+        consumer,
+        client_ip: &values.ip,
+        headers: req.headers(),
+        path,
+        query: req.uri().query(),
+        capture: &capture,
+    };
+    let (key, cookie) = spec.key(&input);
+    if let Some(k) = key {
+        req.extensions_mut().insert(BalanceKey(k));
+    }
+    cookie
 }
 
 /// When the upstream agreed to switch protocols, starts the tunnel between the two upgraded
@@ -859,11 +918,11 @@ async fn send_with_retries(
     let mut attempt = 0u32;
     let mut failed: Option<&TargetRuntime> = None;
     let filter = parts.extensions.get::<TargetFilter>().cloned();
+    let key = parts.extensions.get::<BalanceKey>().map(|k| k.0);
     loop {
         let picked = match &filter {
-            None => service.balancer.pick_avoiding(failed),
-            // Ask the filter about each candidate, at most once around the rotation.
-            Some(f) => service.balancer.pick_where(failed, |t| (f.0)(&t.label)),
+            None => service.balancer.pick(key, failed, &|_| true),
+            Some(f) => service.balancer.pick(key, failed, &|t| (f.0)(&t.label)),
         };
         let Some(target) = picked else {
             return Err((
@@ -896,12 +955,19 @@ async fn send_with_retries(
         if !preserve_host {
             req.headers_mut().insert(header::HOST, target.host_header.clone());
         }
+        let in_flight = service.balancer.begin(target);
         match service.client.request(req).await {
             Ok(resp) => {
+                if let Some(f) = in_flight {
+                    f.answered();
+                }
+                service.balancer.report(target, Ok(resp.status()));
                 return Ok(resp);
             }
             Err(err) => {
+                drop(in_flight);
                 let timeout = is_timeout(&err);
+                service.balancer.report(target, Err(if timeout { Outcome::Timeout } else { Outcome::TcpFailure }));
                 // Connection failures are retried for any method (nothing was sent); other
                 // failures only for idempotent methods, and only while the body is still ours.
                 let retryable = err.is_connect() || (!timeout && is_idempotent(&parts.method));
