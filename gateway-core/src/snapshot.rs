@@ -347,17 +347,21 @@ pub(crate) fn compile(
 
     // Target states and active checkers carry over from the last compile when the upstream
     // keeps the target (and its checks are unchanged).
+    // An upstream without checks starts afresh: nothing could bring back a target that an
+    // earlier config's checks took out.
     let mut fresh_health = HealthCache::default();
     for (name, up) in upstreams.iter_mut() {
+        let checks = up.upstream.healthchecks.clone().unwrap_or_default();
+        let checked =
+            up.passive.is_some() || checks.active.healthy.interval > 0.0 || checks.active.unhealthy.interval > 0.0;
         for (h, p, _) in &up.targets {
             let key = (name.to_string(), format!("{h}:{p}"));
-            let state =
-                fresh_health.states.get(&key).or_else(|| clients.health.states.get(&key)).cloned().unwrap_or_default();
+            let old = checked.then(|| clients.health.states.get(&key)).flatten();
+            let state = fresh_health.states.get(&key).or(old).cloned().unwrap_or_default();
             fresh_health.states.insert(key, state.clone());
             up.states.push(state);
         }
-        let checks = up.upstream.healthchecks.clone().unwrap_or_default();
-        let signature = format!("{:?}|{:?}", checks.active, up.targets);
+        let signature = format!("{:?}|{:?}|{:?}", checks.active, up.targets, up.upstream.host_header);
         let group = match clients.health.groups.get(*name) {
             Some((sig, g)) if *sig == signature => Some(g.clone()),
             _ => {

@@ -77,6 +77,23 @@ impl CertStore {
         self.default.clone()
     }
 
+    /// Serves `key` for `name` (`*`: the default), or reports why not.
+    fn insert(&mut self, at: String, name: &str, key: &Arc<CertifiedKey>, problem: &mut dyn FnMut(String, String)) {
+        match check_sni(name) {
+            Ok(n) if n == "*" => {
+                if self.default.replace(key.clone()).is_some() {
+                    problem(at, "SNI `*` is given twice".into());
+                }
+            }
+            Ok(n) => {
+                if self.by_name.insert(n.into(), key.clone()).is_some() {
+                    problem(at, format!("SNI `{name}` is given twice"));
+                }
+            }
+            Err(e) => problem(at, e),
+        }
+    }
+
     /// Whether no certificate is loaded.
     pub(crate) fn is_empty(&self) -> bool {
         self.by_name.is_empty() && self.default.is_none()
@@ -130,33 +147,14 @@ pub(crate) fn compile_certificates(config: &Config, problem: &mut dyn FnMut(Stri
     let mut store = CertStore::default();
     let mut by_id: HashMap<&str, Arc<CertifiedKey>> = HashMap::new();
     let mut first_without_snis = None;
-    let add = |store: &mut CertStore,
-               at: String,
-               name: &str,
-               key: &Arc<CertifiedKey>,
-               problem: &mut dyn FnMut(String, String)| {
-        match check_sni(name) {
-            Ok(n) if n == "*" => {
-                if store.default.replace(key.clone()).is_some() {
-                    problem(at, "SNI `*` is given twice".into());
-                }
-            }
-            Ok(n) => {
-                if store.by_name.insert(n.into(), key.clone()).is_some() {
-                    problem(at, format!("SNI `{name}` is given twice"));
-                }
-            }
-            Err(e) => problem(at, e),
-        }
-    };
     for (i, c) in config.certificates.iter().enumerate() {
         let at = format!("certificates[{i}]");
-        if crate::config::unsupported_fields(&[("cert_alt", &c.cert_alt, &[]), ("key_alt", &c.key_alt, &[])])
-            .into_iter()
-            .inspect(|f| problem(at.clone(), format!("`{f}` is a Kong field this gateway does not support yet")))
-            .count()
-            > 0
-        {
+        let unsupported =
+            crate::config::unsupported_fields(&[("cert_alt", &c.cert_alt, &[]), ("key_alt", &c.key_alt, &[])]);
+        for f in &unsupported {
+            problem(at.clone(), format!("`{f}` is a Kong field this gateway does not support yet"));
+        }
+        if !unsupported.is_empty() {
             continue;
         }
         let key = match certified_key(&c.cert, &c.key) {
@@ -175,13 +173,13 @@ pub(crate) fn compile_certificates(config: &Config, problem: &mut dyn FnMut(Stri
             first_without_snis = Some(key.clone());
         }
         for (j, sni) in c.snis.iter().enumerate() {
-            add(&mut store, format!("{at}.snis[{j}]"), sni.name(), &key, problem);
+            store.insert(format!("{at}.snis[{j}]"), sni.name(), &key, problem);
         }
     }
     for (i, sni) in config.snis.iter().enumerate() {
         let at = format!("snis[{i}] (name \"{}\")", sni.name);
         match sni.certificate.key().and_then(|k| by_id.get(k)) {
-            Some(key) => add(&mut store, at, &sni.name, &key.clone(), problem),
+            Some(key) => store.insert(at, &sni.name, key, problem),
             None => problem(
                 at,
                 format!("certificate `{}` does not exist (or failed to load)", sni.certificate.key().unwrap_or("?")),

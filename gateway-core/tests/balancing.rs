@@ -228,6 +228,13 @@ async fn passive_checks_count_live_failures_and_state_survives_a_reload() {
     assert_ne!(reloaded, cfg);
     gw.gateway.reload(&Config::from_yaml(&reloaded).unwrap()).unwrap();
     assert_eq!(tally(&gw.url("/"), 6, &[]).await.get(&b), Some(&6));
+
+    // Turning the checks off puts every target back: nothing else could revive it.
+    let unchecked = reloaded.replace(passive, "");
+    assert_ne!(unchecked, reloaded);
+    gw.gateway.reload(&Config::from_yaml(&unchecked).unwrap()).unwrap();
+    let back = tally(&gw.url("/"), 6, &[]).await;
+    assert_eq!(back.get(&ups[0].addr.to_string()), Some(&3), "{back:?}");
 }
 
 #[tokio::test]

@@ -638,9 +638,8 @@ async fn handle_http(
             answer
         }
         None => {
-            let consumer_id = ctx.consumer.as_ref().map(|c| c.id.clone());
-            cookie =
-                attach_balance_key(service, &mut req, consumer_id.as_deref(), &values, path, route_regex.map(|r| &**r));
+            let consumer_id = ctx.consumer.as_ref().map(|c| &*c.id);
+            cookie = attach_balance_key(service, &mut req, consumer_id, &values, path, route_regex.map(|r| &**r));
             let mut up = prepare(req, fwd, &ctx.conn, &values, &request_id, service.version);
             for slot in slots.iter() {
                 if let Some(p) = slot.pick(consumer(&ctx)) {
