@@ -174,6 +174,8 @@ pub(crate) struct TargetRuntime {
     pub(crate) host_header: HeaderValue,
     pub(crate) label: Arc<str>,
     pub(crate) state: Arc<TargetState>,
+    /// The DNS entry of a target given by host name (not for IP addresses).
+    pub(crate) dns: Option<Arc<crate::dns::DnsEntry>>,
 }
 
 /// How a request's hash key is found (consistent hashing).

@@ -101,6 +101,7 @@ mod balance;
 pub mod body;
 mod chain;
 pub mod config;
+mod dns;
 pub mod plugin;
 pub mod proxy;
 pub mod router;
@@ -159,6 +160,37 @@ impl std::fmt::Debug for Gateway {
 #[derive(Debug, Default)]
 pub struct GatewayBuilder {
     plugins: PluginRegistry,
+    upstream: UpstreamSettings,
+}
+
+/// How the gateway connects to upstreams: DNS and keep-alive pools.
+///
+/// The pool settings are the defaults for every upstream; an upstream entity can override
+/// them with `keepalive_pool_size` and `keepalive_idle_timeout`.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct UpstreamSettings {
+    /// Nameservers for upstream host names, as Kong's `dns_resolver`; empty (the default)
+    /// uses `/etc/resolv.conf`. `/etc/hosts` is read either way.
+    pub dns_resolver: Vec<std::net::SocketAddr>,
+    /// Idle keep-alive connections kept per upstream address, as Kong's
+    /// `upstream_keepalive_pool_size` (default 512; 0 turns reuse off).
+    pub keepalive_pool_size: usize,
+    /// How long an idle keep-alive connection is kept, as Kong's
+    /// `upstream_keepalive_idle_timeout` (default 60 s). Never longer than 90% of the
+    /// service's `read_timeout`, so an idle connection is not reused just before its read
+    /// timer fires.
+    pub keepalive_idle_timeout: std::time::Duration,
+}
+
+impl Default for UpstreamSettings {
+    fn default() -> Self {
+        UpstreamSettings {
+            dns_resolver: Vec::new(),
+            keepalive_pool_size: 512,
+            keepalive_idle_timeout: std::time::Duration::from_secs(60),
+        }
+    }
 }
 
 impl GatewayBuilder {
@@ -169,9 +201,16 @@ impl GatewayBuilder {
         self
     }
 
+    /// Sets how upstreams are reached (DNS, keep-alive pools).
+    #[must_use]
+    pub fn upstream_settings(mut self, settings: UpstreamSettings) -> Self {
+        self.upstream = settings;
+        self
+    }
+
     /// Compiles `config` and returns a gateway serving it.
     pub fn build(self, config: &Config) -> Result<Gateway, ConfigError> {
-        let mut state = CompileState { clients: ClientCache::default(), plugins: self.plugins };
+        let mut state = CompileState { clients: ClientCache::new(&self.upstream), plugins: self.plugins };
         let snapshot = compile(config, &state.plugins, &mut state.clients)?;
         Ok(Gateway {
             shared: Arc::new(Shared { snapshot: ArcSwap::from_pointee(snapshot), compile_state: Mutex::new(state) }),
@@ -225,7 +264,7 @@ impl Gateway {
     /// Checks a config the way [`Gateway::reload`] would, without swapping anything in.
     pub fn validate(&self, config: &Config) -> Result<(), ConfigError> {
         let state = self.shared.compile_state.lock().unwrap_or_else(|p| p.into_inner());
-        compile(config, &state.plugins, &mut ClientCache::default()).map(drop)
+        compile(config, &state.plugins, &mut ClientCache::new(&state.clients.settings)).map(drop)
     }
 
     /// The compiled route table in precedence order: the first line that matches a request

@@ -10,15 +10,17 @@ use http::uri::{Authority, Scheme};
 use http::{HeaderName, HeaderValue, Method, StatusCode};
 use serde_json::{Value, json};
 
+use crate::UpstreamSettings;
 use crate::balance::{Balancer, BalancerSpec, HashSpec, HealthCache, HealthGroup, Passive, TargetRuntime, TargetState};
 use crate::chain::Chain;
 use crate::config::{
     Algorithm, Config, ConfigError, DEFAULT_RETRIES, DEFAULT_TIMEOUT_MS, DEFAULT_WEIGHT, PathType, Plugin, Problem,
     Route, RouteProtocol, Service, ServiceProtocol, Upstream, unsupported_fields,
 };
+use crate::dns::{Dns, DnsEntry};
 use crate::plugin::{PluginRegistry, UpstreamService};
 use crate::proxy::UpstreamCall;
-use crate::proxy::client::{ClientKey, Timeouts, UpstreamClient, build_client};
+use crate::proxy::client::{ClientKey, Pool, Timeouts, UpstreamClient, build_client};
 use crate::router::{PathKind, PathSpec, RouteSpec, Router};
 use crate::tls::{CertStore, UpstreamTls};
 
@@ -66,10 +68,30 @@ pub(crate) struct ServiceRuntime {
 /// State that outlives snapshots: upstream clients (and so their connection pools) keyed by
 /// timeouts and TLS settings, reused by the next compile when a service's settings are
 /// unchanged.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct ClientCache {
     clients: HashMap<ClientKey, UpstreamClient>,
     health: HealthCache,
+    pub(crate) settings: UpstreamSettings,
+    /// Upstream host names and their answers; shared by every client.
+    dns: Arc<Dns>,
+}
+
+impl ClientCache {
+    pub(crate) fn new(settings: &UpstreamSettings) -> Self {
+        ClientCache {
+            clients: HashMap::new(),
+            health: HealthCache::default(),
+            settings: settings.clone(),
+            dns: Dns::new(settings.dns_resolver.clone()),
+        }
+    }
+}
+
+impl Default for ClientCache {
+    fn default() -> Self {
+        ClientCache::new(&UpstreamSettings::default())
+    }
 }
 
 /// Kong's bundled plugins: named in "not supported yet" messages instead of "unknown plugin".
@@ -118,6 +140,10 @@ const KONG_PLUGINS: &[&str] = &[
 struct Compiler<'a> {
     problems: Vec<Problem>,
     plugins: &'a PluginRegistry,
+    /// Host names (not IP addresses) the services connect to, with their DNS entries.
+    dns_names: HashMap<Box<str>, Arc<DnsEntry>>,
+    /// The longest keep-alive idle timeout of any service.
+    longest_idle: Duration,
 }
 
 impl Compiler<'_> {
@@ -202,7 +228,7 @@ fn target_runtime(
     let header = host_header.map(str::to_string).unwrap_or_else(|| host_header_for(host, port, scheme));
     let host_header =
         HeaderValue::from_str(&header).map_err(|e| format!("`{header}` is not a valid Host header: {e}"))?;
-    Ok(TargetRuntime { authority, host_header, label: label.into(), state })
+    Ok(TargetRuntime { authority, host_header, label: label.into(), state, dns: None })
 }
 
 struct ParsedUpstream<'a> {
@@ -221,7 +247,7 @@ pub(crate) fn compile(
     plugins: &PluginRegistry,
     clients: &mut ClientCache,
 ) -> Result<Snapshot, ConfigError> {
-    let mut c = Compiler { problems: Vec::new(), plugins };
+    let mut c = Compiler { problems: Vec::new(), plugins, dns_names: HashMap::new(), longest_idle: Duration::ZERO };
 
     if config.format_version != "3.0" {
         c.problem(
@@ -487,6 +513,7 @@ pub(crate) fn compile(
             // Only a config that compiles replaces the cached clients (and their pools) and
             // health state, and starts active checks.
             clients.clients = fresh_clients;
+            clients.dns.install(std::mem::take(&mut c.dns_names), c.longest_idle);
             for (_, g) in fresh_health.groups.values() {
                 g.ensure_started();
             }
@@ -612,7 +639,7 @@ fn compile_service(
         read: timeout(c, at, "read_timeout", s.read_timeout),
         write: timeout(c, at, "write_timeout", s.write_timeout),
     };
-    let (targets, spec): (Vec<(TargetRuntime, u32)>, BalancerSpec) = match upstreams.get(host.as_str()) {
+    let (mut targets, spec): (Vec<(TargetRuntime, u32)>, BalancerSpec) = match upstreams.get(host.as_str()) {
         Some(up) => {
             let mut out = Vec::new();
             for ((h, p, w), state) in up.targets.iter().zip(&up.states) {
@@ -640,11 +667,36 @@ fn compile_service(
             }
         }
     };
-    let key = ClientKey { timeouts, tls, h2: version == http::Version::HTTP_2 };
+    for (t, _) in &mut targets {
+        let host = t.authority.host();
+        if host.parse::<std::net::IpAddr>().is_err() && !host.starts_with('[') {
+            t.dns = Some(old_clients.dns.entry(&mut c.dns_names, host));
+        }
+    }
+    let defaults = &old_clients.settings;
+    let up = upstreams.get(host.as_str()).map(|u| u.upstream);
+    let pool = Pool {
+        max_idle: up.and_then(|u| u.keepalive_pool_size).map_or(defaults.keepalive_pool_size, |n| n as usize),
+        idle_timeout: match up.and_then(|u| u.keepalive_idle_timeout) {
+            Some(secs) if (0.0..=86400.0).contains(&secs) => Duration::from_secs_f64(secs),
+            Some(secs) => {
+                c.problem(
+                    at,
+                    format!(
+                        "upstream `{host}`: `keepalive_idle_timeout` must be between 0 and 86400 seconds, got {secs}"
+                    ),
+                );
+                defaults.keepalive_idle_timeout
+            }
+            None => defaults.keepalive_idle_timeout,
+        },
+    };
+    c.longest_idle = c.longest_idle.max(pool.idle_timeout);
+    let key = ClientKey { timeouts, tls, h2: version == http::Version::HTTP_2, pool };
     let client = match fresh_clients.get(&key) {
         Some(client) => client.clone(),
         None => {
-            let client = old_clients.clients.get(&key).cloned().unwrap_or_else(|| build_client(&key));
+            let client = old_clients.clients.get(&key).cloned().unwrap_or_else(|| build_client(&key, &old_clients.dns));
             fresh_clients.insert(key, client.clone());
             client
         }

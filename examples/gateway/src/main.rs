@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! gateway run --config kong.yml [--listen 127.0.0.1:8000]... [--listen-tls 127.0.0.1:8443]...
-//!              [--admin-listen 127.0.0.1:8001] [--workers N]
+//!              [--admin-listen 127.0.0.1:8001] [--workers N] [--dns-resolver IP[:PORT]]...
+//!              [--upstream-keepalive-pool-size N] [--upstream-keepalive-idle-timeout 60s]
 //! gateway validate kong.yml
 //! gateway routes --config kong.yml
 //! gateway demo
@@ -14,9 +15,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use gateway_core::Gateway;
 use gateway_core::config::{Config, ConfigError};
 use gateway_core::server::ServerSettings;
+use gateway_core::{Gateway, UpstreamSettings};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
@@ -85,6 +86,18 @@ struct ServeArgs {
     /// How long in-flight requests may take to finish after SIGTERM/SIGINT.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     shutdown_grace: Duration,
+    /// Nameserver for upstream host names (IP or IP:port, as Kong's `dns_resolver`); repeat
+    /// for several. Default: /etc/resolv.conf. Names are re-resolved when their TTL runs out.
+    #[arg(long = "dns-resolver", value_parser = parse_nameserver)]
+    dns_resolver: Vec<SocketAddr>,
+    /// Idle keep-alive connections kept per upstream address (0: no reuse); an upstream's
+    /// `keepalive_pool_size` overrides it.
+    #[arg(long, default_value_t = 512)]
+    upstream_keepalive_pool_size: usize,
+    /// How long an idle upstream keep-alive connection is kept; an upstream's
+    /// `keepalive_idle_timeout` (seconds) overrides it.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    upstream_keepalive_idle_timeout: Duration,
 }
 
 impl ServeArgs {
@@ -97,6 +110,21 @@ impl ServeArgs {
             ..ServerSettings::default()
         }
     }
+
+    fn upstream(&self) -> UpstreamSettings {
+        let mut u = UpstreamSettings::default();
+        u.dns_resolver.clone_from(&self.dns_resolver);
+        u.keepalive_pool_size = self.upstream_keepalive_pool_size;
+        u.keepalive_idle_timeout = self.upstream_keepalive_idle_timeout;
+        u
+    }
+}
+
+/// `10.0.0.2` (port 53) or `10.0.0.2:5353`.
+fn parse_nameserver(s: &str) -> Result<SocketAddr, String> {
+    s.parse::<SocketAddr>()
+        .or_else(|_| s.parse::<std::net::IpAddr>().map(|ip| SocketAddr::new(ip, 53)))
+        .map_err(|_| format!("`{s}` is not a nameserver address like 10.0.0.2 or 10.0.0.2:53"))
 }
 
 /// An address, or `off`.
@@ -132,17 +160,19 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match cli.command {
-        Command::Validate { file } => match Config::from_file(&file).and_then(|c| build(&c).map(drop)) {
-            Ok(()) => {
-                println!("{}: valid", file.display());
-                ExitCode::SUCCESS
+        Command::Validate { file } => {
+            match Config::from_file(&file).and_then(|c| build(&c, &UpstreamSettings::default()).map(drop)) {
+                Ok(()) => {
+                    println!("{}: valid", file.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("{}", e.in_file_if_unnamed(&file));
+                    ExitCode::FAILURE
+                }
             }
-            Err(e) => {
-                eprintln!("{}", e.in_file_if_unnamed(&file));
-                ExitCode::FAILURE
-            }
-        },
-        Command::Routes { config } => match load(&config) {
+        }
+        Command::Routes { config } => match load(&config, &UpstreamSettings::default()) {
             Ok(gateway) => {
                 print_routes(&gateway);
                 ExitCode::SUCCESS
@@ -173,13 +203,13 @@ fn runtime(workers: Option<usize>) -> tokio::runtime::Runtime {
 }
 
 /// The binary's gateway: every first-party plugin registered.
-fn build(config: &Config) -> Result<Gateway, ConfigError> {
-    Gateway::builder().plugins(gateway_plugins::registry()).build(config)
+fn build(config: &Config, upstream: &UpstreamSettings) -> Result<Gateway, ConfigError> {
+    Gateway::builder().plugins(gateway_plugins::registry()).upstream_settings(upstream.clone()).build(config)
 }
 
-fn load(path: &Path) -> Result<Gateway, ConfigError> {
+fn load(path: &Path, upstream: &UpstreamSettings) -> Result<Gateway, ConfigError> {
     let config = Config::from_file(path)?;
-    build(&config).map_err(|e| e.in_file_if_unnamed(path))
+    build(&config, upstream).map_err(|e| e.in_file_if_unnamed(path))
 }
 
 fn print_routes(gateway: &Gateway) {
@@ -209,14 +239,14 @@ fn print_routes(gateway: &Gateway) {
 
 async fn run(config_path: Option<PathBuf>, args: ServeArgs) -> ExitCode {
     let gateway = match &config_path {
-        Some(path) => match load(path) {
+        Some(path) => match load(path, &args.upstream()) {
             Ok(g) => g,
             Err(e) => {
                 eprintln!("{e}");
                 return ExitCode::FAILURE;
             }
         },
-        None => match demo_gateway().await {
+        None => match demo_gateway(&args.upstream()).await {
             Ok(g) => g,
             Err(e) => {
                 eprintln!("demo: {e}");
@@ -365,7 +395,7 @@ fn spawn_reloader(gateway: Gateway, path: PathBuf) {
 
 const DEMO_CONFIG: &str = include_str!("../demo.yaml");
 
-async fn demo_gateway() -> Result<Gateway, Box<dyn std::error::Error>> {
+async fn demo_gateway(upstream: &UpstreamSettings) -> Result<Gateway, Box<dyn std::error::Error>> {
     let echo_addr = echo::spawn().await?;
     let mut config = Config::from_yaml(DEMO_CONFIG)?;
     for upstream in &mut config.upstreams {
@@ -375,7 +405,7 @@ async fn demo_gateway() -> Result<Gateway, Box<dyn std::error::Error>> {
             }
         }
     }
-    Ok(build(&config)?)
+    Ok(build(&config, upstream)?)
 }
 
 fn print_demo_help(proxy: SocketAddr, tls: Option<SocketAddr>, admin: Option<SocketAddr>) {

@@ -260,6 +260,26 @@ fn a_bad_config_at_start_exits_1_with_the_problem() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("only \"3.0\" is supported"));
 }
 
+/// The upstream connection flags are parsed, and a bad value names the flag.
+#[test]
+fn upstream_flags_are_checked() {
+    let out = bin().args(["run", "--config", "x.yml", "--dns-resolver", "dns.example"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--dns-resolver") && err.contains("not a nameserver address"), "{err}");
+    let out = bin().args(["run", "--config", "x.yml", "--upstream-keepalive-idle-timeout", "soon"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--upstream-keepalive-idle-timeout"));
+    // Good values get as far as reading the (missing) config.
+    let out = bin()
+        .args(["run", "--config", "/nonexistent/kong.yml", "--dns-resolver", "127.0.0.1:5353"])
+        .args(["--upstream-keepalive-pool-size", "0", "--upstream-keepalive-idle-timeout", "5s"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/kong.yml"));
+}
+
 /// `--listen-tls` serves the config's certificates (here from PEM files) by SNI, and picks up
 /// a new certificate when the config changes.
 #[test]

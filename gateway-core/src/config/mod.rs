@@ -439,6 +439,15 @@ pub struct Upstream {
     /// The route regex capture `hash_fallback: uri_capture` reads.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hash_fallback_uri_capture: Option<String>,
+    /// Idle keep-alive connections kept per target address; overrides the gateway-wide
+    /// `--upstream-keepalive-pool-size` for this upstream (0: no reuse). An extension to Kong's
+    /// schema, which has this only gateway-wide.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keepalive_pool_size: Option<u32>,
+    /// Seconds an idle keep-alive connection is kept; overrides the gateway-wide
+    /// `--upstream-keepalive-idle-timeout` for this upstream. An extension to Kong's schema.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keepalive_idle_timeout: Option<f64>,
     #[serde(default, skip_serializing)]
     pub(crate) client_certificate: Option<Value>,
     #[serde(default, skip_serializing)]

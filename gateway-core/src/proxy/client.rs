@@ -15,6 +15,7 @@
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -27,6 +28,7 @@ use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
 use crate::body::{BoxError, ProxyBody};
+use crate::dns::{Dns, DnsResolve};
 use crate::tls::UpstreamTls;
 
 /// The client type every service uses: plain or TLS by the URI's scheme.
@@ -39,6 +41,16 @@ pub(crate) struct ClientKey {
     pub(crate) tls: UpstreamTls,
     /// HTTP/2 only (gRPC): prior knowledge over plain TCP, ALPN `h2` over TLS.
     pub(crate) h2: bool,
+    pub(crate) pool: Pool,
+}
+
+/// Keep-alive pool limits of one upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct Pool {
+    /// Idle keep-alive connections kept per target address (0: no reuse).
+    pub(crate) max_idle: usize,
+    /// How long an idle keep-alive connection is kept.
+    pub(crate) idle_timeout: Duration,
 }
 
 /// Timeouts of one service, the key of the shared client cache.
@@ -50,9 +62,9 @@ pub(crate) struct Timeouts {
 }
 
 /// Builds a pooled client for a set of timeouts and TLS settings.
-pub(crate) fn build_client(key: &ClientKey) -> UpstreamClient {
+pub(crate) fn build_client(key: &ClientKey, dns: &Arc<Dns>) -> UpstreamClient {
     let t = key.timeouts;
-    let mut http = HttpConnector::new();
+    let mut http = HttpConnector::new_with_resolver(DnsResolve(dns.clone()));
     http.set_connect_timeout(Some(t.connect));
     http.set_nodelay(true);
     http.set_keepalive(Some(Duration::from_secs(60)));
@@ -67,7 +79,8 @@ pub(crate) fn build_client(key: &ClientKey) -> UpstreamClient {
         .pool_timer(TokioTimer::new())
         .timer(TokioTimer::new())
         // An idle pooled connection must be dropped before its own read timer would fire.
-        .pool_idle_timeout(t.read.min(Duration::from_secs(60)).mul_f32(0.9))
+        .pool_idle_timeout(key.pool.idle_timeout.min(t.read.mul_f32(0.9)))
+        .pool_max_idle_per_host(key.pool.max_idle)
         .http2_only(key.h2)
         .build(connector)
 }
@@ -75,7 +88,7 @@ pub(crate) fn build_client(key: &ClientKey) -> UpstreamClient {
 /// `HttpConnector` plus read/write timeouts on the stream.
 #[derive(Debug, Clone)]
 pub(crate) struct TimeoutConnector {
-    http: HttpConnector,
+    http: HttpConnector<DnsResolve>,
     read: Duration,
     write: Duration,
 }

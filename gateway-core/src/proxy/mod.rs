@@ -31,6 +31,8 @@ use bytes::{BufMut, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{PathAndQuery, Uri};
 use http::{Request, Response, StatusCode, Version};
+use hyper_util::client::legacy::connect::HttpInfo;
+use hyper_util::client::legacy::connect::capture_connection;
 
 use std::ops::ControlFlow;
 
@@ -954,11 +956,21 @@ async fn send_with_retries(
         if !preserve_host {
             req.headers_mut().insert(header::HOST, target.host_header.clone());
         }
+        // After a DNS change, find out which address this request's pooled connection goes to
+        // (see `crate::dns`); rare, so the capture's allocation is paid only then.
+        let capture = target.dns.as_ref().filter(|e| e.retiring()).map(|_| capture_connection(&mut req));
         let in_flight = service.balancer.begin(target);
         match service.client.request(req).await {
             Ok(resp) => {
                 if let Some(f) = in_flight {
                     f.answered();
+                }
+                if let (Some(capture), Some(entry)) = (capture, &target.dns)
+                    && let Some(info) = resp.extensions().get::<HttpInfo>()
+                    && !entry.current(info.remote_addr().ip())
+                    && let Some(conn) = capture.connection_metadata().as_ref()
+                {
+                    conn.poison();
                 }
                 service.balancer.report(target, Ok(resp.status()));
                 return Ok(resp);
