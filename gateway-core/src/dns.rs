@@ -94,6 +94,11 @@ impl DnsEntry {
         until != 0 && now_ms() < until
     }
 
+    /// The current answer, if the name was resolved.
+    pub(crate) fn addresses(&self) -> Option<Arc<Vec<IpAddr>>> {
+        self.addrs.load_full()
+    }
+
     /// Whether `ip` is in the current answer.
     pub(crate) fn current(&self, ip: IpAddr) -> bool {
         self.addrs.load().as_ref().is_none_or(|ips| ips.contains(&ip))

@@ -97,6 +97,7 @@
 //! assert_eq!(gateway.routes().len(), 0); // the old snapshot keeps serving
 //! ```
 
+pub mod admin;
 mod balance;
 pub mod body;
 mod chain;
@@ -115,8 +116,10 @@ pub use regex;
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
+use std::time::Instant;
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
@@ -135,6 +138,22 @@ pub(crate) struct Shared {
     pub(crate) snapshot: ArcSwap<Snapshot>,
     /// Writer-side state: only compiles take this lock, never requests.
     compile_state: Mutex<CompileState>,
+    /// The config the current snapshot was compiled from, for the admin API.
+    pub(crate) config: ArcSwap<Config>,
+    pub(crate) stats: Stats,
+    /// `/readyz`: set by the embedder (the Kubernetes mode, until its caches are synced).
+    pub(crate) ready: AtomicBool,
+    pub(crate) started: Instant,
+}
+
+/// Counters the server and the admin API share.
+#[derive(Debug, Default)]
+pub(crate) struct Stats {
+    pub(crate) connections_active: AtomicU64,
+    pub(crate) connections_accepted: AtomicU64,
+    pub(crate) requests: AtomicU64,
+    pub(crate) reloads_ok: AtomicU64,
+    pub(crate) reloads_failed: AtomicU64,
 }
 
 struct CompileState {
@@ -213,7 +232,14 @@ impl GatewayBuilder {
         let mut state = CompileState { clients: ClientCache::new(&self.upstream), plugins: self.plugins };
         let snapshot = compile(config, &state.plugins, &mut state.clients)?;
         Ok(Gateway {
-            shared: Arc::new(Shared { snapshot: ArcSwap::from_pointee(snapshot), compile_state: Mutex::new(state) }),
+            shared: Arc::new(Shared {
+                snapshot: ArcSwap::from_pointee(snapshot),
+                compile_state: Mutex::new(state),
+                config: ArcSwap::from_pointee(config.clone()),
+                stats: Stats::default(),
+                ready: AtomicBool::new(true),
+                started: Instant::now(),
+            }),
         })
     }
 }
@@ -256,8 +282,16 @@ impl Gateway {
     pub fn reload(&self, config: &Config) -> Result<(), ConfigError> {
         let mut state = self.shared.compile_state.lock().unwrap_or_else(|p| p.into_inner());
         let state = &mut *state;
-        let snapshot = compile(config, &state.plugins, &mut state.clients)?;
+        let snapshot = match compile(config, &state.plugins, &mut state.clients) {
+            Ok(s) => s,
+            Err(e) => {
+                self.shared.stats.reloads_failed.fetch_add(1, Ordering::Relaxed);
+                return Err(e);
+            }
+        };
         self.shared.snapshot.store(Arc::new(snapshot));
+        self.shared.config.store(Arc::new(config.clone()));
+        self.shared.stats.reloads_ok.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 
@@ -291,6 +325,18 @@ impl Gateway {
     /// This gateway as a tower service. Always ready; see [`GatewayService`].
     pub fn service(&self) -> GatewayService {
         GatewayService { shared: self.shared.clone() }
+    }
+
+    /// The read-only admin API (status, entities, upstream health, effective config) as a
+    /// tower service, to serve on an admin listener; see [`admin`].
+    pub fn admin(&self, settings: admin::AdminSettings) -> admin::AdminService {
+        admin::AdminService::new(self.shared.clone(), settings)
+    }
+
+    /// Marks the gateway ready or not for the admin API's `/readyz` (ready from the start;
+    /// a Kubernetes mode clears it until its caches are synced).
+    pub fn set_ready(&self, ready: bool) {
+        self.shared.ready.store(ready, Ordering::Relaxed);
     }
 
     /// Serves on `listeners` until `shutdown` resolves, then drains gracefully.
@@ -347,6 +393,7 @@ where
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
         let conn = req.extensions().get::<ConnInfo>().copied().unwrap_or_default();
+        self.shared.stats.requests.fetch_add(1, Ordering::Relaxed);
         let snapshot = self.shared.snapshot.load_full();
         let req = req.map(ProxyBody::from_body);
         let values = proxy::ConnValues::new(&conn);

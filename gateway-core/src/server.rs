@@ -18,6 +18,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::io;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use hyper::service::service_fn;
@@ -165,9 +166,13 @@ pub(crate) async fn serve(
                 let builders = builders.clone();
                 let watcher = graceful.watcher();
                 let tls = tls.clone();
+                shared.stats.connections_accepted.fetch_add(1, Ordering::Relaxed);
+                let open = OpenConnection::new(shared.clone());
                 tokio::spawn(async move {
+                    let _open = open;
                     let values = ConnValues::new(&conn_info);
                     let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        shared.stats.requests.fetch_add(1, Ordering::Relaxed);
                         let snapshot = shared.snapshot.load_full();
                         let req = req.map(ProxyBody::Incoming);
                         let values = values.clone();
@@ -224,4 +229,20 @@ pub(crate) async fn serve(
         tracing::warn!(grace = ?settings.shutdown_grace, "grace period over; closing remaining connections");
     }
     Ok(())
+}
+
+/// Counts a connection as active while it lives.
+struct OpenConnection(Arc<Shared>);
+
+impl OpenConnection {
+    fn new(shared: Arc<Shared>) -> Self {
+        shared.stats.connections_active.fetch_add(1, Ordering::Relaxed);
+        OpenConnection(shared)
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.stats.connections_active.fetch_sub(1, Ordering::Relaxed);
+    }
 }

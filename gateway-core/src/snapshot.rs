@@ -33,6 +33,27 @@ pub(crate) struct Snapshot {
     pub(crate) route_names: Box<[Arc<str>]>,
     /// Server certificates for TLS listeners, by SNI.
     pub(crate) certs: Arc<CertStore>,
+    /// Upstreams and their targets' health, for the admin API.
+    pub(crate) upstreams: Box<[UpstreamView]>,
+    pub(crate) compiled_at: std::time::Instant,
+}
+
+/// An upstream as the admin API shows its health.
+#[derive(Debug)]
+pub(crate) struct UpstreamView {
+    pub(crate) name: Arc<str>,
+    /// Whether any health check (active or passive) runs.
+    pub(crate) checked: bool,
+    pub(crate) targets: Vec<TargetView>,
+}
+
+/// One target of an [`UpstreamView`].
+#[derive(Debug)]
+pub(crate) struct TargetView {
+    pub(crate) label: Arc<str>,
+    pub(crate) weight: u32,
+    pub(crate) state: Arc<TargetState>,
+    pub(crate) dns: Option<Arc<DnsEntry>>,
 }
 
 /// What a matched route needs at request time.
@@ -376,6 +397,7 @@ pub(crate) fn compile(
     // An upstream without checks starts afresh: nothing could bring back a target that an
     // earlier config's checks took out.
     let mut fresh_health = HealthCache::default();
+    let mut views = Vec::new();
     for (name, up) in upstreams.iter_mut() {
         let checks = up.upstream.healthchecks.clone().unwrap_or_default();
         let checked =
@@ -387,6 +409,22 @@ pub(crate) fn compile(
             fresh_health.states.insert(key, state.clone());
             up.states.push(state);
         }
+        views.push(UpstreamView {
+            name: Arc::from(*name),
+            checked,
+            targets: up
+                .targets
+                .iter()
+                .zip(&up.states)
+                .map(|((h, p, w), state)| TargetView {
+                    label: format!("{h}:{p}").into(),
+                    weight: *w,
+                    state: state.clone(),
+                    dns: (h.parse::<std::net::IpAddr>().is_err() && !h.starts_with('['))
+                        .then(|| clients.dns.entry(&mut c.dns_names, h)),
+                })
+                .collect(),
+        });
         let signature = format!("{:?}|{:?}|{:?}", checks.active, up.targets, up.upstream.host_header);
         let group = match clients.health.groups.get(*name) {
             Some((sig, g)) if *sig == signature => Some(g.clone()),
@@ -523,6 +561,11 @@ pub(crate) fn compile(
                 route_names: runtimes.iter().map(|r: &RouteRuntime| r.name.clone()).collect(),
                 routes: runtimes.into(),
                 certs: Arc::new(certs),
+                upstreams: {
+                    views.sort_by(|a, b| a.name.cmp(&b.name));
+                    views.into()
+                },
+                compiled_at: std::time::Instant::now(),
             })
         }
         _ => Err(ConfigError { source_name: None, problems: c.problems }),

@@ -68,9 +68,14 @@ struct ServeArgs {
     /// config's `certificates`); repeat for several. `off` listens on none.
     #[arg(long = "listen-tls", default_value = "127.0.0.1:8443", value_parser = parse_listen)]
     listen_tls: Vec<Option<SocketAddr>>,
-    /// Admin listen address (health and status).
+    /// Admin listen address: health, status and the read-only admin API. Keep it on
+    /// loopback unless `--admin-token` is set.
     #[arg(long, default_value = "127.0.0.1:8001")]
     admin_listen: SocketAddr,
+    /// A token the admin API requires (`Authorization: Bearer TOKEN` or `Kong-Admin-Token`),
+    /// except on /healthz and /readyz. Better passed in the environment than on the command line.
+    #[arg(long, env = "GATEWAY_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
     /// Worker threads (default: the number of cores).
     #[arg(long)]
     workers: Option<usize>,
@@ -284,7 +289,14 @@ async fn run(config_path: Option<PathBuf>, args: ServeArgs) -> ExitCode {
         }
     };
     let admin_addr = admin.local_addr().ok();
-    tokio::spawn(admin::serve(admin, gateway.clone()));
+    let admin_settings = match &args.admin_token {
+        Some(token) => gateway_core::admin::AdminSettings::with_token(token.clone()),
+        None => gateway_core::admin::AdminSettings::default(),
+    };
+    if admin_settings.token.is_none() && !args.admin_listen.ip().is_loopback() {
+        tracing::warn!(admin = %args.admin_listen, "the admin API listens beyond loopback without --admin-token");
+    }
+    tokio::spawn(admin::serve(admin, gateway.clone(), admin_settings));
 
     if let Some(path) = config_path.clone() {
         spawn_reloader(gateway.clone(), path);

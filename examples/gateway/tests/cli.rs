@@ -75,10 +75,15 @@ struct Running {
     tls: SocketAddr,
     stderr: Arc<Mutex<String>>,
     addr: SocketAddr,
+    admin: SocketAddr,
 }
 
 impl Running {
     fn start(config: &Path) -> Running {
+        Running::start_with_env(config, &[])
+    }
+
+    fn start_with_env(config: &Path, env: &[(&str, &str)]) -> Running {
         let addr = free_port();
         let admin = free_port();
         let tls = free_port();
@@ -88,6 +93,7 @@ impl Running {
             .args(["--listen", &addr.to_string(), "--admin-listen", &admin.to_string(), "--workers", "2"])
             .args(["--listen-tls", &tls.to_string()])
             .args(["--shutdown-grace", "5s"])
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -100,7 +106,7 @@ impl Running {
                 sink.lock().unwrap().push_str(&(line + "\n"));
             }
         });
-        let r = Running { child, tls, stderr, addr };
+        let r = Running { child, tls, stderr, addr, admin };
         r.wait_for(|| http_get(addr, "/").is_some(), "the gateway to listen");
         r
     }
@@ -258,6 +264,29 @@ fn a_bad_config_at_start_exits_1_with_the_problem() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("only \"3.0\" is supported"));
+}
+
+/// The admin API answers on the admin listener; with `GATEWAY_ADMIN_TOKEN` set, only to the
+/// token (probes excepted).
+#[test]
+fn admin_api_on_the_admin_listener_with_a_token() {
+    let upstream = spawn_upstream();
+    let dir = temp_dir("admin");
+    let file = dir.join("kong.yml");
+    std::fs::write(&file, config(upstream, "")).unwrap();
+    let gw = Running::start_with_env(&file, &[("GATEWAY_ADMIN_TOKEN", "s3cret-t0ken")]);
+    gw.wait_for(|| http_get(gw.admin, "/healthz").is_some_and(|(s, _)| s == 200), "the admin listener");
+    assert_eq!(http_get(gw.admin, "/readyz").unwrap().0, 200);
+    assert_eq!(http_get(gw.admin, "/services").unwrap().0, 401);
+    let mut s = TcpStream::connect(gw.admin).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(s, "GET /services HTTP/1.1\r\nhost: a\r\nauthorization: Bearer s3cret-t0ken\r\nconnection: close\r\n\r\n")
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    assert!(out.contains(r#""name":"s""#), "{out}");
+    assert!(!gw.stderr.lock().unwrap().contains("s3cret-t0ken"), "the token must not be logged");
 }
 
 /// The upstream connection flags are parsed, and a bad value names the flag.
