@@ -12,6 +12,7 @@
 //! | `GET /plugins` | every plugin instance with its scope; secret-looking config values redacted |
 //! | `GET /consumers`, `/consumers/{username, custom_id or id}` | consumers, never their credentials |
 //! | `GET /config` | the effective config; credentials and secrets redacted |
+//! | `GET /metrics` | Prometheus (OpenMetrics text): see [`observe`](crate::observe) |
 //!
 //! Lists are `{"data": [...], "next": null}` as in Kong. Nothing here changes the gateway.
 //!
@@ -51,6 +52,7 @@ use subtle::ConstantTimeEq;
 use crate::Shared;
 use crate::body::ResponseBody;
 use crate::config::Config;
+use crate::observe::GatewayCollector;
 
 /// Settings of the admin API.
 #[derive(Debug, Clone, Default)]
@@ -72,6 +74,7 @@ impl AdminSettings {
 pub struct AdminService {
     shared: Arc<Shared>,
     token: Option<Arc<[u8]>>,
+    registry: Arc<prometheus_client::registry::Registry>,
 }
 
 impl std::fmt::Debug for AdminService {
@@ -82,7 +85,9 @@ impl std::fmt::Debug for AdminService {
 
 impl AdminService {
     pub(crate) fn new(shared: Arc<Shared>, settings: AdminSettings) -> Self {
-        AdminService { shared, token: settings.token.map(|t| Arc::from(t.into_bytes())) }
+        let mut registry = prometheus_client::registry::Registry::default();
+        registry.register_collector(Box::new(GatewayCollector { shared: shared.clone() }));
+        AdminService { shared, token: settings.token.map(|t| Arc::from(t.into_bytes())), registry: Arc::new(registry) }
     }
 
     fn authorized<B>(&self, req: &Request<B>) -> bool {
@@ -217,6 +222,25 @@ impl<B> tower_service::Service<Request<B>> for AdminService {
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
+        if req.uri().path() == "/metrics" && self.authorized(&req) && req.method() == Method::GET {
+            let mut text = String::new();
+            let resp = match prometheus_client::encoding::text::encode(&mut text, &self.registry) {
+                Ok(()) => {
+                    let mut resp = Response::new(ResponseBody::full(text));
+                    resp.headers_mut().insert(
+                        header::CONTENT_TYPE,
+                        HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+                    );
+                    resp
+                }
+                Err(_) => {
+                    let mut resp = Response::new(ResponseBody::empty());
+                    *resp.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+                    resp
+                }
+            };
+            return Box::pin(async move { Ok(resp) });
+        }
         let (status, body) = self.answer(&req);
         let mut resp = Response::new(if req.method() == Method::HEAD {
             ResponseBody::empty()

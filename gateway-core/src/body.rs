@@ -297,3 +297,69 @@ impl Body for ResponseBody {
         }
     }
 }
+
+/// The body of every response the gateway sends: the [`ResponseBody`], plus the request's
+/// record (metrics, access log), finished when the body ends or is dropped.
+pub struct GatewayBody {
+    inner: ResponseBody,
+    exchange: Option<crate::observe::Exchange>,
+}
+
+impl std::fmt::Debug for GatewayBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GatewayBody").field("inner", &self.inner).finish_non_exhaustive()
+    }
+}
+
+impl GatewayBody {
+    pub(crate) fn new(inner: ResponseBody, exchange: Option<crate::observe::Exchange>) -> Self {
+        GatewayBody { inner, exchange }
+    }
+
+    /// Collects the whole body (for tests and small bodies).
+    pub async fn collect_bytes(self) -> Result<Bytes, BoxError> {
+        Ok(BodyExt::collect(self).await?.to_bytes())
+    }
+
+    fn finish(&mut self, complete: bool) {
+        if let Some(e) = self.exchange.take() {
+            e.finish(complete);
+        }
+    }
+}
+
+impl Body for GatewayBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        let frame = ready!(Pin::new(&mut this.inner).poll_frame(cx));
+        match &frame {
+            Some(Ok(f)) => {
+                if let (Some(e), Some(d)) = (&mut this.exchange, f.data_ref()) {
+                    e.bytes_out += d.len() as u64;
+                }
+            }
+            Some(Err(_)) => this.finish(false),
+            None => this.finish(true),
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for GatewayBody {
+    fn drop(&mut self) {
+        // hyper does not poll a body that says it is empty: that is a complete response too.
+        let complete = self.inner.is_end_stream();
+        self.finish(complete);
+    }
+}

@@ -66,6 +66,11 @@ impl Chain {
     pub(crate) fn names(&self) -> Vec<String> {
         self.slots.iter().map(|s| s.name.to_string()).collect()
     }
+
+    /// Every plugin instance of the chain, consumer-scoped ones included.
+    pub(crate) fn instances(&self) -> impl Iterator<Item = &Arc<dyn Plugin>> {
+        self.slots.iter().flat_map(|s| s.default.iter().chain(s.by_consumer.iter().filter_map(|(_, p)| p.as_ref())))
+    }
 }
 
 /// Consumers and credentials compiled from the config.

@@ -103,6 +103,7 @@ pub mod body;
 mod chain;
 pub mod config;
 mod dns;
+pub mod observe;
 pub mod plugin;
 pub mod proxy;
 pub mod router;
@@ -125,8 +126,9 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 use tokio::net::TcpListener;
 
-use crate::body::{BoxError, ProxyBody, ResponseBody};
+use crate::body::{BoxError, GatewayBody, ProxyBody};
 use crate::config::{Config, ConfigError};
+pub use crate::observe::Observability;
 use crate::plugin::PluginRegistry;
 pub use crate::proxy::ConnInfo;
 use crate::server::ServerSettings;
@@ -180,6 +182,7 @@ impl std::fmt::Debug for Gateway {
 pub struct GatewayBuilder {
     plugins: PluginRegistry,
     upstream: UpstreamSettings,
+    observe: Observability,
 }
 
 /// How the gateway connects to upstreams: DNS and keep-alive pools.
@@ -220,6 +223,14 @@ impl GatewayBuilder {
         self
     }
 
+    /// Sets what is recorded about requests: metrics, the access log, latency headers (see
+    /// [`observe`]).
+    #[must_use]
+    pub fn observability(mut self, observe: Observability) -> Self {
+        self.observe = observe;
+        self
+    }
+
     /// Sets how upstreams are reached (DNS, keep-alive pools).
     #[must_use]
     pub fn upstream_settings(mut self, settings: UpstreamSettings) -> Self {
@@ -229,7 +240,9 @@ impl GatewayBuilder {
 
     /// Compiles `config` and returns a gateway serving it.
     pub fn build(self, config: &Config) -> Result<Gateway, ConfigError> {
-        let mut state = CompileState { clients: ClientCache::new(&self.upstream), plugins: self.plugins };
+        let mut clients = ClientCache::new(&self.upstream);
+        clients.observe = self.observe;
+        let mut state = CompileState { clients, plugins: self.plugins };
         let snapshot = compile(config, &state.plugins, &mut state.clients)?;
         Ok(Gateway {
             shared: Arc::new(Shared {
@@ -383,7 +396,7 @@ where
     B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    type Response = http::Response<ResponseBody>;
+    type Response = http::Response<GatewayBody>;
     type Error = Infallible;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
 

@@ -152,6 +152,13 @@ pub trait Plugin: Send + Sync + 'static {
     fn layer(&self) -> Option<UpstreamLayer> {
         None
     }
+
+    /// Adds this instance's own series to `/metrics` at scrape time (a circuit breaker's state
+    /// per target, say). Called once per instance per scrape, with the name of one route it
+    /// serves. Keep label values bounded: targets and routes, never paths or consumers.
+    fn export_metrics(&self, route: &str, out: &mut crate::observe::MetricsExport) {
+        let _ = (route, out);
+    }
 }
 
 /// A consumer, as plugins see it.

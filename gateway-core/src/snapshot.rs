@@ -18,6 +18,7 @@ use crate::config::{
     Route, RouteProtocol, Service, ServiceProtocol, Upstream, unsupported_fields,
 };
 use crate::dns::{Dns, DnsEntry};
+use crate::observe::{MetricsStore, Observability, RouteMetrics};
 use crate::plugin::{PluginRegistry, UpstreamService};
 use crate::proxy::UpstreamCall;
 use crate::proxy::client::{ClientKey, Pool, Timeouts, UpstreamClient, build_client};
@@ -36,6 +37,9 @@ pub(crate) struct Snapshot {
     /// Upstreams and their targets' health, for the admin API.
     pub(crate) upstreams: Box<[UpstreamView]>,
     pub(crate) compiled_at: std::time::Instant,
+    /// Counters of requests no route matched.
+    pub(crate) unmatched: Arc<RouteMetrics>,
+    pub(crate) observe: Observability,
 }
 
 /// An upstream as the admin API shows its health.
@@ -70,6 +74,8 @@ pub(crate) struct RouteRuntime {
     pub(crate) chain: Chain,
     /// The upstream call wrapped in the layers plugins contributed (none: call it directly).
     pub(crate) upstream: Option<UpstreamService>,
+    /// This route's counters (kept across reloads that keep the route and its service).
+    pub(crate) metrics: Arc<RouteMetrics>,
 }
 
 /// A compiled service: where and how to send requests.
@@ -96,6 +102,9 @@ pub(crate) struct ClientCache {
     pub(crate) settings: UpstreamSettings,
     /// Upstream host names and their answers; shared by every client.
     dns: Arc<Dns>,
+    /// Route and service counters, kept across reloads.
+    metrics: MetricsStore,
+    pub(crate) observe: Observability,
 }
 
 impl ClientCache {
@@ -105,6 +114,8 @@ impl ClientCache {
             health: HealthCache::default(),
             settings: settings.clone(),
             dns: Dns::new(settings.dns_resolver.clone()),
+            metrics: MetricsStore::default(),
+            observe: Observability::default(),
         }
     }
 }
@@ -397,6 +408,7 @@ pub(crate) fn compile(
     // An upstream without checks starts afresh: nothing could bring back a target that an
     // earlier config's checks took out.
     let mut fresh_health = HealthCache::default();
+    let mut fresh_metrics = MetricsStore::default();
     let mut views = Vec::new();
     for (name, up) in upstreams.iter_mut() {
         let checks = up.upstream.healthchecks.clone().unwrap_or_default();
@@ -512,8 +524,10 @@ pub(crate) fn compile(
         if service.is_some_and(|s| config.services[s].enabled == Some(false)) {
             continue;
         }
-        let Some((spec, runtime)) = compile_route(&mut c, &at, r, service.and_then(|s| services[s].clone()), chain)
-        else {
+        let service = service.and_then(|s| services[s].clone());
+        let Some((spec, runtime)) = compile_route(&mut c, &at, r, service, chain, &mut |route, service| {
+            clients.metrics.route(&mut fresh_metrics, route, service)
+        }) else {
             continue;
         };
         specs.push(spec);
@@ -552,6 +566,8 @@ pub(crate) fn compile(
             // health state, and starts active checks.
             clients.clients = fresh_clients;
             clients.dns.install(std::mem::take(&mut c.dns_names), c.longest_idle);
+            let unmatched = clients.metrics.route(&mut fresh_metrics, &Arc::from(""), &Arc::from(""));
+            clients.metrics = fresh_metrics;
             for (_, g) in fresh_health.groups.values() {
                 g.ensure_started();
             }
@@ -566,6 +582,8 @@ pub(crate) fn compile(
                     views.into()
                 },
                 compiled_at: std::time::Instant::now(),
+                unmatched,
+                observe: clients.observe,
             })
         }
         _ => Err(ConfigError { source_name: None, problems: c.problems }),
@@ -755,12 +773,16 @@ fn compile_service(
     })
 }
 
+/// Finds a route's counters by route and service name.
+type MetricsFor<'a> = dyn FnMut(&Arc<str>, &Arc<str>) -> Arc<RouteMetrics> + 'a;
+
 fn compile_route(
     c: &mut Compiler<'_>,
     at: &str,
     r: &Route,
     service: Option<Arc<ServiceRuntime>>,
     chain: Chain,
+    metrics: &mut MetricsFor<'_>,
 ) -> Option<(RouteSpec, RouteRuntime)> {
     let before = c.problems.len();
     let empty = [json!([])];
@@ -863,8 +885,11 @@ fn compile_route(
         }
         _ => None,
     };
+    let name: Arc<str> = r.name.clone().or_else(|| r.id.clone()).unwrap_or_else(|| at.to_string()).into();
+    let service_label: Arc<str> = service.as_ref().map_or_else(|| Arc::from(""), |s| s.name.clone());
     let runtime = RouteRuntime {
-        name: r.name.clone().or_else(|| r.id.clone()).unwrap_or_else(|| at.to_string()).into(),
+        metrics: metrics(&name, &service_label),
+        name,
         service,
         strip_path: r.strip_path.unwrap_or(true),
         preserve_host,

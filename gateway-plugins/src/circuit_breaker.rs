@@ -26,6 +26,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use gateway_core::body::{ProxyBody, ResponseBody};
+use gateway_core::observe::MetricsExport;
 use gateway_core::plugin::{BuildContext, Plugin, TypedFactory, UpstreamLayer, UpstreamService, typed_factory};
 use gateway_core::proxy::{
     TargetFilter, UpstreamFailure, UpstreamTarget, X_REQUEST_ID, error_response, next_request_id,
@@ -276,6 +277,25 @@ async fn call(breakers: Arc<Breakers>, inner: UpstreamService, mut req: Request<
 }
 
 impl Plugin for CircuitBreaker {
+    fn export_metrics(&self, route: &str, out: &mut MetricsExport) {
+        let map = self.breakers.by_target.read().unwrap_or_else(|p| p.into_inner());
+        for (target, state) in map.iter() {
+            let state = match &*state.lock().unwrap_or_else(|p| p.into_inner()) {
+                State::Closed { .. } => "closed",
+                State::Open { .. } => "open",
+                State::HalfOpen { .. } => "half_open",
+            };
+            for s in ["closed", "open", "half_open"] {
+                out.gauge(
+                    "gateway_circuit_breaker_state",
+                    "1 for the state each target's breaker is in, by route and target.",
+                    &[("route", route), ("target", target), ("state", s)],
+                    if s == state { 1.0 } else { 0.0 },
+                );
+            }
+        }
+    }
+
     fn layer(&self) -> Option<UpstreamLayer> {
         let breakers = self.breakers.clone();
         Some(Arc::new(move |inner: UpstreamService| {

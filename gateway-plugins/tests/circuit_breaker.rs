@@ -64,6 +64,8 @@ async fn opens_fails_fast_half_opens_and_closes() {
     assert_eq!(fast.status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(fast.json()["message"], "The upstream service is unavailable (circuit open)");
     assert_eq!(calls.load(Ordering::SeqCst), 3);
+    let target = up.addr.to_string();
+    assert_eq!(breaker_state(&gw, &target).await, "open", "/metrics shows the open breaker");
 
     // Half-open after open_ms: a failed probe opens it again.
     tokio::time::sleep(Duration::from_millis(350)).await;
@@ -79,7 +81,34 @@ async fn opens_fails_fast_half_opens_and_closes() {
         assert_eq!(get(&gw.url("/")).await.status, StatusCode::OK);
     }
     assert_eq!(calls.load(Ordering::SeqCst), 7);
+    assert_eq!(breaker_state(&gw, &target).await, "closed");
     gw.shutdown().await;
+}
+
+/// The state `gateway_circuit_breaker_state` reports as 1 for `target` on route `r`.
+async fn breaker_state(gw: &RunningGateway, target: &str) -> String {
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+    let admin = gw.gateway.admin(gateway_core::admin::AdminSettings::default());
+    let req = http::Request::get("/metrics").body(http_body_util::Empty::<bytes::Bytes>::new()).unwrap();
+    let body = admin.oneshot(req).await.unwrap().into_body().collect().await.unwrap().to_bytes();
+    let text = String::from_utf8(body.to_vec()).unwrap();
+    let mut on = Vec::new();
+    for line in text.lines().filter(|l| l.starts_with("gateway_circuit_breaker_state{")) {
+        let (series, value) = line.rsplit_once(' ').unwrap();
+        let labels: std::collections::BTreeMap<&str, &str> = series
+            .trim_start_matches("gateway_circuit_breaker_state{")
+            .trim_end_matches('}')
+            .split(',')
+            .filter_map(|kv| kv.split_once('='))
+            .map(|(k, v)| (k, v.trim_matches('"')))
+            .collect();
+        if labels["route"] == "r" && labels["target"] == target && value.parse::<f64>().unwrap() == 1.0 {
+            on.push(labels["state"].to_string());
+        }
+    }
+    assert_eq!(on.len(), 1, "exactly one state: {text}");
+    on.remove(0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

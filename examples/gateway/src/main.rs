@@ -17,7 +17,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use gateway_core::config::{Config, ConfigError};
 use gateway_core::server::ServerSettings;
-use gateway_core::{Gateway, UpstreamSettings};
+use gateway_core::{Gateway, Observability, UpstreamSettings};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
@@ -29,6 +29,16 @@ mod echo;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Log line format on stderr (the access log included): plain text or one JSON object
+    /// per line.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Plain)]
+    log_format: LogFormat,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum LogFormat {
+    Plain,
+    Json,
 }
 
 #[derive(Subcommand, Debug)]
@@ -99,6 +109,13 @@ struct ServeArgs {
     /// `keepalive_pool_size` overrides it.
     #[arg(long, default_value_t = 512)]
     upstream_keepalive_pool_size: usize,
+    /// The access log: one line per request (target `gateway::access`) when its response
+    /// ends; `off` for none.
+    #[arg(long, default_value = "on", value_parser = parse_on_off)]
+    access_log: bool,
+    /// Add `X-Gateway-Upstream-Latency` and `X-Gateway-Proxy-Latency` (ms) to responses.
+    #[arg(long)]
+    latency_headers: bool,
     /// How long an idle upstream keep-alive connection is kept; an upstream's
     /// `keepalive_idle_timeout` (seconds) overrides it.
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
@@ -116,12 +133,27 @@ impl ServeArgs {
         }
     }
 
+    fn observability(&self) -> Observability {
+        let mut o = Observability::default();
+        o.access_log = self.access_log;
+        o.latency_headers = self.latency_headers;
+        o
+    }
+
     fn upstream(&self) -> UpstreamSettings {
         let mut u = UpstreamSettings::default();
         u.dns_resolver.clone_from(&self.dns_resolver);
         u.keepalive_pool_size = self.upstream_keepalive_pool_size;
         u.keepalive_idle_timeout = self.upstream_keepalive_idle_timeout;
         u
+    }
+}
+
+fn parse_on_off(s: &str) -> Result<bool, String> {
+    match s {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        _ => Err(format!("`{s}`: use on or off")),
     }
 }
 
@@ -156,17 +188,25 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
+    // Log lines (the access log's above all) go into a buffer written out every 100 ms or
+    // when full, as nginx's `access_log ... buffer= flush=`: a request pays a copy, not a
+    // system call.
+    let (log, _flush_on_exit) = gateway_core::observe::BufferedLog::new(std::io::stderr(), Duration::from_millis(100));
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        .with_writer(move || log.clone());
+    match cli.log_format {
+        LogFormat::Plain => logs.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init(),
+        LogFormat::Json => logs.json().flatten_event(true).with_current_span(false).with_span_list(false).init(),
+    }
     match cli.command {
         Command::Validate { file } => {
-            match Config::from_file(&file).and_then(|c| build(&c, &UpstreamSettings::default()).map(drop)) {
+            match Config::from_file(&file)
+                .and_then(|c| build(&c, &UpstreamSettings::default(), Observability::off()).map(drop))
+            {
                 Ok(()) => {
                     println!("{}: valid", file.display());
                     ExitCode::SUCCESS
@@ -177,7 +217,7 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Routes { config } => match load(&config, &UpstreamSettings::default()) {
+        Command::Routes { config } => match load(&config, &UpstreamSettings::default(), Observability::off()) {
             Ok(gateway) => {
                 print_routes(&gateway);
                 ExitCode::SUCCESS
@@ -208,13 +248,17 @@ fn runtime(workers: Option<usize>) -> tokio::runtime::Runtime {
 }
 
 /// The binary's gateway: every first-party plugin registered.
-fn build(config: &Config, upstream: &UpstreamSettings) -> Result<Gateway, ConfigError> {
-    Gateway::builder().plugins(gateway_plugins::registry()).upstream_settings(upstream.clone()).build(config)
+fn build(config: &Config, upstream: &UpstreamSettings, observe: Observability) -> Result<Gateway, ConfigError> {
+    Gateway::builder()
+        .plugins(gateway_plugins::registry())
+        .upstream_settings(upstream.clone())
+        .observability(observe)
+        .build(config)
 }
 
-fn load(path: &Path, upstream: &UpstreamSettings) -> Result<Gateway, ConfigError> {
+fn load(path: &Path, upstream: &UpstreamSettings, observe: Observability) -> Result<Gateway, ConfigError> {
     let config = Config::from_file(path)?;
-    build(&config, upstream).map_err(|e| e.in_file_if_unnamed(path))
+    build(&config, upstream, observe).map_err(|e| e.in_file_if_unnamed(path))
 }
 
 fn print_routes(gateway: &Gateway) {
@@ -244,14 +288,14 @@ fn print_routes(gateway: &Gateway) {
 
 async fn run(config_path: Option<PathBuf>, args: ServeArgs) -> ExitCode {
     let gateway = match &config_path {
-        Some(path) => match load(path, &args.upstream()) {
+        Some(path) => match load(path, &args.upstream(), args.observability()) {
             Ok(g) => g,
             Err(e) => {
                 eprintln!("{e}");
                 return ExitCode::FAILURE;
             }
         },
-        None => match demo_gateway(&args.upstream()).await {
+        None => match demo_gateway(&args.upstream(), args.observability()).await {
             Ok(g) => g,
             Err(e) => {
                 eprintln!("demo: {e}");
@@ -407,7 +451,10 @@ fn spawn_reloader(gateway: Gateway, path: PathBuf) {
 
 const DEMO_CONFIG: &str = include_str!("../demo.yaml");
 
-async fn demo_gateway(upstream: &UpstreamSettings) -> Result<Gateway, Box<dyn std::error::Error>> {
+async fn demo_gateway(
+    upstream: &UpstreamSettings,
+    observe: Observability,
+) -> Result<Gateway, Box<dyn std::error::Error>> {
     let echo_addr = echo::spawn().await?;
     let mut config = Config::from_yaml(DEMO_CONFIG)?;
     for upstream in &mut config.upstreams {
@@ -417,7 +464,7 @@ async fn demo_gateway(upstream: &UpstreamSettings) -> Result<Gateway, Box<dyn st
             }
         }
     }
-    Ok(build(&config, upstream)?)
+    Ok(build(&config, upstream, observe)?)
 }
 
 fn print_demo_help(proxy: SocketAddr, tls: Option<SocketAddr>, admin: Option<SocketAddr>) {

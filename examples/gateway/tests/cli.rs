@@ -80,10 +80,14 @@ struct Running {
 
 impl Running {
     fn start(config: &Path) -> Running {
-        Running::start_with_env(config, &[])
+        Running::start_with(config, &[], &[])
     }
 
     fn start_with_env(config: &Path, env: &[(&str, &str)]) -> Running {
+        Running::start_with(config, &[], env)
+    }
+
+    fn start_with(config: &Path, args: &[&str], env: &[(&str, &str)]) -> Running {
         let addr = free_port();
         let admin = free_port();
         let tls = free_port();
@@ -93,6 +97,7 @@ impl Running {
             .args(["--listen", &addr.to_string(), "--admin-listen", &admin.to_string(), "--workers", "2"])
             .args(["--listen-tls", &tls.to_string()])
             .args(["--shutdown-grace", "5s"])
+            .args(args)
             .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -287,6 +292,40 @@ fn admin_api_on_the_admin_listener_with_a_token() {
     assert!(out.starts_with("HTTP/1.1 200"), "{out}");
     assert!(out.contains(r#""name":"s""#), "{out}");
     assert!(!gw.stderr.lock().unwrap().contains("s3cret-t0ken"), "the token must not be logged");
+}
+
+/// `--log-format json`: every stderr line is a JSON object; the access log line carries the
+/// request. `--latency-headers` adds the latency headers.
+#[test]
+fn json_logs_and_latency_headers() {
+    let upstream = spawn_upstream();
+    let dir = temp_dir("jsonlog");
+    let file = dir.join("kong.yml");
+    std::fs::write(&file, config(upstream, "")).unwrap();
+    let gw = Running::start_with(&file, &["--log-format", "json", "--latency-headers"], &[]);
+    let mut s = TcpStream::connect(gw.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(s, "GET /logged?apikey=hidden HTTP/1.1\r\nhost: logs.test\r\nconnection: close\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    assert!(out.to_ascii_lowercase().contains("x-gateway-upstream-latency: "), "{out}");
+    gw.wait_for(|| gw.stderr.lock().unwrap().contains("/logged"), "the access log line");
+    let text = gw.stderr.lock().unwrap().clone();
+    let mut access = None;
+    for line in text.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        if v["target"] == "gateway::access" && v["path"] == "/logged" {
+            access = Some(v);
+        }
+    }
+    let access = access.expect("an access line");
+    assert_eq!(access["status"], 200);
+    assert_eq!(access["host"], "logs.test");
+    assert_eq!(access["route"], "r");
+    assert_eq!(access["upstream"], upstream.to_string());
+    assert!(access["latency_us"].as_u64().is_some());
+    assert!(!text.contains("hidden"), "query strings stay out of the log");
 }
 
 /// The upstream connection flags are parsed, and a bad value names the flag.

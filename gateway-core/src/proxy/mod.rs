@@ -25,7 +25,7 @@ use std::error::Error as StdError;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -37,7 +37,8 @@ use hyper_util::client::legacy::connect::capture_connection;
 use std::ops::ControlFlow;
 
 use crate::balance::{BalanceKey, KeyInput, Outcome, TargetRuntime};
-use crate::body::{ProxyBody, ResponseBody};
+use crate::body::{GatewayBody, ProxyBody, ResponseBody};
+use crate::observe::{Exchange, LogLine, RouteMetrics};
 use crate::plugin::RequestContext;
 use crate::router::{RouteInput, split_host};
 use crate::snapshot::{ServiceRuntime, Snapshot};
@@ -60,7 +61,7 @@ pub struct ConnInfo {
 /// connection by the server (per request when embedded as a tower service).
 #[derive(Debug, Clone)]
 pub(crate) struct ConnValues {
-    ip: HeaderValue,
+    pub(crate) ip: HeaderValue,
     port: HeaderValue,
 }
 
@@ -305,25 +306,13 @@ fn error_chain(err: &(dyn StdError + 'static)) -> String {
     s
 }
 
-/// What the access log needs once the response is known.
-struct LogFacts<'a> {
-    method: http::Method,
-    path: &'a str,
-    route: &'a str,
+/// What the request's record learns while it is handled.
+#[derive(Default)]
+struct Facts {
+    metrics: Option<Arc<RouteMetrics>>,
     upstream: Option<Arc<str>>,
-    start: Instant,
-}
-
-fn access_log(f: &LogFacts<'_>, status: StatusCode) {
-    tracing::info!(
-        target: "gateway::access",
-        method = %f.method,
-        path = f.path,
-        status = status.as_u16(),
-        route = f.route,
-        upstream = f.upstream.as_deref().unwrap_or("-"),
-        latency_us = f.start.elapsed().as_micros() as u64,
-    );
+    upstream_latency: Option<Duration>,
+    consumer: Option<Arc<str>>,
 }
 
 /// Upstream-bound values computed from the request head before plugins run.
@@ -395,16 +384,70 @@ pub(crate) async fn handle(
     req: Request<ProxyBody>,
     conn: ConnInfo,
     values: ConnValues,
-) -> Response<ResponseBody> {
+) -> Response<GatewayBody> {
+    let start = Instant::now();
+    let observe = snapshot.observe;
     let grpc = req.headers().get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
-    let resp = handle_http(snapshot, req, conn, values).await;
+    let bytes_in = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0);
+    // The access log's view of the request, taken before it moves on (only when logging).
+    // Cheap copies (shared buffers, no allocation) of what the access log shows.
+    let seen = observe.access_log.then(|| {
+        let host = match req.uri().authority() {
+            Some(a) => HeaderValue::from_str(a.as_str()).ok(),
+            None => req.headers().get(header::HOST).cloned(),
+        };
+        (req.method().clone(), host, req.uri().clone(), values.ip.clone())
+    });
+    let mut facts = Facts::default();
+    let mut resp = handle_http(snapshot, req, conn, values, start, &mut facts).await;
     // The gateway's own answers (not the upstream's) become gRPC statuses for gRPC clients,
     // which do not read HTTP statuses or JSON bodies.
     if grpc && resp.status() != StatusCode::OK && matches!(resp.body(), ResponseBody::Full(_)) {
-        return grpc_answer(resp).await;
+        resp = grpc_answer(resp).await;
     }
-    resp
+    let head = start.elapsed();
+    if observe.latency_headers {
+        let ms = |d: Duration| HeaderValue::from(u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        let h = resp.headers_mut();
+        if let Some(up) = facts.upstream_latency {
+            h.insert(X_UPSTREAM_LATENCY.clone(), ms(up));
+        }
+        h.insert(X_PROXY_LATENCY.clone(), ms(head.saturating_sub(facts.upstream_latency.unwrap_or_default())));
+    }
+    if !observe.metrics && !observe.access_log {
+        return resp.map(|b| GatewayBody::new(b, None));
+    }
+    let log = seen.map(|(method, host, uri, client)| LogLine {
+        request_id: resp.headers().get(&X_REQUEST_ID).cloned().unwrap_or_else(|| HeaderValue::from_static("-")),
+        client,
+        method,
+        host,
+        uri,
+        upstream: facts.upstream,
+        consumer: facts.consumer,
+    });
+    let exchange = Exchange {
+        metrics: facts.metrics,
+        log,
+        start,
+        head,
+        upstream: facts.upstream_latency,
+        status: resp.status().as_u16(),
+        bytes_in,
+        bytes_out: 0,
+    };
+    resp.map(|b| GatewayBody::new(b, Some(exchange)))
 }
+
+/// Kong's `X-Kong-Upstream-Latency`, under this gateway's name (milliseconds).
+static X_UPSTREAM_LATENCY: HeaderName = HeaderName::from_static("x-gateway-upstream-latency");
+/// Kong's `X-Kong-Proxy-Latency`, under this gateway's name (milliseconds).
+static X_PROXY_LATENCY: HeaderName = HeaderName::from_static("x-gateway-proxy-latency");
 
 /// An HTTP answer turned into a trailers-only gRPC answer: HTTP 200 with `grpc-status` (the
 /// mapping of gRPC's "HTTP to gRPC status code mapping") and `grpc-message` from the body's
@@ -484,8 +527,9 @@ async fn handle_http(
     req: Request<ProxyBody>,
     conn: ConnInfo,
     values: ConnValues,
+    start: Instant,
+    facts: &mut Facts,
 ) -> Response<ResponseBody> {
-    let start = Instant::now();
     let request_id = next_request_id();
     let (mut parts, body) = req.into_parts();
     let upgrade = upgrade_request(&parts);
@@ -510,19 +554,20 @@ async fn handle_http(
         method: &parts.method,
         headers: &parts.headers,
     });
-    let mut facts = LogFacts { method: parts.method.clone(), path, route: "-", upstream: None, start };
+    let metrics_on = snapshot.observe.metrics;
     let Some(found) = found else {
-        let resp = error_response(StatusCode::NOT_FOUND, "no Route matched with those values", &request_id);
-        access_log(&facts, resp.status());
-        return resp;
+        if metrics_on {
+            facts.metrics = Some(snapshot.unmatched.clone());
+        }
+        return error_response(StatusCode::NOT_FOUND, "no Route matched with those values", &request_id);
     };
     let route = &snapshot.routes[found.route];
-    facts.route = &route.name;
+    if metrics_on {
+        facts.metrics = Some(route.metrics.clone());
+    }
 
     if (conn.tls && !route.allow_https) || (!conn.tls && !route.allow_http) {
-        let resp = protocol_mismatch(route.redirect_status, conn.tls, raw_host, &original_pq, &request_id);
-        access_log(&facts, resp.status());
-        return resp;
+        return protocol_mismatch(route.redirect_status, conn.tls, raw_host, &original_pq, &request_id);
     }
     if let Some(failure) = &route.chain.failure {
         tracing::error!(
@@ -530,14 +575,10 @@ async fn handle_http(
             problem = &**failure,
             "route refused: its plugin configuration is invalid"
         );
-        let resp = error_response(StatusCode::INTERNAL_SERVER_ERROR, "An unexpected error occurred", &request_id);
-        access_log(&facts, resp.status());
-        return resp;
+        return error_response(StatusCode::INTERNAL_SERVER_ERROR, "An unexpected error occurred", &request_id);
     }
     let Some(service) = route.service.as_deref() else {
-        let resp = error_response(StatusCode::SERVICE_UNAVAILABLE, "no Service found with those values", &request_id);
-        access_log(&facts, resp.status());
-        return resp;
+        return error_response(StatusCode::SERVICE_UNAVAILABLE, "no Service found with those values", &request_id);
     };
 
     // Everything the upstream request needs from the head, computed while the head is intact.
@@ -552,11 +593,7 @@ async fn handle_http(
             }
             match PathAndQuery::from_maybe_shared(Bytes::from(p)) {
                 Ok(pq) => pq,
-                Err(_) => {
-                    let resp = error_response(StatusCode::BAD_REQUEST, "invalid request path", &request_id);
-                    access_log(&facts, resp.status());
-                    return resp;
-                }
+                Err(_) => return error_response(StatusCode::BAD_REQUEST, "invalid request path", &request_id),
             }
         }
     };
@@ -601,13 +638,14 @@ async fn handle_http(
         let mut req = req;
         let cookie = attach_balance_key(service, &mut req, None, &values, path, route_regex.map(|r| &**r));
         let up = prepare(req, fwd, &conn, &values, &request_id, service.version);
+        let sent = Instant::now();
         let (mut resp, target) = call_upstream(service, route.preserve_host, up).await;
+        facts.upstream_latency = Some(sent.elapsed());
         facts.upstream = target;
         if let Some(c) = cookie {
             resp.headers_mut().append(header::SET_COOKIE, c);
         }
         finish_upgrade(&mut resp, client_upgrade, &route.name);
-        access_log(&facts, resp.status());
         return resp;
     }
 
@@ -637,6 +675,9 @@ async fn handle_http(
     let mut resp = match answered {
         Some(mut answer) => {
             answer.headers_mut().insert(X_REQUEST_ID.clone(), request_id);
+            if metrics_on {
+                route.metrics.plugin_answered(answer.status());
+            }
             answer
         }
         None => {
@@ -648,7 +689,8 @@ async fn handle_http(
                     p.before_upstream(&mut ctx, &mut up);
                 }
             }
-            match &route.upstream {
+            let sent = Instant::now();
+            let resp = match &route.upstream {
                 Some(layered) => {
                     let resp = tower::ServiceExt::oneshot(layered.clone(), up).await.unwrap_or_else(|e| match e {});
                     facts.upstream = resp.extensions().get::<UpstreamTarget>().map(|t| t.0.clone());
@@ -659,7 +701,9 @@ async fn handle_http(
                     facts.upstream = target;
                     resp
                 }
-            }
+            };
+            facts.upstream_latency = Some(sent.elapsed());
+            resp
         }
     };
     if let Some(c) = cookie {
@@ -677,7 +721,7 @@ async fn handle_http(
             p.log(&ctx, status);
         }
     }
-    access_log(&facts, status);
+    facts.consumer = ctx.consumer.as_ref().map(|c| c.username.clone().unwrap_or_else(|| c.id.clone()));
     resp
 }
 
