@@ -172,6 +172,20 @@ pub(crate) struct LogLine {
     pub(crate) uri: http::Uri,
     pub(crate) upstream: Option<Arc<str>>,
     pub(crate) consumer: Option<Arc<str>>,
+    /// The W3C trace id sent upstream (none when no upstream was called).
+    pub(crate) trace: Option<u128>,
+}
+
+/// A trace id as the access log shows it: 32 hex digits, or `-`.
+struct TraceId(Option<u128>);
+
+impl std::fmt::Display for TraceId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(t) => write!(f, "{t:032x}"),
+            None => f.write_str("-"),
+        }
+    }
 }
 
 /// One request's record, finished when its response ends.
@@ -211,6 +225,7 @@ impl Exchange {
             tracing::info!(
                 target: "gateway::access",
                 request_id = l.request_id.to_str().unwrap_or("-"),
+                trace_id = %TraceId(l.trace),
                 client_ip = l.client.to_str().unwrap_or("-"),
                 method = l.method.as_str(),
                 host = l.host.as_ref().and_then(|h| h.to_str().ok()).unwrap_or("-"),

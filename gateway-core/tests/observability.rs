@@ -281,15 +281,23 @@ impl Write for Captured {
 
 #[tokio::test]
 async fn json_access_log_lines_parse_and_carry_the_request() {
-    let captured = Captured::default();
-    let sink = captured.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .json()
-        .flatten_event(true)
-        .with_writer(move || sink.clone())
-        .with_max_level(tracing::Level::INFO)
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    // A global subscriber: a thread-local one races with the other tests' threads over
+    // tracing's per-callsite interest cache. Other tests' lines are told apart by request id.
+    static CAPTURED: std::sync::OnceLock<Captured> = std::sync::OnceLock::new();
+    let captured = CAPTURED
+        .get_or_init(|| {
+            let captured = Captured::default();
+            let sink = captured.clone();
+            let subscriber = tracing_subscriber::fmt()
+                .json()
+                .flatten_event(true)
+                .with_writer(move || sink.clone())
+                .with_max_level(tracing::Level::INFO)
+                .finish();
+            tracing::subscriber::set_global_default(subscriber).expect("the only global subscriber");
+            captured
+        })
+        .clone();
 
     let up = echo_upstream().await;
     let closed = closed_port().await;
@@ -303,7 +311,10 @@ async fn json_access_log_lines_parse_and_carry_the_request() {
     let lines: Vec<serde_json::Value> = text
         .lines()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
-        .filter(|v: &serde_json::Value| v["target"] == "gateway::access")
+        .filter(|v: &serde_json::Value| {
+            v["target"] == "gateway::access"
+                && [&ok, &refused].iter().any(|a| v["request_id"] == a.headers["x-request-id"].to_str().unwrap())
+        })
         .collect();
     assert_eq!(lines.len(), 2, "one line per request: {text}");
     let first = &lines[0];
@@ -318,9 +329,10 @@ async fn json_access_log_lines_parse_and_carry_the_request() {
     assert_eq!(first["upstream"], up.addr.to_string());
     assert_eq!(first["bytes_out"], ok.body.len());
     assert_eq!(first["complete"], true);
+    assert_eq!(first["trace_id"].as_str().map(str::len), Some(32), "the trace id sent upstream");
     assert!(first["latency_us"].as_u64().unwrap() >= first["upstream_latency_us"].as_u64().unwrap());
     assert!(first["timestamp"].is_string());
-    assert!(!text.contains("SECRET"));
+    assert!(!text.contains("apikey=SECRET"));
     let second = &lines[1];
     assert_eq!((second["status"].as_u64(), second["route"].as_str()), (Some(429), Some("limited")));
     assert_eq!(second["upstream"], "-");
@@ -353,5 +365,64 @@ async fn latency_headers_when_enabled() {
     assert_eq!(get(&gw.url("/echo/x")).await.status, 200);
     let (_, m) = scrape(&gw.gateway.admin(AdminSettings::default())).await;
     assert!(m.keys().all(|(n, _)| n != "gateway_http_requests_total"));
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn w3c_trace_context_reaches_the_upstream() {
+    let up = echo_upstream().await;
+    let closed = closed_port().await;
+    let gw = start_running(build(&config(up.addr, closed), Observability::default()), Default::default()).await;
+    let parse = |v: &str| -> (String, String, String, String) {
+        let parts: Vec<&str> = v.split('-').collect();
+        assert_eq!(parts.len(), 4, "{v}");
+        assert!(parts.iter().all(|p| p.bytes().all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())), "{v}");
+        (parts[0].into(), parts[1].into(), parts[2].into(), parts[3].into())
+    };
+
+    // No trace from the client: a new one starts.
+    let echo = get(&gw.url("/echo/a")).await.echo();
+    let (version, trace, parent, flags) = parse(echo.header("traceparent").expect("traceparent sent upstream"));
+    assert_eq!((version.as_str(), trace.len(), parent.len(), flags.as_str()), ("00", 32, 16, "00"));
+    let again = get(&gw.url("/echo/a")).await.echo();
+    assert_ne!(parse(again.header("traceparent").unwrap()).1, trace, "each request its own trace");
+
+    // The client's trace continues: same trace id and flags, a new parent id, tracestate kept.
+    let client = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let echo = send(
+        Request::get(gw.url("/echo/b"))
+            .header("traceparent", client)
+            .header("tracestate", "congo=t61rcWkgMzE")
+            .body(full(""))
+            .unwrap(),
+    )
+    .await
+    .echo();
+    let (version, trace, parent, flags) = parse(echo.header("traceparent").unwrap());
+    assert_eq!((version.as_str(), trace.as_str(), flags.as_str()), ("00", "4bf92f3577b34da6a3ce929d0e0e4736", "01"));
+    assert_ne!(parent, "00f067aa0ba902b7", "the gateway's hop has its own parent id");
+    assert_eq!(echo.header("tracestate"), Some("congo=t61rcWkgMzE"));
+
+    // Malformed (upper-case hex, zero trace id, bad version): replaced, tracestate dropped.
+    for bad in [
+        "00-4BF92F3577B34DA6A3CE929D0E0E4736-00F067AA0BA902B7-01",
+        "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+        "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+        "garbage",
+    ] {
+        let echo = send(
+            Request::get(gw.url("/echo/c"))
+                .header("traceparent", bad)
+                .header("tracestate", "congo=t61rcWkgMzE")
+                .body(full(""))
+                .unwrap(),
+        )
+        .await
+        .echo();
+        let (_, trace, _, _) = parse(echo.header("traceparent").unwrap());
+        assert_ne!(trace, "4bf92f3577b34da6a3ce929d0e0e4736", "{bad} was accepted");
+        assert_eq!(echo.header("tracestate"), None, "{bad}: tracestate without a valid traceparent");
+    }
     gw.shutdown().await;
 }

@@ -175,13 +175,68 @@ fn append_via(headers: &mut HeaderMap, version: Version) {
 /// A new request id: 32 hex digits from a per-thread generator seeded from the OS.
 pub fn next_request_id() -> HeaderValue {
     let (a, b) = random_pair();
-    const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut out = [0u8; 32];
-    for (i, byte) in a.to_be_bytes().iter().chain(b.to_be_bytes().iter()).enumerate() {
+    hex_into(&mut out, &(u128::from(a) << 64 | u128::from(b)).to_be_bytes());
+    HeaderValue::from_bytes(&out).expect("hex is a valid header value")
+}
+
+/// Lower-case hex of `bytes` into `out` (twice as long).
+fn hex_into(out: &mut [u8], bytes: &[u8]) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    for (i, byte) in bytes.iter().enumerate() {
         out[2 * i] = HEX[(byte >> 4) as usize];
         out[2 * i + 1] = HEX[(byte & 15) as usize];
     }
-    HeaderValue::from_bytes(&out).expect("hex is a valid header value")
+}
+
+static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+static TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
+
+/// W3C Trace Context (<https://www.w3.org/TR/trace-context/>) on the upstream request: the
+/// client's trace continues with a new parent id for the gateway's hop (its flags and
+/// `tracestate` kept); a request without a valid `traceparent` starts a new trace (flags 00:
+/// the gateway records no span itself) and any `tracestate` is dropped, as the spec requires.
+/// Returns the trace id, for the access log.
+fn propagate_trace(h: &mut HeaderMap) -> u128 {
+    let incoming = h.get(&TRACEPARENT).and_then(|v| parse_traceparent(v.as_bytes()));
+    let (a, b) = random_pair();
+    let (trace, flags) = match incoming {
+        Some(found) => found,
+        None => {
+            h.remove(&TRACESTATE);
+            ((u128::from(a) << 64 | u128::from(b)).max(1), 0)
+        }
+    };
+    let span = (a ^ b.rotate_left(29)).max(1);
+    let mut out = *b"00-00000000000000000000000000000000-0000000000000000-00";
+    hex_into(&mut out[3..35], &trace.to_be_bytes());
+    hex_into(&mut out[36..52], &span.to_be_bytes());
+    hex_into(&mut out[53..55], &[flags]);
+    h.insert(TRACEPARENT.clone(), HeaderValue::from_bytes(&out).expect("hex is a valid header value"));
+    trace
+}
+
+/// A valid `traceparent`'s trace id and flags (version 00, or a later version's first four
+/// fields); `None` for anything malformed, all-zero ids or version `ff`.
+fn parse_traceparent(v: &[u8]) -> Option<(u128, u8)> {
+    fn hex(s: &[u8]) -> Option<u128> {
+        if s.iter().all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(c)) {
+            u128::from_str_radix(std::str::from_utf8(s).ok()?, 16).ok()
+        } else {
+            None
+        }
+    }
+    if v.len() < 55 || v[2] != b'-' || v[35] != b'-' || v[52] != b'-' {
+        return None;
+    }
+    let version = hex(&v[0..2])?;
+    if version == 0xff || (version == 0 && v.len() != 55) || (version > 0 && v.len() > 55 && v[55] != b'-') {
+        return None;
+    }
+    let trace = hex(&v[3..35]).filter(|t| *t != 0)?;
+    hex(&v[36..52]).filter(|p| *p != 0)?;
+    let flags = u8::try_from(hex(&v[53..55])?).ok()?;
+    Some((trace, flags))
 }
 
 /// Two fast, unpredictable-enough numbers (a per-thread splitmix64 stream seeded from the OS):
@@ -313,6 +368,8 @@ struct Facts {
     upstream: Option<Arc<str>>,
     upstream_latency: Option<Duration>,
     consumer: Option<Arc<str>>,
+    /// The W3C trace id sent upstream.
+    trace: Option<u128>,
 }
 
 /// Upstream-bound values computed from the request head before plugins run.
@@ -430,6 +487,7 @@ pub(crate) async fn handle(
         uri,
         upstream: facts.upstream,
         consumer: facts.consumer,
+        trace: facts.trace,
     });
     let exchange = Exchange {
         metrics: facts.metrics,
@@ -637,7 +695,8 @@ async fn handle_http(
     if slots.is_empty() {
         let mut req = req;
         let cookie = attach_balance_key(service, &mut req, None, &values, path, route_regex.map(|r| &**r));
-        let up = prepare(req, fwd, &conn, &values, &request_id, service.version);
+        let mut up = prepare(req, fwd, &conn, &values, &request_id, service.version);
+        facts.trace = Some(propagate_trace(up.headers_mut()));
         let sent = Instant::now();
         let (mut resp, target) = call_upstream(service, route.preserve_host, up).await;
         facts.upstream_latency = Some(sent.elapsed());
@@ -684,6 +743,7 @@ async fn handle_http(
             let consumer_id = ctx.consumer.as_ref().map(|c| &*c.id);
             cookie = attach_balance_key(service, &mut req, consumer_id, &values, path, route_regex.map(|r| &**r));
             let mut up = prepare(req, fwd, &ctx.conn, &values, &request_id, service.version);
+            facts.trace = Some(propagate_trace(up.headers_mut()));
             for slot in slots.iter() {
                 if let Some(p) = slot.pick(consumer(&ctx)) {
                     p.before_upstream(&mut ctx, &mut up);
