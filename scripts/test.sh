@@ -18,3 +18,5 @@ if ! command -v redis-server >/dev/null 2>&1; then
 fi
 
 cargo test --workspace --locked "$@"
+# The optional OpenTelemetry export of the binary: its own feature, its own test.
+cargo test -p gateway --features otel --locked --test otel "$@"

@@ -30,8 +30,9 @@ use prometheus_client::metrics::MetricType;
 
 use crate::Shared;
 
-/// What the gateway records about requests. All on by default except the latency headers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What the gateway records about requests. All on by default except the latency headers
+/// and the hook.
+#[derive(Clone)]
 #[non_exhaustive]
 pub struct Observability {
     /// Count requests, latencies and bytes for `/metrics`.
@@ -41,18 +42,87 @@ pub struct Observability {
     /// `X-Gateway-Upstream-Latency` and `X-Gateway-Proxy-Latency` (milliseconds) on
     /// responses, as Kong's `X-Kong-Upstream-Latency` and `X-Kong-Proxy-Latency`.
     pub latency_headers: bool,
+    /// Called with every finished request (to export spans, say). While one is set, new
+    /// traces the gateway starts are marked sampled in the `traceparent` it sends upstream.
+    pub on_finish: Option<FinishHook>,
+}
+
+/// See [`Observability::on_finish`].
+pub type FinishHook = Arc<dyn Fn(&RequestRecord<'_>) + Send + Sync>;
+
+impl std::fmt::Debug for Observability {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Observability")
+            .field("metrics", &self.metrics)
+            .field("access_log", &self.access_log)
+            .field("latency_headers", &self.latency_headers)
+            .field("on_finish", &self.on_finish.as_ref().map(|_| "hook"))
+            .finish()
+    }
 }
 
 impl Default for Observability {
     fn default() -> Self {
-        Observability { metrics: true, access_log: true, latency_headers: false }
+        Observability { metrics: true, access_log: true, latency_headers: false, on_finish: None }
     }
 }
 
 impl Observability {
     /// Nothing recorded: no metrics, no access log, no headers.
     pub fn off() -> Self {
-        Observability { metrics: false, access_log: false, latency_headers: false }
+        Observability { metrics: false, access_log: false, latency_headers: false, on_finish: None }
+    }
+}
+
+/// A finished request, as an [`Observability::on_finish`] hook sees it.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct RequestRecord<'a> {
+    /// When the request arrived.
+    pub started: std::time::SystemTime,
+    /// Until the end of the response body.
+    pub duration: Duration,
+    /// Upstream request to its response head, when an upstream was called.
+    pub upstream_latency: Option<Duration>,
+    /// The request method.
+    pub method: &'a str,
+    /// The request's host (authority or `Host`).
+    pub host: &'a str,
+    /// The request path, without the query string.
+    pub path: &'a str,
+    /// The status sent to the client.
+    pub status: u16,
+    /// The matched route's name (empty when none matched).
+    pub route: &'a str,
+    /// The route's service name (empty when none).
+    pub service: &'a str,
+    /// The upstream target (`host:port`), when one was called.
+    pub upstream: Option<&'a str>,
+    /// Response body bytes sent.
+    pub bytes_out: u64,
+    /// False when the client went away before the body ended.
+    pub complete: bool,
+    /// The trace context of the gateway's hop, when an upstream was called.
+    pub trace: Option<TraceContext>,
+}
+
+/// The W3C trace context of the gateway's hop: the ids it sent upstream in `traceparent`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct TraceContext {
+    /// The trace id (the client's, or a new one).
+    pub trace_id: u128,
+    /// The gateway's span id: the parent id the upstream received.
+    pub span_id: u64,
+    /// The client's parent id, when the client sent a trace.
+    pub parent_span_id: Option<u64>,
+    /// The sampled flag sent upstream.
+    pub sampled: bool,
+}
+
+impl TraceContext {
+    pub(crate) fn new(trace_id: u128, span_id: u64, parent_span_id: Option<u64>, sampled: bool) -> Self {
+        TraceContext { trace_id, span_id, parent_span_id, sampled }
     }
 }
 
@@ -172,8 +242,8 @@ pub(crate) struct LogLine {
     pub(crate) uri: http::Uri,
     pub(crate) upstream: Option<Arc<str>>,
     pub(crate) consumer: Option<Arc<str>>,
-    /// The W3C trace id sent upstream (none when no upstream was called).
-    pub(crate) trace: Option<u128>,
+    /// The W3C trace context sent upstream (none when no upstream was called).
+    pub(crate) trace: Option<TraceContext>,
 }
 
 /// A trace id as the access log shows it: 32 hex digits, or `-`.
@@ -189,10 +259,14 @@ impl std::fmt::Display for TraceId {
 }
 
 /// One request's record, finished when its response ends.
-#[derive(Debug)]
 pub(crate) struct Exchange {
     pub(crate) metrics: Option<Arc<RouteMetrics>>,
     pub(crate) log: Option<LogLine>,
+    /// Whether to write the access log line (`log` may be there for the hook only).
+    pub(crate) access_log: bool,
+    pub(crate) hook: Option<FinishHook>,
+    /// Whether to count the request in `metrics` (which also names the route).
+    pub(crate) count: bool,
     pub(crate) start: Instant,
     /// Until the response head.
     pub(crate) head: Duration,
@@ -206,7 +280,7 @@ impl Exchange {
     /// Records the request; `complete` is false when the client went away mid-body.
     pub(crate) fn finish(&self, complete: bool) {
         let total = self.start.elapsed();
-        if let Some(m) = &self.metrics {
+        if let Some(m) = self.metrics.as_ref().filter(|_| self.count) {
             let class = usize::from(self.status / 100).clamp(1, 5) - 1;
             m.classes[class].fetch_add(1, Ordering::Relaxed);
             let svc = &m.svc;
@@ -220,12 +294,30 @@ impl Exchange {
             svc.bytes_in.fetch_add(self.bytes_in, Ordering::Relaxed);
             svc.bytes_out.fetch_add(self.bytes_out, Ordering::Relaxed);
         }
-        if let Some(l) = &self.log {
+        if let (Some(l), Some(hook)) = (&self.log, &self.hook) {
+            let (route, service) = self.metrics.as_ref().map_or(("", ""), |m| (&*m.route, &*m.service));
+            hook(&RequestRecord {
+                started: std::time::SystemTime::now() - total,
+                duration: total,
+                upstream_latency: self.upstream,
+                method: l.method.as_str(),
+                host: l.host.as_ref().and_then(|h| h.to_str().ok()).unwrap_or(""),
+                path: l.uri.path(),
+                status: self.status,
+                route,
+                service,
+                upstream: l.upstream.as_deref(),
+                bytes_out: self.bytes_out,
+                complete,
+                trace: l.trace,
+            });
+        }
+        if let Some(l) = self.log.as_ref().filter(|_| self.access_log) {
             let (route, service) = self.metrics.as_ref().map_or(("", ""), |m| (&*m.route, &*m.service));
             tracing::info!(
                 target: "gateway::access",
                 request_id = l.request_id.to_str().unwrap_or("-"),
-                trace_id = %TraceId(l.trace),
+                trace_id = %TraceId(l.trace.map(|t| t.trace_id)),
                 client_ip = l.client.to_str().unwrap_or("-"),
                 method = l.method.as_str(),
                 host = l.host.as_ref().and_then(|h| h.to_str().ok()).unwrap_or("-"),

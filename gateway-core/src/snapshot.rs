@@ -583,7 +583,7 @@ pub(crate) fn compile(
                 },
                 compiled_at: std::time::Instant::now(),
                 unmatched,
-                observe: clients.observe,
+                observe: clients.observe.clone(),
             })
         }
         _ => Err(ConfigError { source_name: None, problems: c.problems }),

@@ -426,3 +426,43 @@ async fn w3c_trace_context_reaches_the_upstream() {
     }
     gw.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_finish_hook_sees_each_request_with_the_trace_sent_upstream() {
+    use gateway_core::observe::TraceContext;
+    let up = echo_upstream().await;
+    let closed = closed_port().await;
+    type Seen = Vec<(u16, String, Option<TraceContext>, bool)>;
+    let seen: Arc<Mutex<Seen>> = Arc::default();
+    let mut observe = Observability::off();
+    let sink = seen.clone();
+    observe.on_finish = Some(Arc::new(move |r: &gateway_core::observe::RequestRecord<'_>| {
+        sink.lock().unwrap().push((r.status, r.route.to_string(), r.trace, r.complete));
+    }));
+    let gw = start_running(build(&config(up.addr, closed), observe), Default::default()).await;
+
+    // A new trace: sampled, since a hook exports it.
+    let echo = get(&gw.url("/echo/a")).await.echo();
+    let sent = echo.header("traceparent").unwrap().to_string();
+    // The client's trace, not sampled by the client: the flag is kept.
+    let client = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00";
+    let echo2 =
+        send(Request::get(gw.url("/echo/b")).header("traceparent", client).body(full("")).unwrap()).await.echo();
+    let sent2 = echo2.header("traceparent").unwrap().to_string();
+    assert_eq!(get(&gw.url("/limited")).await.status, 429);
+    gw.shutdown().await;
+
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen.len(), 3, "{seen:?}");
+    let (status, route, trace, complete) = &seen[0];
+    assert_eq!((*status, route.as_str(), *complete), (200, "echo-route", true));
+    let t = trace.expect("a trace for a proxied request");
+    assert_eq!(sent, format!("00-{:032x}-{:016x}-01", t.trace_id, t.span_id));
+    assert!(t.sampled && t.parent_span_id.is_none());
+    let t2 = seen[1].2.unwrap();
+    assert_eq!(t2.trace_id, 0x4bf92f3577b34da6a3ce929d0e0e4736);
+    assert_eq!(t2.parent_span_id, Some(0x00f067aa0ba902b7));
+    assert!(!t2.sampled);
+    assert_eq!(sent2, format!("00-4bf92f3577b34da6a3ce929d0e0e4736-{:016x}-00", t2.span_id));
+    assert_eq!((seen[2].0, seen[2].2), (429, None), "no upstream, no trace");
+}

@@ -23,6 +23,8 @@ use tokio::sync::mpsc;
 
 mod admin;
 mod echo;
+#[cfg(feature = "otel")]
+mod otel;
 
 #[derive(Parser, Debug)]
 #[command(name = "gateway", version, about = "An API gateway that serves Kong-format configs")]
@@ -116,6 +118,11 @@ struct ServeArgs {
     /// Add `X-Gateway-Upstream-Latency` and `X-Gateway-Proxy-Latency` (ms) to responses.
     #[arg(long)]
     latency_headers: bool,
+    /// Export a span per proxied request over OTLP/HTTP to this URL, e.g.
+    /// `http://127.0.0.1:4318/v1/traces` (builds with `--features otel` only).
+    #[cfg(feature = "otel")]
+    #[arg(long)]
+    otlp_endpoint: Option<String>,
     /// How long an idle upstream keep-alive connection is kept; an upstream's
     /// `keepalive_idle_timeout` (seconds) overrides it.
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
@@ -133,10 +140,11 @@ impl ServeArgs {
         }
     }
 
-    fn observability(&self) -> Observability {
+    fn observability(&self, on_finish: Option<gateway_core::observe::FinishHook>) -> Observability {
         let mut o = Observability::default();
         o.access_log = self.access_log;
         o.latency_headers = self.latency_headers;
+        o.on_finish = on_finish;
         o
     }
 
@@ -287,15 +295,37 @@ fn print_routes(gateway: &Gateway) {
 }
 
 async fn run(config_path: Option<PathBuf>, args: ServeArgs) -> ExitCode {
+    #[cfg(feature = "otel")]
+    let (hook, otel) = match args.otlp_endpoint.as_deref().map(otel::start).transpose() {
+        Ok(Some((hook, provider))) => (Some(hook), Some(provider)),
+        Ok(None) => (None, None),
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    #[cfg(not(feature = "otel"))]
+    let hook = None;
+    let observe = args.observability(hook);
+    let code = serve_until_stopped(config_path, args, observe).await;
+    #[cfg(feature = "otel")]
+    if let Some(provider) = otel {
+        // Exports what is still batched; the exporter blocks, so off the runtime's threads.
+        let _ = tokio::task::spawn_blocking(move || provider.shutdown()).await;
+    }
+    code
+}
+
+async fn serve_until_stopped(config_path: Option<PathBuf>, args: ServeArgs, observe: Observability) -> ExitCode {
     let gateway = match &config_path {
-        Some(path) => match load(path, &args.upstream(), args.observability()) {
+        Some(path) => match load(path, &args.upstream(), observe.clone()) {
             Ok(g) => g,
             Err(e) => {
                 eprintln!("{e}");
                 return ExitCode::FAILURE;
             }
         },
-        None => match demo_gateway(&args.upstream(), args.observability()).await {
+        None => match demo_gateway(&args.upstream(), observe).await {
             Ok(g) => g,
             Err(e) => {
                 eprintln!("demo: {e}");

@@ -38,7 +38,7 @@ use std::ops::ControlFlow;
 
 use crate::balance::{BalanceKey, KeyInput, Outcome, TargetRuntime};
 use crate::body::{GatewayBody, ProxyBody, ResponseBody};
-use crate::observe::{Exchange, LogLine, RouteMetrics};
+use crate::observe::{Exchange, LogLine, RouteMetrics, TraceContext};
 use crate::plugin::RequestContext;
 use crate::router::{RouteInput, split_host};
 use crate::snapshot::{ServiceRuntime, Snapshot};
@@ -195,16 +195,16 @@ static TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
 /// W3C Trace Context (<https://www.w3.org/TR/trace-context/>) on the upstream request: the
 /// client's trace continues with a new parent id for the gateway's hop (its flags and
 /// `tracestate` kept); a request without a valid `traceparent` starts a new trace (flags 00:
-/// the gateway records no span itself) and any `tracestate` is dropped, as the spec requires.
-/// Returns the trace id, for the access log.
-fn propagate_trace(h: &mut HeaderMap) -> u128 {
+/// unless a finish hook exports spans (`sample_new`)) and any `tracestate` is dropped, as the
+/// spec requires. Returns what was sent, for the access log and the hook.
+fn propagate_trace(h: &mut HeaderMap, sample_new: bool) -> TraceContext {
     let incoming = h.get(&TRACEPARENT).and_then(|v| parse_traceparent(v.as_bytes()));
     let (a, b) = random_pair();
-    let (trace, flags) = match incoming {
-        Some(found) => found,
+    let (trace, parent, flags) = match incoming {
+        Some((trace, parent, flags)) => (trace, Some(parent), flags),
         None => {
             h.remove(&TRACESTATE);
-            ((u128::from(a) << 64 | u128::from(b)).max(1), 0)
+            ((u128::from(a) << 64 | u128::from(b)).max(1), None, u8::from(sample_new))
         }
     };
     let span = (a ^ b.rotate_left(29)).max(1);
@@ -213,12 +213,12 @@ fn propagate_trace(h: &mut HeaderMap) -> u128 {
     hex_into(&mut out[36..52], &span.to_be_bytes());
     hex_into(&mut out[53..55], &[flags]);
     h.insert(TRACEPARENT.clone(), HeaderValue::from_bytes(&out).expect("hex is a valid header value"));
-    trace
+    TraceContext::new(trace, span, parent, flags & 1 == 1)
 }
 
-/// A valid `traceparent`'s trace id and flags (version 00, or a later version's first four
-/// fields); `None` for anything malformed, all-zero ids or version `ff`.
-fn parse_traceparent(v: &[u8]) -> Option<(u128, u8)> {
+/// A valid `traceparent`'s trace id, parent id and flags (version 00, or a later version's
+/// first four fields); `None` for anything malformed, all-zero ids or version `ff`.
+fn parse_traceparent(v: &[u8]) -> Option<(u128, u64, u8)> {
     fn hex(s: &[u8]) -> Option<u128> {
         if s.iter().all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(c)) {
             u128::from_str_radix(std::str::from_utf8(s).ok()?, 16).ok()
@@ -234,9 +234,9 @@ fn parse_traceparent(v: &[u8]) -> Option<(u128, u8)> {
         return None;
     }
     let trace = hex(&v[3..35]).filter(|t| *t != 0)?;
-    hex(&v[36..52]).filter(|p| *p != 0)?;
+    let parent = u64::try_from(hex(&v[36..52]).filter(|p| *p != 0)?).ok()?;
     let flags = u8::try_from(hex(&v[53..55])?).ok()?;
-    Some((trace, flags))
+    Some((trace, parent, flags))
 }
 
 /// Two fast, unpredictable-enough numbers (a per-thread splitmix64 stream seeded from the OS):
@@ -368,8 +368,8 @@ struct Facts {
     upstream: Option<Arc<str>>,
     upstream_latency: Option<Duration>,
     consumer: Option<Arc<str>>,
-    /// The W3C trace id sent upstream.
-    trace: Option<u128>,
+    /// The W3C trace context sent upstream.
+    trace: Option<TraceContext>,
 }
 
 /// Upstream-bound values computed from the request head before plugins run.
@@ -443,7 +443,9 @@ pub(crate) async fn handle(
     values: ConnValues,
 ) -> Response<GatewayBody> {
     let start = Instant::now();
-    let observe = snapshot.observe;
+    let (metrics_on, access_log, latency_headers) =
+        (snapshot.observe.metrics, snapshot.observe.access_log, snapshot.observe.latency_headers);
+    let hook = snapshot.observe.on_finish.clone();
     let grpc = req.headers().get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
     let bytes_in = req
         .headers()
@@ -453,7 +455,7 @@ pub(crate) async fn handle(
         .unwrap_or(0);
     // The access log's view of the request, taken before it moves on (only when logging).
     // Cheap copies (shared buffers, no allocation) of what the access log shows.
-    let seen = observe.access_log.then(|| {
+    let seen = (access_log || hook.is_some()).then(|| {
         let host = match req.uri().authority() {
             Some(a) => HeaderValue::from_str(a.as_str()).ok(),
             None => req.headers().get(header::HOST).cloned(),
@@ -468,7 +470,7 @@ pub(crate) async fn handle(
         resp = grpc_answer(resp).await;
     }
     let head = start.elapsed();
-    if observe.latency_headers {
+    if latency_headers {
         let ms = |d: Duration| HeaderValue::from(u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
         let h = resp.headers_mut();
         if let Some(up) = facts.upstream_latency {
@@ -476,7 +478,7 @@ pub(crate) async fn handle(
         }
         h.insert(X_PROXY_LATENCY.clone(), ms(head.saturating_sub(facts.upstream_latency.unwrap_or_default())));
     }
-    if !observe.metrics && !observe.access_log {
+    if !metrics_on && !access_log && hook.is_none() {
         return resp.map(|b| GatewayBody::new(b, None));
     }
     let log = seen.map(|(method, host, uri, client)| LogLine {
@@ -492,6 +494,9 @@ pub(crate) async fn handle(
     let exchange = Exchange {
         metrics: facts.metrics,
         log,
+        access_log,
+        count: metrics_on,
+        hook,
         start,
         head,
         upstream: facts.upstream_latency,
@@ -613,14 +618,17 @@ async fn handle_http(
         headers: &parts.headers,
     });
     let metrics_on = snapshot.observe.metrics;
+    let sample_new = snapshot.observe.on_finish.is_some();
+    // The route's counters also carry its names, which the access log and the hook show.
+    let named = metrics_on || snapshot.observe.access_log || sample_new;
     let Some(found) = found else {
-        if metrics_on {
+        if named {
             facts.metrics = Some(snapshot.unmatched.clone());
         }
         return error_response(StatusCode::NOT_FOUND, "no Route matched with those values", &request_id);
     };
     let route = &snapshot.routes[found.route];
-    if metrics_on {
+    if named {
         facts.metrics = Some(route.metrics.clone());
     }
 
@@ -696,7 +704,7 @@ async fn handle_http(
         let mut req = req;
         let cookie = attach_balance_key(service, &mut req, None, &values, path, route_regex.map(|r| &**r));
         let mut up = prepare(req, fwd, &conn, &values, &request_id, service.version);
-        facts.trace = Some(propagate_trace(up.headers_mut()));
+        facts.trace = Some(propagate_trace(up.headers_mut(), sample_new));
         let sent = Instant::now();
         let (mut resp, target) = call_upstream(service, route.preserve_host, up).await;
         facts.upstream_latency = Some(sent.elapsed());
@@ -743,7 +751,7 @@ async fn handle_http(
             let consumer_id = ctx.consumer.as_ref().map(|c| &*c.id);
             cookie = attach_balance_key(service, &mut req, consumer_id, &values, path, route_regex.map(|r| &**r));
             let mut up = prepare(req, fwd, &ctx.conn, &values, &request_id, service.version);
-            facts.trace = Some(propagate_trace(up.headers_mut()));
+            facts.trace = Some(propagate_trace(up.headers_mut(), sample_new));
             for slot in slots.iter() {
                 if let Some(p) = slot.pick(consumer(&ctx)) {
                     p.before_upstream(&mut ctx, &mut up);
