@@ -45,6 +45,9 @@ pub struct Observability {
     /// Called with every finished request (to export spans, say). While one is set, new
     /// traces the gateway starts are marked sampled in the `traceparent` it sends upstream.
     pub on_finish: Option<FinishHook>,
+    /// Also count requests per authenticated consumer (`gateway_consumer_requests_total`).
+    /// Off by default: the series grow with the number of consumers.
+    pub consumer_labels: bool,
 }
 
 /// See [`Observability::on_finish`].
@@ -57,20 +60,33 @@ impl std::fmt::Debug for Observability {
             .field("access_log", &self.access_log)
             .field("latency_headers", &self.latency_headers)
             .field("on_finish", &self.on_finish.as_ref().map(|_| "hook"))
+            .field("consumer_labels", &self.consumer_labels)
             .finish()
     }
 }
 
 impl Default for Observability {
     fn default() -> Self {
-        Observability { metrics: true, access_log: true, latency_headers: false, on_finish: None }
+        Observability {
+            metrics: true,
+            access_log: true,
+            latency_headers: false,
+            on_finish: None,
+            consumer_labels: false,
+        }
     }
 }
 
 impl Observability {
     /// Nothing recorded: no metrics, no access log, no headers.
     pub fn off() -> Self {
-        Observability { metrics: false, access_log: false, latency_headers: false, on_finish: None }
+        Observability {
+            metrics: false,
+            access_log: false,
+            latency_headers: false,
+            on_finish: None,
+            consumer_labels: false,
+        }
     }
 }
 
@@ -192,15 +208,37 @@ impl RouteMetrics {
     }
 }
 
-/// The metrics of each route and service, kept across reloads for entities that stay (so
-/// counters keep counting).
+/// Requests of one consumer, by status class ([`Observability::consumer_labels`]).
+#[derive(Debug)]
+pub(crate) struct ConsumerMetrics {
+    name: Arc<str>,
+    classes: [AtomicU64; 5],
+}
+
+/// The metrics of each route, service and consumer, kept across reloads for entities that
+/// stay (so counters keep counting).
 #[derive(Debug, Default)]
 pub(crate) struct MetricsStore {
     routes: HashMap<(Arc<str>, Arc<str>), Arc<RouteMetrics>>,
     services: HashMap<Arc<str>, Arc<ServiceMetrics>>,
+    consumers: HashMap<Arc<str>, Arc<ConsumerMetrics>>,
 }
 
 impl MetricsStore {
+    /// The counters of consumer `name` in the config being compiled, reusing the current ones.
+    pub(crate) fn consumer(&self, fresh: &mut MetricsStore, name: &str) -> Arc<ConsumerMetrics> {
+        if let Some(m) = fresh.consumers.get(name) {
+            return m.clone();
+        }
+        let m = self
+            .consumers
+            .get(name)
+            .cloned()
+            .unwrap_or_else(|| Arc::new(ConsumerMetrics { name: name.into(), classes: Default::default() }));
+        fresh.consumers.insert(name.into(), m.clone());
+        m
+    }
+
     /// The metrics of `route` on `service` in the config being compiled (`fresh`), reusing
     /// the current ones.
     pub(crate) fn route(&self, fresh: &mut MetricsStore, route: &Arc<str>, service: &Arc<str>) -> Arc<RouteMetrics> {
@@ -267,6 +305,8 @@ pub(crate) struct Exchange {
     pub(crate) hook: Option<FinishHook>,
     /// Whether to count the request in `metrics` (which also names the route).
     pub(crate) count: bool,
+    /// The authenticated consumer's counters, when counted per consumer.
+    pub(crate) consumer: Option<Arc<ConsumerMetrics>>,
     pub(crate) start: Instant,
     /// Until the response head.
     pub(crate) head: Duration,
@@ -280,8 +320,11 @@ impl Exchange {
     /// Records the request; `complete` is false when the client went away mid-body.
     pub(crate) fn finish(&self, complete: bool) {
         let total = self.start.elapsed();
+        let class = usize::from(self.status / 100).clamp(1, 5) - 1;
+        if let Some(c) = &self.consumer {
+            c.classes[class].fetch_add(1, Ordering::Relaxed);
+        }
         if let Some(m) = self.metrics.as_ref().filter(|_| self.count) {
-            let class = usize::from(self.status / 100).clamp(1, 5) - 1;
             m.classes[class].fetch_add(1, Ordering::Relaxed);
             let svc = &m.svc;
             svc.total.observe(total);
@@ -435,6 +478,18 @@ impl Collector for GatewayCollector {
                 CLASSES.iter().zip(&r.classes).filter_map(move |(c, n)| {
                     let n = n.load(Ordering::Relaxed);
                     (n > 0).then(|| ([("route", &*r.route), ("service", &*r.service), ("code", *c)], n as f64))
+                })
+            }),
+        )?;
+        family(
+            &mut enc,
+            "gateway_consumer_requests",
+            "Requests by authenticated consumer and status class (when enabled).",
+            MetricType::Counter,
+            snap.consumer_metrics.iter().flat_map(|c| {
+                CLASSES.iter().zip(&c.classes).filter_map(move |(class, n)| {
+                    let n = n.load(Ordering::Relaxed);
+                    (n > 0).then(|| ([("consumer", &*c.name), ("code", *class)], n as f64))
                 })
             }),
         )?;

@@ -18,7 +18,7 @@ use crate::config::{
     Route, RouteProtocol, Service, ServiceProtocol, Upstream, unsupported_fields,
 };
 use crate::dns::{Dns, DnsEntry};
-use crate::observe::{MetricsStore, Observability, RouteMetrics};
+use crate::observe::{ConsumerMetrics, MetricsStore, Observability, RouteMetrics};
 use crate::plugin::{PluginRegistry, UpstreamService};
 use crate::proxy::UpstreamCall;
 use crate::proxy::client::{ClientKey, Pool, Timeouts, UpstreamClient, build_client};
@@ -39,6 +39,8 @@ pub(crate) struct Snapshot {
     pub(crate) compiled_at: std::time::Instant,
     /// Counters of requests no route matched.
     pub(crate) unmatched: Arc<RouteMetrics>,
+    /// Per consumer index, when requests are counted per consumer.
+    pub(crate) consumer_metrics: Box<[Arc<ConsumerMetrics>]>,
     pub(crate) observe: Observability,
 }
 
@@ -567,6 +569,15 @@ pub(crate) fn compile(
             clients.clients = fresh_clients;
             clients.dns.install(std::mem::take(&mut c.dns_names), c.longest_idle);
             let unmatched = clients.metrics.route(&mut fresh_metrics, &Arc::from(""), &Arc::from(""));
+            let consumer_metrics: Box<[Arc<ConsumerMetrics>]> = if clients.observe.consumer_labels {
+                let mut named = |i: usize, c: &crate::config::Consumer| {
+                    let name = c.username.clone().or_else(|| c.id.clone()).or_else(|| c.custom_id.clone());
+                    clients.metrics.consumer(&mut fresh_metrics, &name.unwrap_or_else(|| format!("consumers[{i}]")))
+                };
+                config.consumers.iter().enumerate().map(|(i, c)| named(i, c)).collect()
+            } else {
+                Box::default()
+            };
             clients.metrics = fresh_metrics;
             for (_, g) in fresh_health.groups.values() {
                 g.ensure_started();
@@ -583,6 +594,7 @@ pub(crate) fn compile(
                 },
                 compiled_at: std::time::Instant::now(),
                 unmatched,
+                consumer_metrics,
                 observe: clients.observe.clone(),
             })
         }

@@ -466,3 +466,46 @@ async fn a_finish_hook_sees_each_request_with_the_trace_sent_upstream() {
     assert_eq!(sent2, format!("00-4bf92f3577b34da6a3ce929d0e0e4736-{:016x}-00", t2.span_id));
     assert_eq!((seen[2].0, seen[2].2), (429, None), "no upstream, no trace");
 }
+
+/// Authenticates every request as the config's first consumer.
+struct AsFirstConsumer(Arc<gateway_core::plugin::ConsumerInfo>);
+impl Plugin for AsFirstConsumer {
+    fn access(&self, ctx: &mut RequestContext, _req: &mut Request<ProxyBody>) -> ControlFlow<Answer> {
+        ctx.consumer = Some(self.0.clone());
+        ControlFlow::Continue(())
+    }
+}
+
+#[tokio::test]
+async fn consumer_labels_only_when_enabled() {
+    let up = echo_upstream().await;
+    let yaml = format!(
+        r#"_format_version: "3.0"
+consumers: [{{username: alice}}, {{username: bob}}]
+services:
+- name: s
+  url: http://{}
+  routes: [{{name: r, paths: ["/"], plugins: [{{name: as-first-consumer}}]}}]
+"#,
+        up.addr
+    );
+    for enabled in [false, true] {
+        let mut registry = registry();
+        registry.register(typed_factory("as-first-consumer", 1000, |_: serde_json::Value, ctx| {
+            Ok(AsFirstConsumer(ctx.consumers()[0].clone()))
+        }));
+        let mut observe = Observability::default();
+        observe.consumer_labels = enabled;
+        let gateway =
+            Gateway::builder().plugins(registry).observability(observe).build(&Config::parse(&yaml).unwrap()).unwrap();
+        let gw = start_running(gateway, Default::default()).await;
+        for _ in 0..2 {
+            assert_eq!(get(&gw.url("/x")).await.status, 200);
+        }
+        let (_, m) = scrape(&gw.gateway.admin(AdminSettings::default())).await;
+        let alice = sample(&m, "gateway_consumer_requests_total", &[("consumer", "alice"), ("code", "2xx")]);
+        assert_eq!(alice, enabled.then_some(2.0), "enabled: {enabled}");
+        assert!(m.keys().all(|(_, l)| l.get("consumer").is_none_or(|c| c == "alice")), "no series for bob");
+        gw.shutdown().await;
+    }
+}

@@ -118,6 +118,10 @@ struct ServeArgs {
     /// Add `X-Gateway-Upstream-Latency` and `X-Gateway-Proxy-Latency` (ms) to responses.
     #[arg(long)]
     latency_headers: bool,
+    /// Also count requests per authenticated consumer on /metrics (series grow with the
+    /// number of consumers).
+    #[arg(long)]
+    metrics_consumer_labels: bool,
     /// Export a span per proxied request over OTLP/HTTP to this URL, e.g.
     /// `http://127.0.0.1:4318/v1/traces` (builds with `--features otel` only).
     #[cfg(feature = "otel")]
@@ -144,6 +148,7 @@ impl ServeArgs {
         let mut o = Observability::default();
         o.access_log = self.access_log;
         o.latency_headers = self.latency_headers;
+        o.consumer_labels = self.metrics_consumer_labels;
         o.on_finish = on_finish;
         o
     }

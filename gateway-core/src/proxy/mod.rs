@@ -38,7 +38,7 @@ use std::ops::ControlFlow;
 
 use crate::balance::{BalanceKey, KeyInput, Outcome, TargetRuntime};
 use crate::body::{GatewayBody, ProxyBody, ResponseBody};
-use crate::observe::{Exchange, LogLine, RouteMetrics, TraceContext};
+use crate::observe::{ConsumerMetrics, Exchange, LogLine, RouteMetrics, TraceContext};
 use crate::plugin::RequestContext;
 use crate::router::{RouteInput, split_host};
 use crate::snapshot::{ServiceRuntime, Snapshot};
@@ -370,6 +370,7 @@ struct Facts {
     consumer: Option<Arc<str>>,
     /// The W3C trace context sent upstream.
     trace: Option<TraceContext>,
+    consumer_metrics: Option<Arc<ConsumerMetrics>>,
 }
 
 /// Upstream-bound values computed from the request head before plugins run.
@@ -496,6 +497,7 @@ pub(crate) async fn handle(
         log,
         access_log,
         count: metrics_on,
+        consumer: facts.consumer_metrics.filter(|_| metrics_on),
         hook,
         start,
         head,
@@ -790,6 +792,9 @@ async fn handle_http(
         }
     }
     facts.consumer = ctx.consumer.as_ref().map(|c| c.username.clone().unwrap_or_else(|| c.id.clone()));
+    if let Some(c) = &ctx.consumer {
+        facts.consumer_metrics = snapshot.consumer_metrics.get(c.index).cloned();
+    }
     resp
 }
 
