@@ -357,20 +357,23 @@ pub(crate) struct Balancer {
     checks: Option<Arc<HealthGroup>>,
 }
 
-/// A request in flight to a target (least-connections and latency count them).
-pub(crate) struct InFlight<'a> {
-    state: &'a TargetState,
+/// A request in flight to a target (least-connections and latency count them), from the
+/// upstream call until the response body has been sent (the guard travels with the response
+/// to the gateway's body, in an `Arc` in the response's extensions).
+#[derive(Debug)]
+pub(crate) struct InFlight {
+    state: Arc<TargetState>,
     started: Instant,
 }
 
-impl InFlight<'_> {
+impl InFlight {
     /// The response head arrived: record the latency.
-    pub(crate) fn answered(self) {
+    pub(crate) fn answered(&self) {
         self.state.observe_latency(self.started.elapsed());
     }
 }
 
-impl Drop for InFlight<'_> {
+impl Drop for InFlight {
     fn drop(&mut self) {
         self.state.inflight.fetch_sub(1, Ordering::Relaxed);
     }
@@ -497,10 +500,10 @@ impl Balancer {
     }
 
     /// Starts counting a request to `target` when the algorithm needs in-flight counts.
-    pub(crate) fn begin<'a>(&self, target: &'a TargetRuntime) -> Option<InFlight<'a>> {
+    pub(crate) fn begin(&self, target: &TargetRuntime) -> Option<InFlight> {
         matches!(self.algo, Algo::LeastConnections | Algo::Latency).then(|| {
             target.state.inflight.fetch_add(1, Ordering::Relaxed);
-            InFlight { state: &target.state, started: Instant::now() }
+            InFlight { state: target.state.clone(), started: Instant::now() }
         })
     }
 

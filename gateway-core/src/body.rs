@@ -303,6 +303,8 @@ impl Body for ResponseBody {
 pub struct GatewayBody {
     inner: ResponseBody,
     exchange: Option<crate::observe::Exchange>,
+    /// Counts the request as in flight to its target until the body is gone.
+    _in_flight: Option<std::sync::Arc<crate::balance::InFlight>>,
 }
 
 impl std::fmt::Debug for GatewayBody {
@@ -312,8 +314,12 @@ impl std::fmt::Debug for GatewayBody {
 }
 
 impl GatewayBody {
-    pub(crate) fn new(inner: ResponseBody, exchange: Option<crate::observe::Exchange>) -> Self {
-        GatewayBody { inner, exchange }
+    pub(crate) fn new(
+        inner: ResponseBody,
+        exchange: Option<crate::observe::Exchange>,
+        in_flight: Option<std::sync::Arc<crate::balance::InFlight>>,
+    ) -> Self {
+        GatewayBody { inner, exchange, _in_flight: in_flight }
     }
 
     /// Collects the whole body (for tests and small bodies).

@@ -105,6 +105,53 @@ async fn least_connections_avoids_the_busy_target() {
     assert!(!counts.contains_key(&busy), "the target with a request in flight got none: {counts:?}, busy {busy}");
 }
 
+/// An upstream that answers `/stream` with its head at once and the rest of the body 1.5 s
+/// later, anything else at once; `x-upstream` names it.
+async fn streaming_upstream() -> Upstream {
+    upstream_with(Arc::new(|req: Request<Incoming>, addr: SocketAddr, _| {
+        Box::pin(async move {
+            let body = if req.uri().path() == "/stream" {
+                let (tx, rx) = tokio::sync::mpsc::channel::<Result<http_body::Frame<bytes::Bytes>, BoxError>>(2);
+                tokio::spawn(async move {
+                    let _ = tx.send(Ok(http_body::Frame::data(bytes::Bytes::from_static(b"first ")))).await;
+                    tokio::time::sleep(Duration::from_millis(1500)).await;
+                    let _ = tx.send(Ok(http_body::Frame::data(bytes::Bytes::from_static(b"last")))).await;
+                });
+                http_body_util::BodyExt::boxed_unsync(http_body_util::StreamBody::new(tokio_stream_from(rx)))
+            } else {
+                full("quick")
+            };
+            Response::builder().header("x-upstream", addr.to_string()).body(body).unwrap()
+        })
+    }))
+    .await
+}
+
+/// An mpsc receiver as a stream (without a tokio-stream dependency).
+fn tokio_stream_from<T: Send + 'static>(
+    mut rx: tokio::sync::mpsc::Receiver<T>,
+) -> impl futures_util::Stream<Item = T> + Send + 'static {
+    futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+#[tokio::test]
+async fn least_connections_counts_a_request_until_its_body_is_sent() {
+    let ups = [streaming_upstream().await, streaming_upstream().await];
+    let gw =
+        start_gateway(&upstream_config(&[(ups[0].addr, 100), (ups[1].addr, 100)], "  algorithm: least-connections"))
+            .await;
+    // A response whose head has arrived but whose body is still streaming.
+    let resp = client().request(Request::get(gw.url("/stream")).body(full("")).unwrap()).await.unwrap();
+    let busy = resp.headers()["x-upstream"].to_str().unwrap().to_string();
+    let counts = tally(&gw.url("/quick"), 6, &[]).await;
+    assert!(!counts.contains_key(&busy), "the target still sending a body got requests: {counts:?}, busy {busy}");
+    let body = http_body_util::BodyExt::collect(resp.into_body()).await.unwrap().to_bytes();
+    assert_eq!(&body[..], b"first last");
+    // Once the body is sent the target counts as idle again and takes its share.
+    let counts = tally(&gw.url("/quick"), 6, &[]).await;
+    assert_eq!(counts.len(), 2, "{counts:?}");
+}
+
 #[tokio::test]
 async fn latency_prefers_the_fast_target() {
     let fast = status_upstream(Arc::new(AtomicU16::new(200)), Duration::ZERO).await;

@@ -36,7 +36,7 @@ use hyper_util::client::legacy::connect::capture_connection;
 
 use std::ops::ControlFlow;
 
-use crate::balance::{BalanceKey, KeyInput, Outcome, TargetRuntime};
+use crate::balance::{BalanceKey, InFlight, KeyInput, Outcome, TargetRuntime};
 use crate::body::{GatewayBody, ProxyBody, ResponseBody};
 use crate::observe::{ConsumerMetrics, Exchange, LogLine, RouteMetrics, TraceContext};
 use crate::plugin::RequestContext;
@@ -479,8 +479,9 @@ pub(crate) async fn handle(
         }
         h.insert(X_PROXY_LATENCY.clone(), ms(head.saturating_sub(facts.upstream_latency.unwrap_or_default())));
     }
+    let in_flight = resp.extensions_mut().remove::<Arc<InFlight>>();
     if !metrics_on && !access_log && hook.is_none() {
-        return resp.map(|b| GatewayBody::new(b, None));
+        return resp.map(|b| GatewayBody::new(b, None, in_flight));
     }
     let log = seen.map(|(method, host, uri, client)| LogLine {
         request_id: resp.headers().get(&X_REQUEST_ID).cloned().unwrap_or_else(|| HeaderValue::from_static("-")),
@@ -506,7 +507,7 @@ pub(crate) async fn handle(
         bytes_in,
         bytes_out: 0,
     };
-    resp.map(|b| GatewayBody::new(b, Some(exchange)))
+    resp.map(|b| GatewayBody::new(b, Some(exchange), in_flight))
 }
 
 /// Kong's `X-Kong-Upstream-Latency`, under this gateway's name (milliseconds).
@@ -1078,9 +1079,11 @@ async fn send_with_retries(
         let capture = target.dns.as_ref().filter(|e| e.retiring()).map(|_| capture_connection(&mut req));
         let in_flight = service.balancer.begin(target);
         match service.client.request(req).await {
-            Ok(resp) => {
+            Ok(mut resp) => {
                 if let Some(f) = in_flight {
                     f.answered();
+                    // Still in flight until the body is sent: `GatewayBody` holds it.
+                    resp.extensions_mut().insert(Arc::new(f));
                 }
                 if let (Some(capture), Some(entry)) = (capture, &target.dns)
                     && let Some(info) = resp.extensions().get::<HttpInfo>()
