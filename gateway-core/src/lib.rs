@@ -96,6 +96,28 @@
 //! assert!(err.to_string().contains("must start with `/`"));
 //! assert_eq!(gateway.routes().len(), 0); // the old snapshot keeps serving
 //! ```
+//!
+//! # Observe it
+//!
+//! Metrics (Prometheus), the access log and latency headers are set with
+//! [`GatewayBuilder::observability`]; [`Gateway::admin`] is the read-only admin API with
+//! `/metrics`, `/status` and the entities (see [`observe`] and [`admin`]).
+//!
+//! ```
+//! use gateway_core::{Gateway, Observability, admin::AdminSettings, config::Config};
+//! use tower::ServiceExt;
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() {
+//! let mut observe = Observability::default();
+//! observe.latency_headers = true;
+//! let config = Config::from_yaml("_format_version: \"3.0\"\n").unwrap();
+//! let gateway = Gateway::builder().observability(observe).build(&config).unwrap();
+//! let admin = gateway.admin(AdminSettings::with_token("s3cret"));
+//! let scrape = http::Request::get("/metrics").header("authorization", "Bearer s3cret").body(String::new()).unwrap();
+//! let metrics = admin.oneshot(scrape).await.unwrap();
+//! assert_eq!(metrics.status(), 200);
+//! # }
+//! ```
 
 pub mod admin;
 mod balance;
@@ -146,6 +168,8 @@ pub(crate) struct Shared {
     /// `/readyz`: set by the embedder (the Kubernetes mode, until its caches are synced).
     pub(crate) ready: AtomicBool,
     pub(crate) started: Instant,
+    /// Source objects the config source refused, for `/metrics` ([`Gateway::set_rejected`]).
+    pub(crate) rejected: ArcSwap<Vec<observe::Rejected>>,
 }
 
 /// Counters the server and the admin API share.
@@ -252,6 +276,7 @@ impl GatewayBuilder {
                 stats: Stats::default(),
                 ready: AtomicBool::new(true),
                 started: Instant::now(),
+                rejected: ArcSwap::default(),
             }),
         })
     }
@@ -350,6 +375,13 @@ impl Gateway {
     /// a Kubernetes mode clears it until its caches are synced).
     pub fn set_ready(&self, ready: bool) {
         self.shared.ready.store(ready, Ordering::Relaxed);
+    }
+
+    /// Reports the source objects the last translation refused (Kubernetes objects with a bad
+    /// annotation, a missing Secret, ...), counted by kind and reason, for the
+    /// `gateway_source_objects_rejected` gauge on `/metrics`. Replaces the previous report.
+    pub fn set_rejected(&self, rejected: Vec<observe::Rejected>) {
+        self.shared.rejected.store(Arc::new(rejected));
     }
 
     /// Serves on `listeners` until `shutdown` resolves, then drains gracefully.

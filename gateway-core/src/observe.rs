@@ -412,6 +412,20 @@ impl MetricsExport {
     }
 }
 
+/// Source objects of one kind refused for one reason ([`Gateway::set_rejected`]).
+///
+/// [`Gateway::set_rejected`]: crate::Gateway::set_rejected
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejected {
+    /// The object kind, e.g. `Ingress` or `KongPlugin`.
+    pub kind: String,
+    /// A short, bounded reason, e.g. `unknown plugin` or `missing secret` (not a message
+    /// with names in it: it is a label).
+    pub reason: String,
+    /// How many objects.
+    pub count: u64,
+}
+
 /// Reads the current snapshot and counters at scrape time.
 pub(crate) struct GatewayCollector {
     pub(crate) shared: Arc<Shared>,
@@ -582,6 +596,14 @@ impl Collector for GatewayCollector {
                 ([("result", "success")], stats.reloads_ok.load(Ordering::Relaxed) as f64),
                 ([("result", "failure")], stats.reloads_failed.load(Ordering::Relaxed) as f64),
             ],
+        )?;
+        let rejected = self.shared.rejected.load();
+        family(
+            &mut enc,
+            "gateway_source_objects_rejected",
+            "Source objects (Kubernetes resources) the last translation refused, by kind and reason.",
+            MetricType::Gauge,
+            rejected.iter().map(|r| ([("kind", r.kind.as_str()), ("reason", r.reason.as_str())], r.count as f64)),
         )?;
         family(
             &mut enc,

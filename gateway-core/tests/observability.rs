@@ -509,3 +509,24 @@ services:
         gw.shutdown().await;
     }
 }
+
+#[tokio::test]
+async fn rejected_source_objects_are_a_gauge() {
+    let gateway = Gateway::from_yaml("_format_version: \"3.0\"\n").unwrap();
+    let admin = gateway.admin(AdminSettings::default());
+    let (_, m) = scrape(&admin).await;
+    assert!(m.keys().all(|(n, _)| n != "gateway_source_objects_rejected"));
+    gateway.set_rejected(vec![gateway_core::observe::Rejected {
+        kind: "Ingress".into(),
+        reason: "unknown plugin".into(),
+        count: 2,
+    }]);
+    let (_, m) = scrape(&admin).await;
+    assert_eq!(
+        sample(&m, "gateway_source_objects_rejected", &[("kind", "Ingress"), ("reason", "unknown plugin")]),
+        Some(2.0)
+    );
+    gateway.set_rejected(Vec::new());
+    let (_, m) = scrape(&admin).await;
+    assert!(m.keys().all(|(n, _)| n != "gateway_source_objects_rejected"), "a new report replaces the old");
+}
