@@ -363,13 +363,16 @@ pub(crate) struct Balancer {
 #[derive(Debug)]
 pub(crate) struct InFlight {
     state: Arc<TargetState>,
-    started: Instant,
+    /// Set for the latency algorithm only: least-connections reads no latency.
+    started: Option<Instant>,
 }
 
 impl InFlight {
-    /// The response head arrived: record the latency.
+    /// The response head arrived: record the latency (latency algorithm).
     pub(crate) fn answered(&self) {
-        self.state.observe_latency(self.started.elapsed());
+        if let Some(started) = self.started {
+            self.state.observe_latency(started.elapsed());
+        }
     }
 }
 
@@ -503,7 +506,7 @@ impl Balancer {
     pub(crate) fn begin(&self, target: &TargetRuntime) -> Option<InFlight> {
         matches!(self.algo, Algo::LeastConnections | Algo::Latency).then(|| {
             target.state.inflight.fetch_add(1, Ordering::Relaxed);
-            InFlight { state: target.state.clone(), started: Instant::now() }
+            InFlight { state: target.state.clone(), started: matches!(self.algo, Algo::Latency).then(Instant::now) }
         })
     }
 
@@ -608,8 +611,33 @@ pub(crate) fn hash_spec(up: &crate::config::Upstream) -> Result<HashSpec, String
 pub(crate) struct HealthGroup {
     upstream: Arc<str>,
     config: ActiveHealthcheck,
+    /// `http_path` and `headers`, parsed once (the compile reported any that do not parse).
+    path: http::uri::PathAndQuery,
+    headers: http::HeaderMap,
     targets: Vec<(Authority, HeaderValue, Arc<str>, Arc<TargetState>)>,
     started: AtomicBool,
+}
+
+/// The probe request's path and headers from an active check's config, or what is wrong.
+pub(crate) fn probe_request(a: &ActiveHealthcheck) -> Result<(http::uri::PathAndQuery, http::HeaderMap), String> {
+    if !a.http_path.starts_with('/') {
+        return Err(format!("`healthchecks.active.http_path` must start with `/`, got `{}`", a.http_path));
+    }
+    let path = a
+        .http_path
+        .parse()
+        .map_err(|e| format!("`healthchecks.active.http_path` `{}` is not a valid path: {e}", a.http_path))?;
+    let mut headers = http::HeaderMap::new();
+    for (name, values) in &a.headers {
+        let name = http::HeaderName::from_bytes(name.as_bytes())
+            .map_err(|_| format!("`healthchecks.active.headers`: `{name}` is not a header name"))?;
+        for v in values {
+            let value = HeaderValue::from_str(v)
+                .map_err(|_| format!("`healthchecks.active.headers.{name}`: `{v}` is not a header value"))?;
+            headers.append(name.clone(), value);
+        }
+    }
+    Ok((path, headers))
 }
 
 impl HealthGroup {
@@ -620,14 +648,18 @@ impl HealthGroup {
         targets: Vec<(Authority, HeaderValue, Arc<str>, Arc<TargetState>)>,
     ) -> Option<Arc<Self>> {
         let a = &checks.active;
-        (a.healthy.interval > 0.0 || a.unhealthy.interval > 0.0).then(|| {
-            Arc::new(HealthGroup {
-                upstream: upstream.into(),
-                config: a.clone(),
-                targets,
-                started: AtomicBool::new(false),
-            })
-        })
+        if a.healthy.interval <= 0.0 && a.unhealthy.interval <= 0.0 {
+            return None;
+        }
+        let (path, headers) = probe_request(a).ok()?;
+        Some(Arc::new(HealthGroup {
+            upstream: upstream.into(),
+            config: a.clone(),
+            path,
+            headers,
+            targets,
+            started: AtomicBool::new(false),
+        }))
     }
 
     /// Starts probing, once, when a tokio runtime is at hand (else the server starts it).
@@ -685,7 +717,7 @@ async fn probe_loop(group: Weak<HealthGroup>) {
             let (client, scheme, g2) = (client.clone(), scheme.clone(), g.clone());
             let (authority, host, label, state) = (authority.clone(), host.clone(), label.clone(), state.clone());
             probes.push(async move {
-                let outcome = probe(&g2.config, &client, scheme, &authority, &host).await;
+                let outcome = probe(&g2, &client, scheme, &authority, &host).await;
                 tracing::debug!(target: "gateway::health", upstream = &*g2.upstream, upstream_target = &*label, ?outcome, "probe");
                 if let Some(outcome) = outcome {
                     state.record(outcome, &thresholds, &label, "active");
@@ -694,14 +726,7 @@ async fn probe_loop(group: Weak<HealthGroup>) {
         }
         let concurrency = g.config.concurrency.max(1) as usize;
         drop(g);
-        let mut probes = probes.into_iter();
-        loop {
-            let batch: Vec<_> = probes.by_ref().take(concurrency).collect();
-            if batch.is_empty() {
-                break;
-            }
-            futures_util::future::join_all(batch).await;
-        }
+        futures_util::StreamExt::for_each_concurrent(futures_util::stream::iter(probes), concurrency, |p| p).await;
     }
 }
 
@@ -712,12 +737,13 @@ type ProbeClient = hyper_util::client::legacy::Client<
 
 /// One probe; `None` when the status is in neither list (it counts for nothing, as in Kong).
 async fn probe(
-    c: &ActiveHealthcheck,
+    g: &HealthGroup,
     client: &ProbeClient,
     scheme: Scheme,
     authority: &Authority,
     host: &HeaderValue,
 ) -> Option<Outcome> {
+    let c = &g.config;
     let timeout = Duration::from_secs_f64(c.timeout.max(0.001));
     if c.kind == "tcp" {
         return Some(match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(authority.as_str())).await {
@@ -726,16 +752,12 @@ async fn probe(
             Err(_) => Outcome::Timeout,
         });
     }
-    let uri =
-        http::Uri::builder().scheme(scheme).authority(authority.clone()).path_and_query(c.http_path.as_str()).build();
+    let uri = http::Uri::builder().scheme(scheme).authority(authority.clone()).path_and_query(g.path.clone()).build();
     let Ok(uri) = uri else { return Some(Outcome::TcpFailure) };
-    let mut req = http::Request::get(uri).header(http::header::HOST, host.clone());
-    for (name, values) in &c.headers {
-        for v in values {
-            req = req.header(name.as_str(), v.as_str());
-        }
-    }
-    let Ok(req) = req.body(http_body_util::Empty::new()) else { return Some(Outcome::TcpFailure) };
+    let mut req = http::Request::new(http_body_util::Empty::new());
+    *req.uri_mut() = uri;
+    *req.headers_mut() = g.headers.clone();
+    req.headers_mut().insert(http::header::HOST, host.clone());
     match tokio::time::timeout(timeout, client.request(req)).await {
         Err(_) => Some(Outcome::Timeout),
         Ok(Err(_)) => Some(Outcome::TcpFailure),

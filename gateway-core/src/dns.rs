@@ -174,11 +174,8 @@ impl Dns {
 
 fn build_resolver(nameservers: &[SocketAddr]) -> Result<TokioResolver, String> {
     let system = hickory_resolver::system_conf::read_system_conf();
-    let mut builder = if nameservers.is_empty() {
-        let (config, opts) = system.map_err(|e| format!("cannot read the system DNS configuration: {e}"))?;
-        let mut b = TokioResolver::builder_with_config(config, TokioRuntimeProvider::default());
-        *b.options_mut() = opts;
-        b
+    let (config, opts) = if nameservers.is_empty() {
+        system.map_err(|e| format!("cannot read the system DNS configuration: {e}"))?
     } else {
         // Configured nameservers replace the system's; its search domains and options stay.
         let servers = nameservers
@@ -191,17 +188,16 @@ fn build_resolver(nameservers: &[SocketAddr]) -> Result<TokioResolver, String> {
                 ns
             })
             .collect();
-        let (config, opts) = match system {
+        match system {
             Ok((config, opts)) => {
                 let (domain, search, _) = config.into_parts();
                 (ResolverConfig::from_parts(domain, search, servers), opts)
             }
             Err(_) => (ResolverConfig::from_name_servers(servers), Default::default()),
-        };
-        let mut b = TokioResolver::builder_with_config(config, TokioRuntimeProvider::default());
-        *b.options_mut() = opts;
-        b
+        }
     };
+    let mut builder = TokioResolver::builder_with_config(config, TokioRuntimeProvider::default());
+    *builder.options_mut() = opts;
     builder.options_mut().timeout = Duration::from_secs(2);
     builder.build().map_err(|e| format!("cannot start the DNS resolver: {e}"))
 }

@@ -275,6 +275,7 @@ pub(crate) struct LogLine {
     /// The client's address, as text.
     pub(crate) client: HeaderValue,
     pub(crate) method: Method,
+    /// The `Host` header; the URI's authority (HTTP/2) wins, see [`LogLine::host`].
     pub(crate) host: Option<HeaderValue>,
     /// Logged without its query string: queries may carry credentials (key-auth).
     pub(crate) uri: http::Uri,
@@ -282,6 +283,13 @@ pub(crate) struct LogLine {
     pub(crate) consumer: Option<Arc<str>>,
     /// The W3C trace context sent upstream (none when no upstream was called).
     pub(crate) trace: Option<TraceContext>,
+}
+
+impl LogLine {
+    /// The request's host: the URI's authority (HTTP/2, absolute-form), else `Host`.
+    fn host(&self) -> Option<&str> {
+        self.uri.authority().map(|a| a.as_str()).or_else(|| self.host.as_ref().and_then(|h| h.to_str().ok()))
+    }
 }
 
 /// A trace id as the access log shows it: 32 hex digits, or `-`.
@@ -337,14 +345,14 @@ impl Exchange {
             svc.bytes_in.fetch_add(self.bytes_in, Ordering::Relaxed);
             svc.bytes_out.fetch_add(self.bytes_out, Ordering::Relaxed);
         }
+        let (route, service) = self.metrics.as_ref().map_or(("", ""), |m| (&*m.route, &*m.service));
         if let (Some(l), Some(hook)) = (&self.log, &self.hook) {
-            let (route, service) = self.metrics.as_ref().map_or(("", ""), |m| (&*m.route, &*m.service));
             hook(&RequestRecord {
                 started: std::time::SystemTime::now() - total,
                 duration: total,
                 upstream_latency: self.upstream,
                 method: l.method.as_str(),
-                host: l.host.as_ref().and_then(|h| h.to_str().ok()).unwrap_or(""),
+                host: l.host().unwrap_or(""),
                 path: l.uri.path(),
                 status: self.status,
                 route,
@@ -356,14 +364,13 @@ impl Exchange {
             });
         }
         if let Some(l) = self.log.as_ref().filter(|_| self.access_log) {
-            let (route, service) = self.metrics.as_ref().map_or(("", ""), |m| (&*m.route, &*m.service));
             tracing::info!(
                 target: "gateway::access",
                 request_id = l.request_id.to_str().unwrap_or("-"),
                 trace_id = %TraceId(l.trace.map(|t| t.trace_id)),
                 client_ip = l.client.to_str().unwrap_or("-"),
                 method = l.method.as_str(),
-                host = l.host.as_ref().and_then(|h| h.to_str().ok()).unwrap_or("-"),
+                host = l.host().unwrap_or("-"),
                 path = l.uri.path(),
                 status = self.status,
                 route = if route.is_empty() { "-" } else { route },

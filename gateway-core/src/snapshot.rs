@@ -349,6 +349,9 @@ pub(crate) fn compile(
         if checks.threshold != 0.0 {
             c.problem(&at, "`healthchecks.threshold` is not supported yet (only 0)");
         }
+        if checks.active.https_sni.is_some() {
+            c.problem(&at, "`healthchecks.active.https_sni` is not supported yet");
+        }
         for (kind, field) in [(&checks.active.kind, "active"), (&checks.passive.kind, "passive")] {
             if !["http", "https", "tcp"].contains(&kind.as_str()) {
                 c.problem(&at, format!("`healthchecks.{field}.type` must be http, https or tcp, got `{kind}`"));
@@ -363,11 +366,8 @@ pub(crate) fn compile(
                 c.problem(&at, format!("`healthchecks.{name}` must be between 0 and 65535 seconds, got {v}"));
             }
         }
-        if !checks.active.http_path.starts_with('/') {
-            c.problem(
-                &at,
-                format!("`healthchecks.active.http_path` must start with `/`, got `{}`", checks.active.http_path),
-            );
+        if let Err(e) = crate::balance::probe_request(&checks.active) {
+            c.problem(&at, e);
         }
         let mut targets = Vec::new();
         for (j, t) in up.targets.iter().enumerate() {

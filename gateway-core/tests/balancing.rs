@@ -298,6 +298,8 @@ upstreams:
   hash_fallback: ip
 - name: c
   healthchecks: {active: {type: grpc, http_path: health, healthy: {interval: -1}}}
+- name: d
+  healthchecks: {active: {headers: {"bad header": [x]}, https_sni: probe.test, healthy: {interval: 1}}}
 "#,
     )
     .unwrap_err()
@@ -308,6 +310,8 @@ upstreams:
         "upstreams[2] (name \"c\"): `healthchecks.active.type` must be http, https or tcp, got `grpc`",
         "`healthchecks.active.healthy.interval` must be between 0 and 65535 seconds, got -1",
         "`healthchecks.active.http_path` must start with `/`, got `health`",
+        "upstreams[3] (name \"d\"): `healthchecks.active.headers`: `bad header` is not a header name",
+        "`healthchecks.active.https_sni` is not supported yet",
     ] {
         assert!(err.contains(want), "missing {want:?} in:\n{err}");
     }

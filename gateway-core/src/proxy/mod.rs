@@ -454,13 +454,11 @@ pub(crate) async fn handle(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok())
         .unwrap_or(0);
-    // The access log's view of the request, taken before it moves on (only when logging).
-    // Cheap copies (shared buffers, no allocation) of what the access log shows.
+    // The access log's view of the request, taken before it moves on (only when logging or
+    // hooked): cheap copies that share the request's buffers. The URI carries the HTTP/2
+    // authority; the Host header is kept for HTTP/1.
     let seen = (access_log || hook.is_some()).then(|| {
-        let host = match req.uri().authority() {
-            Some(a) => HeaderValue::from_str(a.as_str()).ok(),
-            None => req.headers().get(header::HOST).cloned(),
-        };
+        let host = req.headers().get(header::HOST).cloned();
         (req.method().clone(), host, req.uri().clone(), values.ip.clone())
     });
     let mut facts = Facts::default();
