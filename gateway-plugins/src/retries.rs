@@ -208,6 +208,9 @@ async fn call(
         *req.uri_mut() = parts.uri.clone();
         *req.version_mut() = parts.version;
         *req.headers_mut() = parts.headers.clone();
+        // What the gateway attached for the upstream call (the consistent-hashing key, a
+        // circuit breaker's target filter) goes with every attempt.
+        *req.extensions_mut() = parts.extensions.clone();
         let resp = inner.clone().oneshot(req).await.unwrap_or_else(|e| match e {});
         if attempt >= policy.attempts || !policy.should_retry(&resp) {
             return resp;
