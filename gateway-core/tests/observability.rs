@@ -244,9 +244,14 @@ async fn cardinality_stays_bounded_with_10000_distinct_paths() {
         .map(|t| {
             let base = gw.url("");
             tokio::spawn(async move {
+                // One keep-alive client per task, not a connection per request.
+                let client = client();
                 for i in 0..1250 {
                     let path = if i % 2 == 0 { format!("/echo/{t}/{i}") } else { format!("/unrouted/{t}/{i}") };
-                    let status = get(&format!("{base}{path}")).await.status;
+                    let req = Request::get(format!("{base}{path}")).body(full("")).unwrap();
+                    let resp = client.request(req).await.unwrap();
+                    let status = resp.status();
+                    resp.into_body().collect().await.unwrap();
                     assert!(status == 200 || status == 404, "{path}: {status}");
                 }
             })

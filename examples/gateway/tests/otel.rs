@@ -100,7 +100,7 @@ fn a_proxied_request_becomes_a_span_in_the_clients_trace() {
     )
     .unwrap();
     let addr = free_port();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_gateway"))
+    let child = Command::new(env!("CARGO_BIN_EXE_gateway"))
         .args(["run", "--config"])
         .arg(&file)
         .args(["--listen", &addr.to_string(), "--listen-tls", "off", "--admin-listen", &free_port().to_string()])
@@ -109,6 +109,8 @@ fn a_proxied_request_becomes_a_span_in_the_clients_trace() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
+    // Stops the gateway however the test ends.
+    let mut child = KillOnDrop(child);
 
     let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
     let client_parent = "00f067aa0ba902b7";
@@ -129,13 +131,14 @@ fn a_proxied_request_becomes_a_span_in_the_clients_trace() {
         std::thread::sleep(Duration::from_millis(50));
     };
     let parts: Vec<&str> = received.split('-').collect();
+    assert_eq!(parts.len(), 4, "the upstream got a traceparent: {received:?}");
     assert_eq!(parts[1], trace, "the upstream continues the client's trace: {received}");
     let gateway_span = parts[2].to_string();
 
     // SIGTERM: the gateway stops and flushes its batched spans.
-    assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
+    assert!(Command::new("kill").args(["-TERM", &child.0.id().to_string()]).status().unwrap().success());
     let deadline = Instant::now() + Duration::from_secs(15);
-    while child.try_wait().unwrap().is_none() {
+    while child.0.try_wait().unwrap().is_none() {
         assert!(Instant::now() < deadline, "the gateway did not stop");
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -144,5 +147,13 @@ fn a_proxied_request_becomes_a_span_in_the_clients_trace() {
     assert!(contains(span, &hex(trace)), "the span is in the client's trace");
     assert!(contains(span, &hex(client_parent)), "the span's parent is the client's span");
     assert!(contains(span, b"GET traced"), "the span is named by method and route");
-    let _ = child.wait();
+}
+
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
