@@ -135,9 +135,11 @@ fn parse_ordering(v: Option<&Value>) -> Result<(Vec<String>, Vec<String>), Strin
     Ok((list("before")?, list("after")?))
 }
 
-/// Everything the chain compiler reports back: one chain per route given.
+/// Everything the chain compiler reports back: one chain per route given, and the plugin
+/// instances whose config their plugin refused (their routes answer 500).
 pub(crate) struct PluginPlan {
     pub(crate) chains: Vec<Chain>,
+    pub(crate) failures: Vec<crate::config::Problem>,
 }
 
 /// A problem sink: (where, what).
@@ -215,6 +217,7 @@ pub(crate) fn compile(
 
     // Build each enabled instance once.
     let mut instances: Vec<Instance<'_>> = Vec::new();
+    let mut failures = Vec::new();
     let mut seen: HashMap<(&str, Scope), String> = HashMap::new();
     for (order, (at, entry, scope)) in raw.into_iter().enumerate() {
         if entry.enabled == Some(false) {
@@ -248,6 +251,12 @@ pub(crate) fn compile(
         let built = factory.build(entry.config.as_ref().unwrap_or(&empty), &ctx);
         if let Err(e) = &built {
             tracing::error!(plugin = %entry.name, at = %at, error = %e, "plugin config rejected; the routes it applies to answer 500");
+            failures.push(crate::config::Problem {
+                at: at.clone(),
+                message: format!("plugin `{}`: {e}", entry.name),
+                line: None,
+                column: None,
+            });
         }
         let Scope { route, service, consumer } = scope;
         instances.push(Instance {
@@ -265,7 +274,7 @@ pub(crate) fn compile(
     }
 
     let chains = routes.iter().enumerate().map(|(ri, (_, _, service))| chain_for(ri, *service, &instances)).collect();
-    PluginPlan { chains }
+    PluginPlan { chains, failures }
 }
 
 fn chain_for(route: usize, service: Option<usize>, instances: &[Instance<'_>]) -> Chain {

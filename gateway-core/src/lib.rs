@@ -371,6 +371,13 @@ impl Gateway {
         admin::AdminService::new(self.shared.clone(), settings)
     }
 
+    /// The plugin instances of the current config whose plugin refused their config: where
+    /// each is (`services[0] (name "x").routes[1].plugins[0]`) and why. The routes such a
+    /// plugin applies to answer 500 rather than run without it; everything else serves.
+    pub fn plugin_failures(&self) -> Vec<config::Problem> {
+        self.shared.snapshot.load().plugin_failures.to_vec()
+    }
+
     /// Marks the gateway ready or not for the admin API's `/readyz` (ready from the start;
     /// a Kubernetes mode clears it until its caches are synced).
     pub fn set_ready(&self, ready: bool) {

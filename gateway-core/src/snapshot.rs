@@ -42,6 +42,8 @@ pub(crate) struct Snapshot {
     /// Per consumer index, when requests are counted per consumer.
     pub(crate) consumer_metrics: Box<[Arc<ConsumerMetrics>]>,
     pub(crate) observe: Observability,
+    /// Plugin instances whose config was refused (their routes answer 500).
+    pub(crate) plugin_failures: Box<[crate::config::Problem]>,
 }
 
 /// An upstream as the admin API shows its health.
@@ -596,6 +598,7 @@ pub(crate) fn compile(
                 unmatched,
                 consumer_metrics,
                 observe: clients.observe.clone(),
+                plugin_failures: std::mem::take(&mut plan.failures).into(),
             })
         }
         _ => Err(ConfigError { source_name: None, problems: c.problems }),

@@ -4,8 +4,12 @@
 //! gateway run --config kong.yml [--listen 127.0.0.1:8000]... [--listen-tls 127.0.0.1:8443]...
 //!              [--admin-listen 127.0.0.1:8001] [--workers N] [--dns-resolver IP[:PORT]]...
 //!              [--upstream-keepalive-pool-size N] [--upstream-keepalive-idle-timeout 60s]
+//! gateway run --manifests DIR [--ingress-class NAME] [--controller-name NAME] [--listen ...]...
+//! gateway run --kubernetes [--ingress-class NAME] [--watch-namespace NS]...
+//!              [--publish-service NS/NAME | --publish-address ADDR]
 //! gateway validate kong.yml
 //! gateway routes --config kong.yml
+//! gateway k8s translate DIR
 //! gateway demo
 //! ```
 
@@ -23,6 +27,7 @@ use tokio::sync::mpsc;
 
 mod admin;
 mod echo;
+mod k8s;
 #[cfg(feature = "otel")]
 mod otel;
 
@@ -60,15 +65,80 @@ enum Command {
     },
     /// Serve the bundled demo config against a built-in echo server on loopback.
     Demo(ServeArgs),
+    /// Kubernetes tools.
+    #[command(subcommand)]
+    K8s(K8sCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum K8sCommand {
+    /// Print the Kong-format config a folder (or file) of manifests translates to, then the
+    /// problems found on each object. Exit 1 when there are problems.
+    Translate {
+        /// A manifest file, or a folder of `*.yaml`, `*.yml` and `*.json` manifests.
+        path: PathBuf,
+        #[command(flatten)]
+        class: ClassArgs,
+    },
+}
+
+#[derive(Args, Debug, Clone)]
+struct ClassArgs {
+    /// The ingress class served: Ingresses naming it (by `spec.ingressClassName` or the
+    /// `kubernetes.io/ingress.class` annotation) are ours, unless an IngressClass of that name
+    /// names another controller.
+    #[arg(long, default_value = gateway_k8s::translate::DEFAULT_INGRESS_CLASS)]
+    ingress_class: String,
+    /// The IngressClass `spec.controller` value that means this gateway.
+    #[arg(long, default_value = gateway_k8s::translate::DEFAULT_CONTROLLER_NAME)]
+    controller_name: String,
+}
+
+impl ClassArgs {
+    fn options(&self) -> gateway_k8s::Options {
+        gateway_k8s::Options {
+            ingress_class: self.ingress_class.clone(),
+            controller_name: self.controller_name.clone(),
+        }
+    }
 }
 
 #[derive(Args, Debug)]
+#[command(group(clap::ArgGroup::new("source").required(true).args(["config", "manifests", "kubernetes"])))]
 struct RunArgs {
     /// The config file (YAML or JSON, Kong `_format_version: "3.0"`).
     #[arg(long)]
-    config: PathBuf,
+    config: Option<PathBuf>,
+    /// Serve Kubernetes manifests with no cluster: a file, or a folder of `*.yaml`, `*.yml`
+    /// and `*.json` (multi-document YAML and `List` kinds read). Reloads when they change.
+    #[arg(long)]
+    manifests: Option<PathBuf>,
+    /// Serve the Ingresses of a live cluster (in-cluster config, or KUBECONFIG).
+    #[arg(long)]
+    kubernetes: bool,
+    #[command(flatten)]
+    class: ClassArgs,
+    /// With --kubernetes: watch only this namespace; repeat for several (default: all).
+    #[arg(long = "watch-namespace", requires = "kubernetes")]
+    watch_namespace: Vec<String>,
+    /// With --kubernetes: the Service (NAMESPACE/NAME) whose load-balancer addresses are
+    /// written to `status.loadBalancer` of the Ingresses served.
+    #[arg(long, requires = "kubernetes", conflicts_with = "publish_address")]
+    publish_service: Option<String>,
+    /// With --kubernetes: an IP or host name written to `status.loadBalancer` of the
+    /// Ingresses served; repeat for several.
+    #[arg(long, requires = "kubernetes")]
+    publish_address: Vec<String>,
     #[command(flatten)]
     serve: ServeArgs,
+}
+
+/// Where the served config comes from.
+enum Source {
+    File(PathBuf),
+    Manifests(PathBuf, gateway_k8s::Options),
+    Kubernetes(Box<RunArgs>),
+    Demo,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -240,8 +310,17 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Run(args) => runtime(args.serve.workers).block_on(run(Some(args.config), args.serve)),
-        Command::Demo(args) => runtime(args.workers).block_on(run(None, args)),
+        Command::Run(args) => {
+            let serve = args.serve.clone();
+            let source = match (&args.config, &args.manifests) {
+                (Some(path), _) => Source::File(path.clone()),
+                (None, Some(path)) => Source::Manifests(path.clone(), args.class.options()),
+                (None, None) => Source::Kubernetes(Box::new(args)),
+            };
+            runtime(serve.workers).block_on(run(source, serve))
+        }
+        Command::Demo(args) => runtime(args.workers).block_on(run(Source::Demo, args)),
+        Command::K8s(K8sCommand::Translate { path, class }) => k8s_translate(&path, &class.options()),
     }
 }
 
@@ -299,7 +378,49 @@ fn print_routes(gateway: &Gateway) {
     }
 }
 
-async fn run(config_path: Option<PathBuf>, args: ServeArgs) -> ExitCode {
+/// `gateway k8s translate`: the config as YAML on stdout, problems on stderr.
+fn k8s_translate(path: &Path, options: &gateway_k8s::Options) -> ExitCode {
+    let (objects, manifest_problems) = match gateway_k8s::manifests::load(path) {
+        Ok(loaded) => loaded,
+        Err(e) => {
+            eprintln!("{}: {e}", path.display());
+            return ExitCode::FAILURE;
+        }
+    };
+    let check = |config: &Config| {
+        build(config, &UpstreamSettings::default(), Observability::off()).map(|g| g.plugin_failures())
+    };
+    let translation = match gateway_k8s::translate_checked(&objects, options, check) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("the translated config does not compile:\n{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match serde_norway::to_string(&translation.config) {
+        Ok(yaml) => print!("{yaml}"),
+        Err(e) => {
+            eprintln!("cannot print the config: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
+    for p in &manifest_problems {
+        eprintln!("problem: {p}");
+    }
+    for p in &translation.problems {
+        eprintln!("problem: {p}");
+    }
+    eprintln!(
+        "{} Ingress(es) of class `{}` served, {} route(s), {} problem(s)",
+        translation.ingresses.len(),
+        options.ingress_class,
+        translation.config.services.iter().map(|s| s.routes.len()).sum::<usize>() + translation.config.routes.len(),
+        manifest_problems.len() + translation.problems.len()
+    );
+    if manifest_problems.is_empty() && translation.problems.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+}
+
+async fn run(source: Source, args: ServeArgs) -> ExitCode {
     #[cfg(feature = "otel")]
     let (hook, otel) = match args.otlp_endpoint.as_deref().map(otel::start).transpose() {
         Ok(Some((hook, provider))) => (Some(hook), Some(provider)),
@@ -312,7 +433,7 @@ async fn run(config_path: Option<PathBuf>, args: ServeArgs) -> ExitCode {
     #[cfg(not(feature = "otel"))]
     let hook = None;
     let observe = args.observability(hook);
-    let code = serve_until_stopped(config_path, args, observe).await;
+    let code = serve_until_stopped(source, args, observe).await;
     #[cfg(feature = "otel")]
     if let Some(provider) = otel {
         // Exports what is still batched; the exporter blocks, so off the runtime's threads.
@@ -321,16 +442,27 @@ async fn run(config_path: Option<PathBuf>, args: ServeArgs) -> ExitCode {
     code
 }
 
-async fn serve_until_stopped(config_path: Option<PathBuf>, args: ServeArgs, observe: Observability) -> ExitCode {
-    let gateway = match &config_path {
-        Some(path) => match load(path, &args.upstream(), observe.clone()) {
+async fn serve_until_stopped(source: Source, args: ServeArgs, observe: Observability) -> ExitCode {
+    let gateway = match &source {
+        Source::File(path) => match load(path, &args.upstream(), observe.clone()) {
             Ok(g) => g,
             Err(e) => {
                 eprintln!("{e}");
                 return ExitCode::FAILURE;
             }
         },
-        None => match demo_gateway(&args.upstream(), observe).await {
+        Source::Manifests(..) | Source::Kubernetes(_) => {
+            let mut empty = Config::default();
+            empty.format_version = "3.0".into();
+            match build(&empty, &args.upstream(), observe.clone()) {
+                Ok(g) => g,
+                Err(e) => {
+                    eprintln!("{e}");
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
+        Source::Demo => match demo_gateway(&args.upstream(), observe).await {
             Ok(g) => g,
             Err(e) => {
                 eprintln!("demo: {e}");
@@ -377,10 +509,25 @@ async fn serve_until_stopped(config_path: Option<PathBuf>, args: ServeArgs, obse
     }
     tokio::spawn(admin::serve(admin, gateway.clone(), admin_settings));
 
-    if let Some(path) = config_path.clone() {
-        spawn_reloader(gateway.clone(), path);
-    } else if let Some(addr) = proxy_addrs.first() {
-        print_demo_help(*addr, tls_addrs.first().copied(), admin_addr);
+    match source {
+        Source::File(path) => spawn_reloader(gateway.clone(), path),
+        Source::Manifests(path, options) => {
+            if let Err(e) = spawn_manifest_reloader(gateway.clone(), path.clone(), options) {
+                eprintln!("{}: {e}", path.display());
+                return ExitCode::FAILURE;
+            }
+        }
+        Source::Kubernetes(run_args) => {
+            if let Err(e) = k8s::start(gateway.clone(), &run_args, &proxy_addrs).await {
+                eprintln!("kubernetes: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+        Source::Demo => {
+            if let Some(addr) = proxy_addrs.first() {
+                print_demo_help(*addr, tls_addrs.first().copied(), admin_addr);
+            }
+        }
     }
     tracing::info!(
         proxy = ?proxy_addrs,
@@ -420,6 +567,74 @@ async fn shutdown_signal() {
 /// Reloads the config file when it changes on disk or on SIGHUP. A bad file is logged with its
 /// problems and the running config keeps serving.
 fn spawn_reloader(gateway: Gateway, path: PathBuf) {
+    // Watch the directory, not the file: editors replace files by rename, and Kubernetes
+    // ConfigMap volumes swap a `..data` symlink. Any event there triggers a check; the file is
+    // reloaded only when its content changed.
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf();
+    let mut last = std::fs::read(&path).ok();
+    watch(dir, move |why| {
+        let current = std::fs::read(&path).ok();
+        if why == "file change" && current == last {
+            return;
+        }
+        last = current;
+        let result = Config::from_file(&path).and_then(|c| gateway.reload(&c).map_err(|e| e.in_file_if_unnamed(&path)));
+        match result {
+            Ok(()) => tracing::info!(trigger = why, routes = gateway.routes().len(), "config reloaded"),
+            Err(e) => tracing::error!(trigger = why, "config rejected, the previous config keeps serving:\n{e}"),
+        }
+    });
+}
+
+/// Serves a manifest file or folder: translated now (an unreadable path is an error), then
+/// again whenever a manifest changes or on SIGHUP. Problems are logged per object; objects
+/// that are fine keep serving.
+fn spawn_manifest_reloader(gateway: Gateway, path: PathBuf, options: gateway_k8s::Options) -> std::io::Result<()> {
+    let mut applier = gateway_k8s::Applier::new(gateway.clone(), options);
+    let source = path.clone();
+    let mut apply = move |why: &'static str| {
+        let path = &source;
+        let (objects, manifest_problems) = match gateway_k8s::manifests::load(path) {
+            Ok(loaded) => loaded,
+            Err(e) => {
+                tracing::error!(trigger = why, path = %path.display(), "cannot read the manifests, the previous config keeps serving: {e}");
+                return;
+            }
+        };
+        match applier.apply(&objects, manifest_problems) {
+            Ok(gateway_k8s::Applied::Reloaded(t)) => tracing::info!(
+                trigger = why,
+                ingresses = t.ingresses.len(),
+                routes = gateway.routes().len(),
+                problems = t.problems.len(),
+                "manifests applied"
+            ),
+            Ok(gateway_k8s::Applied::Unchanged(_)) => {}
+            Err(e) => tracing::error!(trigger = why, "manifests rejected, the previous config keeps serving:\n{e}"),
+        }
+    };
+    gateway_k8s::manifests::files(&path)?;
+    apply("start");
+    let dir = if path.is_dir() {
+        path.clone()
+    } else {
+        path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf()
+    };
+    let mut last = gateway_k8s::manifests::fingerprint(&path);
+    watch(dir, move |why| {
+        let current = gateway_k8s::manifests::fingerprint(&path);
+        if why == "file change" && current == last {
+            return;
+        }
+        last = current;
+        apply(why);
+    });
+    Ok(())
+}
+
+/// Calls `on_change`, one call at a time, when something in `dir` changes (debounced) or on
+/// SIGHUP.
+fn watch(dir: PathBuf, mut on_change: impl FnMut(&'static str) + Send + 'static) {
     let (tx, mut rx) = mpsc::channel::<&'static str>(16);
     #[cfg(unix)]
     {
@@ -434,10 +649,6 @@ fn spawn_reloader(gateway: Gateway, path: PathBuf) {
             }
         });
     }
-    // Watch the directory, not the file: editors replace files by rename, and Kubernetes
-    // ConfigMap volumes swap a `..data` symlink. Any event there triggers a check; the file is
-    // reloaded only when its content changed.
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf();
     let watcher = {
         let tx = tx.clone();
         notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
@@ -452,7 +663,7 @@ fn spawn_reloader(gateway: Gateway, path: PathBuf) {
             match w.watch(&dir, notify::RecursiveMode::NonRecursive) {
                 Ok(()) => Some(w),
                 Err(e) => {
-                    tracing::warn!(dir = %dir.display(), error = %e, "cannot watch the config file; reload with SIGHUP");
+                    tracing::warn!(dir = %dir.display(), error = %e, "cannot watch for changes; reload with SIGHUP");
                     None
                 }
             }
@@ -464,22 +675,11 @@ fn spawn_reloader(gateway: Gateway, path: PathBuf) {
     };
     tokio::spawn(async move {
         let _keep_watching = watcher;
-        let mut last = std::fs::read(&path).ok();
         while let Some(why) = rx.recv().await {
             // Debounce: a save is often several events; reload once they settle.
             tokio::time::sleep(Duration::from_millis(150)).await;
             while rx.try_recv().is_ok() {}
-            let current = std::fs::read(&path).ok();
-            if why == "file change" && current == last {
-                continue;
-            }
-            last = current;
-            let result =
-                Config::from_file(&path).and_then(|c| gateway.reload(&c).map_err(|e| e.in_file_if_unnamed(&path)));
-            match result {
-                Ok(()) => tracing::info!(trigger = why, routes = gateway.routes().len(), "config reloaded"),
-                Err(e) => tracing::error!(trigger = why, "config rejected, the previous config keeps serving:\n{e}"),
-            }
+            on_change(why);
         }
     });
 }
