@@ -22,34 +22,10 @@ fn free_port() -> SocketAddr {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
 }
 
-/// A blocking upstream that answers every request with its request line's target.
+/// A blocking upstream that answers every request with its request line's target (see
+/// [`spawn_slow_upstream`]).
 fn spawn_upstream() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for stream in listener.incoming().flatten() {
-            std::thread::spawn(move || {
-                let mut reader = BufReader::new(stream.try_clone().unwrap());
-                let mut stream = stream;
-                loop {
-                    let mut line = String::new();
-                    if reader.read_line(&mut line).unwrap_or(0) == 0 {
-                        return;
-                    }
-                    let target = line.split_whitespace().nth(1).unwrap_or("").to_string();
-                    let mut header = String::new();
-                    while reader.read_line(&mut header).unwrap_or(0) > 0 && header != "\r\n" {
-                        header.clear();
-                    }
-                    let resp = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{}", target.len(), target);
-                    if stream.write_all(resp.as_bytes()).is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    addr
+    spawn_slow_upstream()
 }
 
 /// One request on a fresh connection; returns (status, body).
@@ -88,12 +64,17 @@ impl Running {
     }
 
     fn start_with(config: &Path, args: &[&str], env: &[(&str, &str)]) -> Running {
+        Running::start_source(&[std::ffi::OsStr::new("--config"), config.as_os_str()], args, env)
+    }
+
+    /// Runs `gateway run SOURCE... ARGS...` on free loopback ports.
+    fn start_source(source: &[&std::ffi::OsStr], args: &[&str], env: &[(&str, &str)]) -> Running {
         let addr = free_port();
         let admin = free_port();
         let tls = free_port();
         let mut child = bin()
-            .args(["run", "--config"])
-            .arg(config)
+            .arg("run")
+            .args(source)
             .args(["--listen", &addr.to_string(), "--admin-listen", &admin.to_string(), "--workers", "2"])
             .args(["--listen-tls", &tls.to_string()])
             .args(["--shutdown-grace", "5s"])
@@ -413,4 +394,121 @@ fn listen_tls_serves_certificates_from_files_by_sni() {
     let other = leaf("other.example.com", "api");
     std::fs::write(&file, with_cert("other.example.com")).unwrap();
     gw.wait_for(|| get("other.example.com").is_ok_and(|(p, _)| p == other), "the new certificate");
+}
+
+/// An upstream that answers with its request target, after a second when the target
+/// contains `slow`.
+fn spawn_slow_upstream() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut stream = stream;
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    let target = line.split_whitespace().nth(1).unwrap_or("").to_string();
+                    let mut header = String::new();
+                    while reader.read_line(&mut header).unwrap_or(0) > 0 && header != "\r\n" {
+                        header.clear();
+                    }
+                    if target.contains("slow") {
+                        std::thread::sleep(Duration::from_secs(1));
+                    }
+                    let resp = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{}", target.len(), target);
+                    if stream.write_all(resp.as_bytes()).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// Manifests for one Ingress `/app` (host-less) to Service `app`, whose `konghq.com/path`
+/// annotation is `prefix`, with the upstream in its EndpointSlice.
+fn manifests(upstream: SocketAddr, prefix: &str) -> String {
+    format!(
+        r#"apiVersion: networking.k8s.io/v1
+kind: Ingress
+metadata: {{ name: app, namespace: default }}
+spec:
+  ingressClassName: gateway
+  rules: [ {{ http: {{ paths: [ {{ path: /app, pathType: Prefix, backend: {{ service: {{ name: app, port: {{ number: 80 }} }} }} }} ] }} }} ]
+---
+apiVersion: v1
+kind: Service
+metadata: {{ name: app, namespace: default, annotations: {{ konghq.com/path: "{prefix}" }} }}
+spec: {{ ports: [ {{ port: 80 }} ] }}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{ name: app-1, namespace: default, labels: {{ kubernetes.io/service-name: app }} }}
+addressType: IPv4
+ports: [ {{ port: {} }} ]
+endpoints: [ {{ addresses: ["{}"] }} ]
+"#,
+        upstream.port(),
+        upstream.ip()
+    )
+}
+
+#[test]
+fn run_manifests_serves_a_folder_and_follows_edits_without_dropping_requests() {
+    let upstream = spawn_slow_upstream();
+    let dir = temp_dir("manifests");
+    std::fs::write(dir.join("app.yaml"), manifests(upstream, "/one")).unwrap();
+    std::fs::write(dir.join("notes.txt"), "not a manifest, not read").unwrap();
+    let gw = Running::start_source(&[std::ffi::OsStr::new("--manifests"), dir.as_os_str()], &[], &[]);
+    gw.wait_for(
+        || http_get(gw.addr, "/app/x").is_some_and(|r| r == (200, "/one/app/x".into())),
+        "the Ingress to serve",
+    );
+
+    // A request in flight while the folder changes finishes on the config it started with.
+    let addr = gw.addr;
+    let in_flight = std::thread::spawn(move || http_get(addr, "/app/slow"));
+    std::thread::sleep(Duration::from_millis(200));
+    std::fs::write(dir.join("app.yaml"), manifests(upstream, "/two")).unwrap();
+    gw.wait_for(|| http_get(gw.addr, "/app/x").is_some_and(|r| r.1 == "/two/app/x"), "the edit to apply");
+    assert_eq!(in_flight.join().unwrap(), Some((200, "/one/app/slow".to_string())));
+
+    // A new file with a broken document and a broken object: both reported, by file and by
+    // object; the rest keeps serving.
+    std::fs::write(
+        dir.join("more.yaml"),
+        "apiVersion: v1\nkind: Service\nmetadata: {name: broken}\nspec: {ports: not-a-list}\n---\n\
+         apiVersion: networking.k8s.io/v1\nkind: Ingress\nmetadata: {name: other}\nspec:\n  ingressClassName: gateway\n  \
+         rules: [{http: {paths: [{path: /other, pathType: Prefix, backend: {service: {name: nope, port: {number: 80}}}}]}}]\n",
+    )
+    .unwrap();
+    gw.wait_for(|| gw.stderr.lock().unwrap().contains("Service `default/nope` not found"), "the problems to be logged");
+    let log = gw.stderr.lock().unwrap().clone();
+    assert!(log.contains("Service broken: invalid type") && log.contains("more.yaml#1"), "{log}");
+    assert_eq!(http_get(gw.addr, "/other").unwrap().0, 503);
+    assert_eq!(http_get(gw.addr, "/app/x").unwrap(), (200, "/two/app/x".to_string()));
+}
+
+#[test]
+fn k8s_translate_prints_the_config_and_the_problems() {
+    let dir = temp_dir("translate");
+    std::fs::write(dir.join("app.yaml"), manifests("127.0.0.1:9".parse().unwrap(), "/one")).unwrap();
+    let out = bin().args(["k8s", "translate"]).arg(&dir).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("name: default.app.0.0") && stdout.contains("target: 127.0.0.1:9"), "{stdout}");
+
+    std::fs::write(dir.join("bad.yaml"), "apiVersion: networking.k8s.io/v1\nkind: Ingress\nmetadata: {name: bad, annotations: {konghq.com/methods: \"G T\"}}\nspec: {ingressClassName: gateway, rules: [{http: {paths: [{path: /b, pathType: Prefix, backend: {service: {name: app, port: {number: 80}}}}]}}]}\n").unwrap();
+    let out = bin().args(["k8s", "translate"]).arg(&dir).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr.contains("problem: Ingress default/bad: annotation `konghq.com/methods`: `G T` is not an HTTP method"),
+        "{stderr}"
+    );
 }
