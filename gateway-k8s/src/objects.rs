@@ -63,8 +63,8 @@ pub struct PluginFields {
     /// Kong's dynamic plugin ordering, passed to the plugin entity.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ordering: Option<Value>,
-    /// Kong's instance name.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Kong's instance name (snake case in Kong's CRD too).
+    #[serde(default, skip_serializing_if = "Option::is_none", rename = "instance_name")]
     pub instance_name: Option<String>,
 }
 
