@@ -711,18 +711,16 @@ impl<'a> Translator<'a> {
                     })
                     .map(|p| service.protocol = Some(p))
                     .ok_or_else(|| format!("`{value}` is not http, https, grpc or grpcs")),
-                "plugins" => self.annotated_plugins(&svc.metadata).map(|plugins| service.plugins = plugins),
                 _ => Ok(()),
             };
             if let Err(e) = result {
                 errors.push(format!("annotation `{key}`: {e}"));
             }
         }
-        if annotations(&svc.metadata).contains_key("plugins.konghq.com") && service.plugins.is_empty() {
-            match self.annotated_plugins(&svc.metadata) {
-                Ok(plugins) => service.plugins = plugins,
-                Err(e) => errors.push(format!("annotation `plugins.konghq.com`: {e}")),
-            }
+        // `annotated_plugins` reads `konghq.com/plugins`, else the legacy `plugins.konghq.com`.
+        match self.annotated_plugins(&svc.metadata) {
+            Ok(plugins) => service.plugins = plugins,
+            Err(e) => errors.push(format!("plugins annotation: {e}")),
         }
         if !errors.is_empty() {
             if self.reported.insert(svc_ref.clone()) {

@@ -1,7 +1,5 @@
 //! `gateway run --kubernetes`: connects to the cluster and starts the live mode.
 
-use std::net::SocketAddr;
-
 use gateway_core::Gateway;
 use gateway_k8s::live::{LiveSettings, Publish};
 
@@ -10,7 +8,7 @@ use crate::RunArgs;
 /// Connects (in-cluster config, else KUBECONFIG), then serves the cluster's Ingresses from a
 /// background task. Errors are the ones that stop the start: no usable cluster config, or
 /// a bad flag.
-pub(crate) async fn start(gateway: Gateway, args: &RunArgs, _proxy: &[SocketAddr]) -> Result<(), String> {
+pub(crate) async fn start(gateway: Gateway, args: &RunArgs) -> Result<(), String> {
     // kube-rs's TLS is rustls; one process-wide crypto provider (ring, as the gateway's).
     let _ = rustls::crypto::ring::default_provider().install_default();
     let publish = match (&args.publish_service, &args.publish_address) {

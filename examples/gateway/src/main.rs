@@ -518,7 +518,7 @@ async fn serve_until_stopped(source: Source, args: ServeArgs, observe: Observabi
             }
         }
         Source::Kubernetes(run_args) => {
-            if let Err(e) = k8s::start(gateway.clone(), &run_args, &proxy_addrs).await {
+            if let Err(e) = k8s::start(gateway.clone(), &run_args).await {
                 eprintln!("kubernetes: {e}");
                 return ExitCode::FAILURE;
             }
