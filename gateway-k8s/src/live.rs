@@ -5,6 +5,7 @@
 //! Every replica serves traffic from the start (once its caches are synced it reports ready);
 //! only the leader writes status, so replicas never fight over it.
 
+use std::collections::HashMap;
 use std::fmt::Debug;
 use std::sync::Arc;
 use std::time::Duration;
@@ -246,8 +247,9 @@ pub async fn run(
 
     let leader = elect(&client, &settings).await?;
     let mut status =
-        StatusWriter { client: client.clone(), publish: settings.publish.clone(), leader, written: Vec::new() };
+        StatusWriter { client: client.clone(), publish: settings.publish.clone(), leader, written: HashMap::new() };
     let mut ready = false;
+    let mut status_failed = false;
     loop {
         let objects = reflectors.objects();
         match applier.apply(&objects, Vec::new()) {
@@ -264,13 +266,15 @@ pub async fn run(
                     gateway.set_ready(true);
                     ready = true;
                 }
-                status.update(&applied.translation().ingresses, &objects).await;
+                status_failed = !status.update(&applied.translation().ingresses, &objects).await;
             }
             Err(e) => tracing::error!("cluster config rejected, the previous config keeps serving:\n{e}"),
         }
         tokio::select! {
             _ = changed.notified() => {}
             _ = status.leader_changed() => {}
+            // A status write the API refused is tried again, even if nothing else changes.
+            _ = tokio::time::sleep(STATUS_RETRY), if status_failed => {}
         }
         // Debounce: a rollout is a burst of EndpointSlice events; apply them together.
         tokio::time::sleep(settings.debounce).await;
@@ -301,12 +305,16 @@ async fn elect(client: &Client, settings: &LiveSettings) -> Result<watch::Receiv
     Ok(rx)
 }
 
+/// How long after a refused status write it is tried again.
+const STATUS_RETRY: Duration = Duration::from_secs(5);
+
 struct StatusWriter {
     client: Client,
     publish: Publish,
     leader: watch::Receiver<bool>,
-    /// The addresses last written, to skip patches that change nothing.
-    written: Vec<IngressLoadBalancerIngress>,
+    /// Per Ingress, its resourceVersion when we last patched it and what we wrote: until the
+    /// store sees our write (a new resourceVersion), the same patch is not sent again.
+    written: HashMap<ObjectRef, (Option<String>, Vec<IngressLoadBalancerIngress>)>,
 }
 
 impl StatusWriter {
@@ -349,15 +357,17 @@ impl StatusWriter {
         }
     }
 
-    /// As leader, writes the addresses on every served Ingress whose status differs.
-    async fn update(&mut self, served: &[ObjectRef], objects: &Objects) {
+    /// As leader, writes the addresses on every served Ingress whose status differs; `false`
+    /// when a write failed.
+    async fn update(&mut self, served: &[ObjectRef], objects: &Objects) -> bool {
         // A stopped election (its sender gone) no longer renews the Lease: not the leader.
         let stopped = self.leader.has_changed().is_err();
         if self.publish == Publish::Nothing || stopped || !*self.leader.borrow_and_update() {
-            return;
+            return true;
         }
+        let mut ok = true;
         let want = self.addresses(objects);
-        self.written.clone_from(&want);
+        self.written.retain(|r, _| served.contains(r));
         for r in served {
             let Some(ingress) = objects.ingresses.iter().find(|i| {
                 i.metadata.name.as_deref() == Some(&r.name) && i.metadata.namespace.as_deref() == r.namespace.as_deref()
@@ -370,15 +380,23 @@ impl StatusWriter {
                 .and_then(|s| s.load_balancer.as_ref())
                 .and_then(|lb| lb.ingress.clone())
                 .unwrap_or_default();
-            if current == want {
+            let version = &ingress.metadata.resource_version;
+            if current == want || self.written.get(r).is_some_and(|(v, w)| v == version && *w == want) {
                 continue;
             }
             let api: Api<Ingress> = Api::namespaced(self.client.clone(), r.namespace.as_deref().unwrap_or("default"));
             let patch = serde_json::json!({ "status": { "loadBalancer": { "ingress": want } } });
             match api.patch_status(&ingress.name_any(), &PatchParams::default(), &Patch::Merge(&patch)).await {
-                Ok(_) => tracing::debug!(ingress = %r, "status written"),
-                Err(e) => tracing::warn!(ingress = %r, error = %e, "cannot write status"),
+                Ok(_) => {
+                    self.written.insert(r.clone(), (version.clone(), want.clone()));
+                    tracing::debug!(ingress = %r, "status written")
+                }
+                Err(e) => {
+                    ok = false;
+                    tracing::warn!(ingress = %r, error = %e, "cannot write status; retrying in {STATUS_RETRY:?}")
+                }
             }
         }
+        ok
     }
 }
