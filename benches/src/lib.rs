@@ -55,6 +55,34 @@ pub fn ingress_like(n: usize) -> (Vec<RouteSpec>, Vec<Lookup>) {
     (routes, lookups)
 }
 
+/// As [`ingress_like`], with one route in ten a regex path (Kong's `~` paths): an anchored
+/// pattern with a character class and a repetition, and lookups that exercise it.
+pub fn ingress_like_with_regex(n: usize) -> (Vec<RouteSpec>, Vec<Lookup>) {
+    let (mut routes, mut lookups) = ingress_like(n);
+    for (i, route) in routes.iter_mut().enumerate().filter(|(i, _)| i % 10 == 5) {
+        route.paths = vec![PathSpec::new(format!(r"/reports{i}/[0-9]{{4}}/[a-z]+\.csv$"), PathKind::Regex)];
+        let host = route.hosts[0].replace("*.", "web.");
+        lookups.push(Lookup { host, path: format!("/reports{i}/2026/sales.csv") });
+    }
+    (routes, lookups)
+}
+
+/// A Kong-format config with `n` routes in 100 services (one upstream target each), hosts
+/// and paths as [`ingress_like`]: what a large hot reload compiles.
+pub fn config_with_routes(n: usize) -> gateway_core::config::Config {
+    let mut yaml = String::from("_format_version: \"3.0\"\nservices:\n");
+    for s in 0..100 {
+        yaml.push_str(&format!("- name: s{s}\n  url: http://10.0.{}.{}:8080\n  routes:\n", s / 250, s % 250 + 1));
+        for i in (s..n).step_by(100) {
+            yaml.push_str(&format!(
+                "  - {{name: r{i}, hosts: [\"svc{i}.ns{}.example.com\"], paths: [\"/api/v1/orders{i}\", \"/healthz{i}\"]}}\n",
+                i % 37
+            ));
+        }
+    }
+    gateway_core::config::Config::from_yaml(&yaml).expect("generated config parses")
+}
+
 /// A `Bearer` HS256 token with `iss` set to `issuer`, signed with `secret`.
 pub fn hs256_token(issuer: &str, secret: &[u8]) -> String {
     let claims = std::collections::BTreeMap::from([("iss", issuer)]);

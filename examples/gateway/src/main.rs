@@ -183,7 +183,7 @@ struct ServeArgs {
     upstream_keepalive_pool_size: usize,
     /// The access log: one line per request (target `gateway::access`) when its response
     /// ends; `off` for none.
-    #[arg(long, default_value = "on", value_parser = parse_on_off)]
+    #[arg(long, default_value = "on", value_parser = parse_on_off, action = clap::ArgAction::Set)]
     access_log: bool,
     /// Add `X-Gateway-Upstream-Latency` and `X-Gateway-Proxy-Latency` (ms) to responses.
     #[arg(long)]

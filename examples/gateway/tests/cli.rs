@@ -309,6 +309,29 @@ fn json_logs_and_latency_headers() {
     assert!(!text.contains("hidden"), "query strings stay out of the log");
 }
 
+/// `--access-log off`: requests are served and no access line is written, even once the
+/// gateway has drained and flushed its logs on SIGTERM.
+#[test]
+fn access_log_off_writes_no_access_line() {
+    let upstream = spawn_upstream();
+    let dir = temp_dir("nolog");
+    let file = dir.join("kong.yml");
+    std::fs::write(&file, config(upstream, "")).unwrap();
+    let mut gw = Running::start_with(&file, &["--log-format", "json", "--access-log", "off"], &[]);
+    let mut s = TcpStream::connect(gw.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(s, "GET /quiet HTTP/1.1\r\nhost: logs.test\r\nconnection: close\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    Command::new("kill").args(["-TERM", &gw.child.id().to_string()]).status().unwrap();
+    let status = gw.child.wait().unwrap();
+    assert!(status.success(), "{status}");
+    gw.wait_for(|| gw.stderr.lock().unwrap().contains("stopped"), "the shutdown line");
+    let text = gw.stderr.lock().unwrap().clone();
+    assert!(!text.contains("gateway::access"), "{text}");
+}
+
 /// The upstream connection flags are parsed, and a bad value names the flag.
 #[test]
 fn upstream_flags_are_checked() {
