@@ -17,6 +17,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::io;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -176,7 +177,14 @@ pub(crate) async fn serve(
                         let snapshot = shared.snapshot.load_full();
                         let req = req.map(ProxyBody::Incoming);
                         let values = values.clone();
-                        async move { Ok::<_, Infallible>(handle(snapshot, req, conn_info, values).await) }
+                        // Boxed: hyper keeps a slot the size of this future in every
+                        // connection, idle or not; a box keeps that slot one pointer wide and
+                        // the request's state allocated only while the request is in flight.
+                        let fut: Pin<Box<dyn Future<Output = _> + Send>> =
+                            Box::pin(
+                                async move { Ok::<_, Infallible>(handle(snapshot, req, conn_info, values).await) },
+                            );
+                        fut
                     });
                     let Some(acceptor) = tls else {
                         // hyper-util's auto builder reads the first bytes to tell HTTP/2's
@@ -197,24 +205,29 @@ pub(crate) async fn serve(
                         }
                         return;
                     };
-                    // The handshake counts against the header timeout too.
-                    let stream = match tokio::time::timeout(header_timeout, acceptor.accept(stream)).await {
-                        Ok(Ok(s)) => s,
-                        Ok(Err(e)) => {
-                            tracing::debug!(%client, error = %e, "TLS handshake failed");
-                            return;
+                    // Boxed: the TLS states (handshake, rustls session) are larger than the
+                    // plaintext ones and would otherwise size every connection's task.
+                    Box::pin(async move {
+                        // The handshake counts against the header timeout too.
+                        let stream = match tokio::time::timeout(header_timeout, acceptor.accept(stream)).await {
+                            Ok(Ok(s)) => s,
+                            Ok(Err(e)) => {
+                                tracing::debug!(%client, error = %e, "TLS handshake failed");
+                                return;
+                            }
+                            Err(_) => {
+                                tracing::debug!(%client, "no TLS handshake within the header timeout; closing");
+                                return;
+                            }
+                        };
+                        let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+                        let builder = if h2 { &builders.h2 } else { &builders.h1 };
+                        let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc).into_owned();
+                        if let Err(e) = watcher.watch(conn).await {
+                            tracing::debug!(%client, error = %e, "connection ended with an error");
                         }
-                        Err(_) => {
-                            tracing::debug!(%client, "no TLS handshake within the header timeout; closing");
-                            return;
-                        }
-                    };
-                    let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
-                    let builder = if h2 { &builders.h2 } else { &builders.h1 };
-                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc).into_owned();
-                    if let Err(e) = watcher.watch(conn).await {
-                        tracing::debug!(%client, error = %e, "connection ended with an error");
-                    }
+                    })
+                    .await;
                 });
             }
         });

@@ -334,9 +334,18 @@ impl InFile for ConfigError {
     }
 }
 
+/// One worker runs on a current-thread runtime (as an nginx worker: no work stealing, no
+/// cross-thread wake-ups, measured cheaper per request); more on the multi-thread scheduler.
 fn runtime(workers: Option<usize>) -> tokio::runtime::Runtime {
     let workers = workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())).max(1);
-    tokio::runtime::Builder::new_multi_thread().worker_threads(workers).enable_all().build().expect("tokio runtime")
+    let mut builder = if workers == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(workers);
+        b
+    };
+    builder.enable_all().build().expect("tokio runtime")
 }
 
 /// The binary's gateway: every first-party plugin registered.
