@@ -249,7 +249,9 @@ pub async fn run(
     let mut status =
         StatusWriter { client: client.clone(), publish: settings.publish.clone(), leader, written: HashMap::new() };
     let mut ready = false;
-    let mut status_failed = false;
+    // Refused status writes are retried, backing off from 5 s to 5 min (a missing RBAC
+    // right fails every time).
+    let mut status_retry: Option<Duration> = None;
     loop {
         let objects = reflectors.objects();
         match applier.apply(&objects, Vec::new()) {
@@ -266,7 +268,11 @@ pub async fn run(
                     gateway.set_ready(true);
                     ready = true;
                 }
-                status_failed = !status.update(&applied.translation().ingresses, &objects).await;
+                status_retry = if status.update(&applied.translation().ingresses, &objects).await {
+                    None
+                } else {
+                    Some(status_retry.map_or(STATUS_RETRY, |d| (d * 2).min(STATUS_RETRY_MAX)))
+                };
             }
             Err(e) => tracing::error!("cluster config rejected, the previous config keeps serving:\n{e}"),
         }
@@ -274,7 +280,7 @@ pub async fn run(
             _ = changed.notified() => {}
             _ = status.leader_changed() => {}
             // A status write the API refused is tried again, even if nothing else changes.
-            _ = tokio::time::sleep(STATUS_RETRY), if status_failed => {}
+            _ = tokio::time::sleep(status_retry.unwrap_or_default()), if status_retry.is_some() => {}
         }
         // Debounce: a rollout is a burst of EndpointSlice events; apply them together.
         tokio::time::sleep(settings.debounce).await;
@@ -305,8 +311,10 @@ async fn elect(client: &Client, settings: &LiveSettings) -> Result<watch::Receiv
     Ok(rx)
 }
 
-/// How long after a refused status write it is tried again.
+/// How long after a refused status write it is first tried again; doubled up to
+/// [`STATUS_RETRY_MAX`] while writes keep failing.
 const STATUS_RETRY: Duration = Duration::from_secs(5);
+const STATUS_RETRY_MAX: Duration = Duration::from_secs(300);
 
 struct StatusWriter {
     client: Client,
@@ -367,11 +375,15 @@ impl StatusWriter {
         }
         let mut ok = true;
         let want = self.addresses(objects);
-        self.written.retain(|r, _| served.contains(r));
+        let served_set: std::collections::HashSet<&ObjectRef> = served.iter().collect();
+        self.written.retain(|r, _| served_set.contains(r));
+        let by_name: HashMap<(Option<&str>, Option<&str>), &Ingress> = objects
+            .ingresses
+            .iter()
+            .map(|i| ((i.metadata.namespace.as_deref(), i.metadata.name.as_deref()), i))
+            .collect();
         for r in served {
-            let Some(ingress) = objects.ingresses.iter().find(|i| {
-                i.metadata.name.as_deref() == Some(&r.name) && i.metadata.namespace.as_deref() == r.namespace.as_deref()
-            }) else {
+            let Some(ingress) = by_name.get(&(r.namespace.as_deref(), Some(r.name.as_str()))) else {
                 continue;
             };
             let current = ingress
@@ -393,7 +405,7 @@ impl StatusWriter {
                 }
                 Err(e) => {
                     ok = false;
-                    tracing::warn!(ingress = %r, error = %e, "cannot write status; retrying in {STATUS_RETRY:?}")
+                    tracing::warn!(ingress = %r, error = %e, "cannot write status; will retry")
                 }
             }
         }

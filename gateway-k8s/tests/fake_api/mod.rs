@@ -207,7 +207,8 @@ impl FakeApi {
     /// watches resuming from before now get the same.
     pub fn expire_watches(&self) {
         let mut state = self.state.lock().unwrap();
-        state.compacted = state.resource_version + 1;
+        // Resuming from the current resourceVersion (after a relist) is fine; from before, not.
+        state.compacted = state.resource_version;
         state.log.clear();
         for w in state.watches.drain(..) {
             let _ = w.tx.send(gone());
