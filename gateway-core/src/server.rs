@@ -22,10 +22,9 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 
 use crate::Shared;
@@ -67,16 +66,22 @@ impl Default for ServerSettings {
 }
 
 impl ServerSettings {
-    fn builder(&self) -> auto::Builder<TokioExecutor> {
-        let mut b = auto::Builder::new(TokioExecutor::new());
-        b.http1()
-            .timer(TokioTimer::new())
+    fn http1(&self) -> http1::Builder {
+        let mut b = http1::Builder::new();
+        b.timer(TokioTimer::new())
             .header_read_timeout(self.header_read_timeout)
+            // The exact limit on the head; the buffer bound alone is approximate, as hyper
+            // reads into whatever capacity its buffer has grown to.
+            .max_header_size(self.max_header_bytes)
             .max_buf_size(self.max_header_bytes.max(8192))
             .max_headers(self.max_headers)
             .keep_alive(true);
-        b.http2()
-            .timer(TokioTimer::new())
+        b
+    }
+
+    fn http2(&self) -> http2::Builder<TokioExecutor> {
+        let mut b = http2::Builder::new(TokioExecutor::new());
+        b.timer(TokioTimer::new())
             .max_concurrent_streams(self.http2_max_concurrent_streams)
             .keep_alive_interval(self.http2_keepalive_interval)
             .max_header_list_size(self.max_header_bytes.min(u32::MAX as usize) as u32);
@@ -85,14 +90,21 @@ impl ServerSettings {
 }
 
 /// Waits until the first bytes of a connection tell HTTP/1 from HTTP/2's preface (peeking, so
-/// nothing is consumed). `false` when the client closed first.
-async fn protocol_decidable(stream: &tokio::net::TcpStream) -> bool {
+/// nothing is consumed): `Some(true)` for HTTP/2, `Some(false)` for HTTP/1, `None` when the
+/// client closed first.
+///
+/// Deciding here rather than in hyper-util's auto builder saves memory on every connection:
+/// the auto builder reads the first bytes itself and replays them, so hyper's first read
+/// returns only those and its 8 KiB read buffer grows to 16 KiB for the rest of the head, and
+/// stays so for the life of the keep-alive connection.
+async fn protocol_decidable(stream: &tokio::net::TcpStream) -> Option<bool> {
     const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
     let mut buf = [0u8; 24];
     loop {
         match stream.peek(&mut buf).await {
-            Ok(0) | Err(_) => return false,
-            Ok(n) if n >= PREFACE.len() || !PREFACE.starts_with(&buf[..n]) => return true,
+            Ok(0) | Err(_) => return None,
+            Ok(n) if n >= PREFACE.len() => return Some(buf == PREFACE),
+            Ok(n) if !PREFACE.starts_with(&buf[..n]) => return Some(false),
             // Part of the preface so far: the rest is on its way (or never comes, and the
             // caller's timeout ends the wait). Peeking again at once would spin.
             Ok(_) => tokio::time::sleep(Duration::from_millis(5)).await,
@@ -100,12 +112,55 @@ async fn protocol_decidable(stream: &tokio::net::TcpStream) -> bool {
     }
 }
 
-/// The three connection builders: sniffing (plain listeners: HTTP/1.1 or h2c), and one per
-/// ALPN outcome on TLS listeners.
+/// The connection builders: one per protocol, chosen by the first bytes on plain listeners
+/// (HTTP/1.1 or h2c) and by ALPN on TLS listeners.
 struct Builders {
-    auto: auto::Builder<TokioExecutor>,
-    h1: auto::Builder<TokioExecutor>,
-    h2: auto::Builder<TokioExecutor>,
+    h1: http1::Builder,
+    h2: http2::Builder<TokioExecutor>,
+}
+
+/// Serves one connection with the builder of its protocol until it ends, or until shutdown
+/// is signalled, then lets it finish gracefully (in-flight requests complete, keep-alive
+/// ends).
+async fn serve_connection<I, S>(
+    builders: &Builders,
+    h2: bool,
+    io: I,
+    svc: S,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+    client: std::net::SocketAddr,
+) where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = crate::body::GatewayBody>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S::Future: Send + 'static,
+{
+    // Hand-written rather than hyper-util's `GracefulShutdown`: its watcher takes hyper-util's
+    // auto connections and hyper's plain HTTP/1 ones, not hyper's HTTP/1 connection with
+    // upgrades, which WebSocket tunnels need.
+    macro_rules! drive {
+        ($conn:expr) => {{
+            let conn = $conn;
+            tokio::pin!(conn);
+            let result = tokio::select! {
+                r = conn.as_mut() => r,
+                _ = async { drop(shutdown.wait_for(|down| *down).await) } => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = result {
+                tracing::debug!(%client, error = %e, "connection ended with an error");
+            }
+        }};
+    }
+    if h2 {
+        // Boxed: HTTP/2's connection state is several times HTTP/1's, and the larger branch
+        // would size the task of every HTTP/1 connection.
+        Box::pin(async move { drive!(builders.h2.serve_connection(io, svc)) }).await
+    } else {
+        drive!(builders.h1.serve_connection(io, svc).with_upgrades())
+    }
 }
 
 /// Serves until `shutdown` resolves, then stops accepting, lets in-flight requests finish
@@ -117,11 +172,7 @@ pub(crate) async fn serve(
     settings: ServerSettings,
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
-    let builders = Arc::new(Builders {
-        auto: settings.builder(),
-        h1: settings.builder().http1_only(),
-        h2: settings.builder().http2_only(),
-    });
+    let builders = Arc::new(Builders { h1: settings.http1(), h2: settings.http2() });
     let acceptor = if tls_listeners.is_empty() {
         None
     } else {
@@ -140,7 +191,8 @@ pub(crate) async fn serve(
             service.balancer.ensure_checks_started();
         }
     }
-    let graceful = Arc::new(GracefulShutdown::new());
+    // Connections hold a receiver; shutdown sends `true` and waits until all are dropped.
+    let (graceful, _) = tokio::sync::watch::channel(false);
     let mut accept_tasks = tokio::task::JoinSet::new();
     let all = listeners.into_iter().map(|l| (l, None)).chain(tls_listeners.into_iter().map(|l| (l, acceptor.clone())));
     for (listener, tls) in all {
@@ -148,7 +200,7 @@ pub(crate) async fn serve(
         tracing::info!(%local, tls = tls.is_some(), "listening");
         let shared = shared.clone();
         let builders = builders.clone();
-        let graceful = graceful.clone();
+        let watcher = graceful.subscribe();
         let header_timeout = settings.header_read_timeout;
         accept_tasks.spawn(async move {
             loop {
@@ -165,7 +217,7 @@ pub(crate) async fn serve(
                 let conn_info = ConnInfo { client, local, tls: tls.is_some() };
                 let shared = shared.clone();
                 let builders = builders.clone();
-                let watcher = graceful.watcher();
+                let watcher = watcher.clone();
                 let tls = tls.clone();
                 shared.stats.connections_accepted.fetch_add(1, Ordering::Relaxed);
                 let open = OpenConnection::new(shared.clone());
@@ -187,22 +239,18 @@ pub(crate) async fn serve(
                         fut
                     });
                     let Some(acceptor) = tls else {
-                        // hyper-util's auto builder reads the first bytes to tell HTTP/2's
-                        // preface from HTTP/1 with no timer of its own: bound that wait by the
-                        // header timeout, or a client trickling `P`, `R`, `I` holds the
+                        // The first bytes tell HTTP/2's preface from HTTP/1; bound that wait
+                        // by the header timeout, or a client trickling `P`, `R`, `I` holds the
                         // connection forever.
-                        match tokio::time::timeout(header_timeout, protocol_decidable(&stream)).await {
-                            Ok(true) => {}
-                            Ok(false) => return,
+                        let h2 = match tokio::time::timeout(header_timeout, protocol_decidable(&stream)).await {
+                            Ok(Some(h2)) => h2,
+                            Ok(None) => return,
                             Err(_) => {
                                 tracing::debug!(%client, "no request head within the header timeout; closing");
                                 return;
                             }
-                        }
-                        let conn = builders.auto.serve_connection_with_upgrades(TokioIo::new(stream), svc).into_owned();
-                        if let Err(e) = watcher.watch(conn).await {
-                            tracing::debug!(%client, error = %e, "connection ended with an error");
-                        }
+                        };
+                        serve_connection(&builders, h2, TokioIo::new(stream), svc, watcher, client).await;
                         return;
                     };
                     // Boxed: the TLS states (handshake, rustls session) are larger than the
@@ -221,11 +269,7 @@ pub(crate) async fn serve(
                             }
                         };
                         let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
-                        let builder = if h2 { &builders.h2 } else { &builders.h1 };
-                        let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc).into_owned();
-                        if let Err(e) = watcher.watch(conn).await {
-                            tracing::debug!(%client, error = %e, "connection ended with an error");
-                        }
+                        serve_connection(&builders, h2, TokioIo::new(stream), svc, watcher, client).await;
                     })
                     .await;
                 });
@@ -236,9 +280,9 @@ pub(crate) async fn serve(
     tracing::info!("shutting down: no new connections, finishing in-flight requests");
     accept_tasks.abort_all();
     while accept_tasks.join_next().await.is_some() {}
-    // The accept loops are gone, so this is the last handle.
-    let graceful = Arc::try_unwrap(graceful).unwrap_or_else(|_| unreachable!("accept loops hold no handle"));
-    if tokio::time::timeout(settings.shutdown_grace, graceful.shutdown()).await.is_err() {
+    // The accept loops are gone with their receivers: what is left are open connections.
+    graceful.send_replace(true);
+    if tokio::time::timeout(settings.shutdown_grace, graceful.closed()).await.is_err() {
         tracing::warn!(grace = ?settings.shutdown_grace, "grace period over; closing remaining connections");
     }
     Ok(())
