@@ -95,6 +95,23 @@ impl ProxyBody {
     }
 }
 
+/// The client's request body broke (an invalid chunk, a connection cut mid-body): the
+/// client's fault, answered 400, never counted against the upstream.
+#[derive(Debug)]
+pub struct ClientBodyError(pub hyper::Error);
+
+impl std::fmt::Display for ClientBodyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "client request body: {}", self.0)
+    }
+}
+
+impl std::error::Error for ClientBodyError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.0)
+    }
+}
+
 impl Body for ProxyBody {
     type Data = Bytes;
     type Error = BoxError;
@@ -102,7 +119,7 @@ impl Body for ProxyBody {
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             ProxyBody::Empty => Poll::Ready(None),
-            ProxyBody::Incoming(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            ProxyBody::Incoming(b) => Pin::new(b).poll_frame(cx).map_err(|e| Box::new(ClientBodyError(e)) as BoxError),
             ProxyBody::Boxed(b) => Pin::new(b).poll_frame(cx),
             ProxyBody::Deferred(d) => {
                 if d.taken.is_none() {

@@ -134,6 +134,7 @@ mod snapshot;
 pub mod tls;
 
 /// The regex crate, re-exported: [`plugin::RequestContext::uri_captures`] returns its `Captures`.
+pub use ipnet;
 pub use regex;
 
 use std::convert::Infallible;
@@ -170,6 +171,8 @@ pub(crate) struct Shared {
     pub(crate) started: Instant,
     /// Source objects the config source refused, for `/metrics` ([`Gateway::set_rejected`]).
     pub(crate) rejected: ArcSwap<Vec<observe::Rejected>>,
+    /// Proxies whose `X-Forwarded-*` headers are believed ([`GatewayBuilder::trusted_ips`]).
+    pub(crate) trusted_ips: Arc<[ipnet::IpNet]>,
 }
 
 /// Counters the server and the admin API share.
@@ -207,6 +210,7 @@ pub struct GatewayBuilder {
     plugins: PluginRegistry,
     upstream: UpstreamSettings,
     observe: Observability,
+    trusted_ips: Vec<ipnet::IpNet>,
 }
 
 /// How the gateway connects to upstreams: DNS and keep-alive pools.
@@ -262,6 +266,18 @@ impl GatewayBuilder {
         self
     }
 
+    /// The proxies in front of the gateway whose `X-Forwarded-*` headers are believed, as
+    /// Kong's `trusted_ips` (none by default). From a trusted peer, `X-Forwarded-For` is
+    /// extended and the client it names (the right-most address that is not itself trusted)
+    /// is the client for plugins, balancing and logs; its `X-Forwarded-Proto`, `-Host`,
+    /// `-Port`, `-Path` and `-Prefix` pass through. From anyone else those headers are
+    /// replaced with what the gateway sees.
+    #[must_use]
+    pub fn trusted_ips(mut self, nets: Vec<ipnet::IpNet>) -> Self {
+        self.trusted_ips = nets;
+        self
+    }
+
     /// Compiles `config` and returns a gateway serving it.
     pub fn build(self, config: &Config) -> Result<Gateway, ConfigError> {
         let mut clients = ClientCache::new(&self.upstream);
@@ -277,6 +293,7 @@ impl GatewayBuilder {
                 ready: AtomicBool::new(true),
                 started: Instant::now(),
                 rejected: ArcSwap::default(),
+                trusted_ips: self.trusted_ips.into(),
             }),
         })
     }
@@ -448,7 +465,7 @@ where
         self.shared.stats.requests.fetch_add(1, Ordering::Relaxed);
         let snapshot = self.shared.snapshot.load_full();
         let req = req.map(ProxyBody::from_body);
-        let values = proxy::ConnValues::new(&conn);
+        let values = proxy::ConnValues::new(&conn, &self.shared.trusted_ips);
         Box::pin(async move { Ok(proxy::handle(snapshot, req, conn, values).await) })
     }
 }

@@ -223,7 +223,7 @@ pub(crate) async fn serve(
                 let open = OpenConnection::new(shared.clone());
                 tokio::spawn(async move {
                     let _open = open;
-                    let values = ConnValues::new(&conn_info);
+                    let values = ConnValues::new(&conn_info, &shared.trusted_ips);
                     let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
                         shared.stats.requests.fetch_add(1, Ordering::Relaxed);
                         let snapshot = shared.snapshot.load_full();

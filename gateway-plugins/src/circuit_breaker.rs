@@ -187,7 +187,8 @@ impl Breakers {
 
     fn is_failure(&self, resp: &Response<ResponseBody>) -> bool {
         match resp.extensions().get::<UpstreamFailure>() {
-            Some(UpstreamFailure::NoTarget) => false,
+            // The client's broken body says nothing about the target.
+            Some(UpstreamFailure::NoTarget | UpstreamFailure::ClientBody) => false,
             Some(_) => true,
             None => self.settings.statuses.contains(&resp.status()),
         }

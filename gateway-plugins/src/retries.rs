@@ -158,7 +158,7 @@ impl Policy {
         match resp.extensions().get::<UpstreamFailure>() {
             Some(UpstreamFailure::Connect) => self.on_connect,
             Some(UpstreamFailure::Timeout) => self.on_timeout,
-            Some(UpstreamFailure::Protocol | UpstreamFailure::NoTarget) => false,
+            Some(UpstreamFailure::Protocol | UpstreamFailure::NoTarget | UpstreamFailure::ClientBody) => false,
             None => self.statuses.contains(&resp.status()),
         }
     }

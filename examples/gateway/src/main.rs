@@ -20,6 +20,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use gateway_core::config::{Config, ConfigError};
+use gateway_core::ipnet::IpNet;
 use gateway_core::server::ServerSettings;
 use gateway_core::{Gateway, Observability, UpstreamSettings};
 use tokio::net::TcpListener;
@@ -201,6 +202,11 @@ struct ServeArgs {
     /// `keepalive_idle_timeout` (seconds) overrides it.
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     upstream_keepalive_idle_timeout: Duration,
+    /// Proxies in front of the gateway whose `X-Forwarded-*` headers are believed (IPs or
+    /// CIDRs, comma separated or repeated), as Kong's `trusted_ips`. From anyone else those
+    /// headers are replaced. Default: none.
+    #[arg(long, value_delimiter = ',', value_parser = parse_net)]
+    trusted_ips: Vec<IpNet>,
 }
 
 impl ServeArgs {
@@ -230,6 +236,12 @@ impl ServeArgs {
         u.keepalive_idle_timeout = self.upstream_keepalive_idle_timeout;
         u
     }
+}
+
+fn parse_net(s: &str) -> Result<IpNet, String> {
+    s.parse::<IpNet>()
+        .or_else(|_| s.parse::<std::net::IpAddr>().map(IpNet::from))
+        .map_err(|_| format!("`{s}` is neither an IP address nor a CIDR (e.g. 10.0.0.0/8)"))
 }
 
 fn parse_on_off(s: &str) -> Result<bool, String> {
@@ -288,7 +300,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Validate { file } => {
             match Config::from_file(&file)
-                .and_then(|c| build(&c, &UpstreamSettings::default(), Observability::off()).map(drop))
+                .and_then(|c| build(&c, &UpstreamSettings::default(), Observability::off(), &[]).map(drop))
             {
                 Ok(()) => {
                     println!("{}: valid", file.display());
@@ -300,7 +312,7 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Routes { config } => match load(&config, &UpstreamSettings::default(), Observability::off()) {
+        Command::Routes { config } => match load(&config, &UpstreamSettings::default(), Observability::off(), &[]) {
             Ok(gateway) => {
                 print_routes(&gateway);
                 ExitCode::SUCCESS
@@ -349,17 +361,28 @@ fn runtime(workers: Option<usize>) -> tokio::runtime::Runtime {
 }
 
 /// The binary's gateway: every first-party plugin registered.
-fn build(config: &Config, upstream: &UpstreamSettings, observe: Observability) -> Result<Gateway, ConfigError> {
+fn build(
+    config: &Config,
+    upstream: &UpstreamSettings,
+    observe: Observability,
+    trusted_ips: &[IpNet],
+) -> Result<Gateway, ConfigError> {
     Gateway::builder()
         .plugins(gateway_plugins::registry())
         .upstream_settings(upstream.clone())
         .observability(observe)
+        .trusted_ips(trusted_ips.to_vec())
         .build(config)
 }
 
-fn load(path: &Path, upstream: &UpstreamSettings, observe: Observability) -> Result<Gateway, ConfigError> {
+fn load(
+    path: &Path,
+    upstream: &UpstreamSettings,
+    observe: Observability,
+    trusted_ips: &[IpNet],
+) -> Result<Gateway, ConfigError> {
     let config = Config::from_file(path)?;
-    build(&config, upstream, observe).map_err(|e| e.in_file_if_unnamed(path))
+    build(&config, upstream, observe, trusted_ips).map_err(|e| e.in_file_if_unnamed(path))
 }
 
 fn print_routes(gateway: &Gateway) {
@@ -397,7 +420,7 @@ fn k8s_translate(path: &Path, options: &gateway_k8s::Options) -> ExitCode {
         }
     };
     let check = |config: &Config| {
-        build(config, &UpstreamSettings::default(), Observability::off()).map(|g| g.plugin_failures())
+        build(config, &UpstreamSettings::default(), Observability::off(), &[]).map(|g| g.plugin_failures())
     };
     let translation = match gateway_k8s::translate_checked(&objects, options, check) {
         Ok(t) => t,
@@ -453,7 +476,7 @@ async fn run(source: Source, args: ServeArgs) -> ExitCode {
 
 async fn serve_until_stopped(source: Source, args: ServeArgs, observe: Observability) -> ExitCode {
     let gateway = match &source {
-        Source::File(path) => match load(path, &args.upstream(), observe.clone()) {
+        Source::File(path) => match load(path, &args.upstream(), observe.clone(), &args.trusted_ips) {
             Ok(g) => g,
             Err(e) => {
                 eprintln!("{e}");
@@ -463,7 +486,7 @@ async fn serve_until_stopped(source: Source, args: ServeArgs, observe: Observabi
         Source::Manifests(..) | Source::Kubernetes(_) => {
             let mut empty = Config::default();
             empty.format_version = "3.0".into();
-            match build(&empty, &args.upstream(), observe.clone()) {
+            match build(&empty, &args.upstream(), observe.clone(), &args.trusted_ips) {
                 Ok(g) => g,
                 Err(e) => {
                     eprintln!("{e}");
@@ -471,7 +494,7 @@ async fn serve_until_stopped(source: Source, args: ServeArgs, observe: Observabi
                 }
             }
         }
-        Source::Demo => match demo_gateway(&args.upstream(), observe).await {
+        Source::Demo => match demo_gateway(&args.upstream(), observe, &args.trusted_ips).await {
             Ok(g) => g,
             Err(e) => {
                 eprintln!("demo: {e}");
@@ -698,6 +721,7 @@ const DEMO_CONFIG: &str = include_str!("../demo.yaml");
 async fn demo_gateway(
     upstream: &UpstreamSettings,
     observe: Observability,
+    trusted_ips: &[IpNet],
 ) -> Result<Gateway, Box<dyn std::error::Error>> {
     let echo_addr = echo::spawn().await?;
     let mut config = Config::from_yaml(DEMO_CONFIG)?;
@@ -708,7 +732,7 @@ async fn demo_gateway(
             }
         }
     }
-    Ok(build(&config, upstream, observe)?)
+    Ok(build(&config, upstream, observe, trusted_ips)?)
 }
 
 fn print_demo_help(proxy: SocketAddr, tls: Option<SocketAddr>, admin: Option<SocketAddr>) {

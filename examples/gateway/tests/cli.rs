@@ -342,9 +342,17 @@ fn upstream_flags_are_checked() {
     let out = bin().args(["run", "--config", "x.yml", "--upstream-keepalive-idle-timeout", "soon"]).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--upstream-keepalive-idle-timeout"));
+    let out = bin().args(["run", "--config", "x.yml", "--trusted-ips", "10.0.0.0/8,proxy.local"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--trusted-ips") && err.contains("`proxy.local` is neither an IP address nor a CIDR"),
+        "{err}"
+    );
     // Good values get as far as reading the (missing) config.
     let out = bin()
         .args(["run", "--config", "/nonexistent/kong.yml", "--dns-resolver", "127.0.0.1:5353"])
+        .args(["--trusted-ips", "10.0.0.0/8,192.168.1.1", "--trusted-ips", "::1"])
         .args(["--upstream-keepalive-pool-size", "0", "--upstream-keepalive-idle-timeout", "5s"])
         .output()
         .unwrap();

@@ -23,7 +23,7 @@ pub mod path;
 use std::borrow::Cow;
 use std::error::Error as StdError;
 use std::fmt::Write as _;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -33,6 +33,7 @@ use http::uri::{PathAndQuery, Uri};
 use http::{Request, Response, StatusCode, Version};
 use hyper_util::client::legacy::connect::HttpInfo;
 use hyper_util::client::legacy::connect::capture_connection;
+use ipnet::IpNet;
 
 use std::ops::ControlFlow;
 
@@ -61,18 +62,45 @@ pub struct ConnInfo {
 /// connection by the server (per request when embedded as a tower service).
 #[derive(Debug, Clone)]
 pub(crate) struct ConnValues {
+    /// The peer's address.
     pub(crate) ip: HeaderValue,
+    /// The client's address: the peer's, or the one a trusted proxy forwarded.
+    pub(crate) client_ip: HeaderValue,
     port: HeaderValue,
+    /// The trusted proxies, when the peer is one of them: its `X-Forwarded-*` headers are
+    /// believed. `None` (the common case) costs nothing per request.
+    trusted: Option<Arc<[IpNet]>>,
 }
 
 impl ConnValues {
-    pub(crate) fn new(conn: &ConnInfo) -> Self {
-        let ip = conn.client.ip().to_canonical().to_string();
+    pub(crate) fn new(conn: &ConnInfo, trusted_ips: &Arc<[IpNet]>) -> Self {
+        let peer = conn.client.ip().to_canonical();
+        let ip = HeaderValue::from_str(&peer.to_string()).unwrap_or(HeaderValue::from_static("0.0.0.0"));
         ConnValues {
-            ip: HeaderValue::from_str(&ip).unwrap_or(HeaderValue::from_static("0.0.0.0")),
+            client_ip: ip.clone(),
+            ip,
             port: HeaderValue::from(conn.local.port()),
+            trusted: trusted_ips.iter().any(|n| n.contains(&peer)).then(|| trusted_ips.clone()),
         }
     }
+}
+
+/// The client behind a trusted proxy: the right-most `X-Forwarded-For` address that is not a
+/// trusted proxy itself (nginx's `real_ip_recursive on`), or the left-most when all are.
+/// `None` when the header is absent or unreadable: the peer is the client.
+fn forwarded_client(headers: &HeaderMap, trusted: &[IpNet]) -> Option<IpAddr> {
+    let mut last = None;
+    let values: Vec<&HeaderValue> = headers.get_all(&X_FORWARDED_FOR).iter().collect();
+    for v in values.iter().rev() {
+        for part in v.to_str().ok()?.rsplit(',') {
+            let ip = part.trim().parse::<IpAddr>().ok()?.to_canonical();
+            if !trusted.iter().any(|n| n.contains(&ip)) {
+                return Some(ip);
+            }
+            last = Some(ip);
+        }
+    }
+    last
 }
 
 impl Default for ConnInfo {
@@ -351,6 +379,18 @@ fn is_timeout(err: &(dyn StdError + 'static)) -> bool {
     false
 }
 
+/// Whether a failed upstream call failed on the client's side: its request body broke.
+fn client_body_broke(err: &(dyn StdError + 'static)) -> bool {
+    let mut cur = Some(err);
+    while let Some(e) = cur {
+        if e.is::<crate::body::ClientBodyError>() {
+            return true;
+        }
+        cur = e.source();
+    }
+    false
+}
+
 fn error_chain(err: &(dyn StdError + 'static)) -> String {
     let mut s = err.to_string();
     let mut cur = err.source();
@@ -440,10 +480,20 @@ fn prepare(
 pub(crate) async fn handle(
     snapshot: Arc<Snapshot>,
     req: Request<ProxyBody>,
-    conn: ConnInfo,
-    values: ConnValues,
+    mut conn: ConnInfo,
+    mut values: ConnValues,
 ) -> Response<GatewayBody> {
     let start = Instant::now();
+    if let Some(trusted) = &values.trusted
+        && let Some(client) = forwarded_client(req.headers(), trusted)
+    {
+        // Plugins (rate limiting by ip, ip-restriction), balancing by ip and the access log
+        // see the client a trusted proxy forwarded.
+        conn.client = SocketAddr::new(client, conn.client.port());
+        if let Ok(v) = HeaderValue::from_str(&client.to_string()) {
+            values.client_ip = v;
+        }
+    }
     let (metrics_on, access_log, latency_headers) =
         (snapshot.observe.metrics, snapshot.observe.access_log, snapshot.observe.latency_headers);
     let hook = snapshot.observe.on_finish.clone();
@@ -459,7 +509,7 @@ pub(crate) async fn handle(
     // authority; the Host header is kept for HTTP/1.
     let seen = (access_log || hook.is_some()).then(|| {
         let host = req.headers().get(header::HOST).cloned();
-        (req.method().clone(), host, req.uri().clone(), values.ip.clone())
+        (req.method().clone(), host, req.uri().clone(), values.client_ip.clone())
     });
     let mut facts = Facts::default();
     let mut resp = handle_http(snapshot, req, conn, values, start, &mut facts).await;
@@ -604,6 +654,9 @@ async fn handle_http(
     let original_pq = parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
     let normalized = path::normalize(original_pq.path());
     let path: &str = &normalized;
+    if path::hides_dot_segment(path) {
+        return error_response(StatusCode::BAD_REQUEST, "invalid request path", &request_id);
+    }
 
     // Host: HTTP/2 carries it in :authority, HTTP/1 in the Host header.
     let raw_host = match parts.uri.authority() {
@@ -818,7 +871,7 @@ fn attach_balance_key(
     };
     let input = KeyInput {
         consumer,
-        client_ip: &values.ip,
+        client_ip: &values.client_ip,
         headers: req.headers(),
         path,
         query: req.uri().query(),
@@ -863,6 +916,9 @@ pub enum UpstreamFailure {
     Protocol,
     /// No target was available.
     NoTarget,
+    /// The client's request body broke while it was sent (answered 400; the upstream is not
+    /// blamed).
+    ClientBody,
 }
 
 /// A filter a layer puts in the request extensions to steer target choice: the balancer skips
@@ -929,12 +985,29 @@ async fn call_upstream(
     let mut target_label = None;
     let result = send_with_retries(service, &mut parts, body, pq, preserve_host, &mut target_label).await;
     let resp = match result {
+        Ok(resp)
+            if resp.headers().contains_key(header::TRANSFER_ENCODING)
+                && resp.headers().contains_key(header::CONTENT_LENGTH) =>
+        {
+            // Framed two ways: hyper reads it by Transfer-Encoding, but passing the
+            // Content-Length on would frame it differently downstream (response splitting).
+            // The unread body keeps the connection out of the pool.
+            tracing::warn!(service = &*service.name, "upstream response has both Content-Length and Transfer-Encoding");
+            error_response(
+                StatusCode::BAD_GATEWAY,
+                "An invalid response was received from the upstream server",
+                &request_id,
+            )
+        }
         Ok(resp) => {
             let (mut rparts, rbody) = resp.into_parts();
             let switching = (rparts.status == StatusCode::SWITCHING_PROTOCOLS)
                 .then(|| rparts.headers.get(header::UPGRADE).cloned())
                 .flatten();
             remove_hop_by_hop(&mut rparts.headers);
+            // `TE` is a request header: `trailers` is kept on requests for gRPC, never sent
+            // back.
+            rparts.headers.remove(header::TE);
             if let Some(protocol) = switching {
                 rparts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
                 rparts.headers.insert(header::UPGRADE, protocol);
@@ -984,7 +1057,12 @@ fn set_forwarding_headers(
 ) {
     remove_hop_by_hop(h);
     h.remove(header::FORWARDED);
+    // A trusted proxy's `X-Forwarded-For` is extended and its other `X-Forwarded-*` headers
+    // kept (Kong's `trusted_ips`); anyone else's are replaced, so a client cannot claim
+    // another address, scheme or host.
+    let trusted = values.trusted.is_some();
     let xff = match h.get(&X_FORWARDED_FOR) {
+        Some(_) if !trusted => Some(values.ip.clone()),
         None => Some(values.ip.clone()),
         Some(_) => {
             let mut joined = BytesMut::with_capacity(64);
@@ -999,21 +1077,21 @@ fn set_forwarding_headers(
     if let Some(v) = xff {
         h.insert(X_FORWARDED_FOR.clone(), v);
     }
-    h.insert(X_REAL_IP.clone(), values.ip.clone());
-    h.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(if conn.tls { "https" } else { "http" }));
-    match host {
-        Some(v) => h.insert(X_FORWARDED_HOST.clone(), v),
-        None => h.remove(&X_FORWARDED_HOST),
+    h.insert(X_REAL_IP.clone(), values.client_ip.clone());
+    let mut set = |name: &HeaderName, v: Option<HeaderValue>| {
+        if trusted && h.contains_key(name) {
+            return;
+        }
+        match v {
+            Some(v) => h.insert(name.clone(), v),
+            None => h.remove(name),
+        };
     };
-    h.insert(X_FORWARDED_PORT.clone(), values.port.clone());
-    match path {
-        Some(v) => h.insert(X_FORWARDED_PATH.clone(), v),
-        None => h.remove(&X_FORWARDED_PATH),
-    };
-    match prefix {
-        Some(v) => h.insert(X_FORWARDED_PREFIX.clone(), v),
-        None => h.remove(&X_FORWARDED_PREFIX),
-    };
+    set(&X_FORWARDED_PROTO, Some(HeaderValue::from_static(if conn.tls { "https" } else { "http" })));
+    set(&X_FORWARDED_HOST, host);
+    set(&X_FORWARDED_PORT, Some(values.port.clone()));
+    set(&X_FORWARDED_PATH, path);
+    set(&X_FORWARDED_PREFIX, prefix);
     h.insert(X_REQUEST_ID.clone(), request_id.clone());
     append_via(h, version);
 }
@@ -1092,6 +1170,11 @@ async fn send_with_retries(
                 }
                 service.balancer.report(target, Ok(resp.status()));
                 return Ok(resp);
+            }
+            Err(err) if client_body_broke(&err) => {
+                drop(in_flight);
+                tracing::info!(service = &*service.name, error = %error_chain(&err), "client request body broke");
+                return Err((StatusCode::BAD_REQUEST, "Bad request body", UpstreamFailure::ClientBody));
             }
             Err(err) => {
                 drop(in_flight);

@@ -4,8 +4,9 @@
 //!
 //! Applied (RFC 3986 6.2.2): percent-escapes of unreserved characters are decoded (`%61` is
 //! `a`), the remaining escapes get upper-case hex digits, and dot segments are removed
-//! (`/a/./b/../c` is `/a/c`). Escaped reserved characters stay escaped (`%2F` is not a
-//! slash). Repeated slashes are kept.
+//! (`/a/./b/../c` is `/a/c`), and repeated slashes are merged (`//admin` is `/admin`, as
+//! nginx's `merge_slashes on`). Escaped reserved characters stay escaped (`%2F` is not a
+//! slash). Paths stay case-sensitive, as in Kong and nginx: `/ADMIN` is not `/admin`.
 
 use std::borrow::Cow;
 
@@ -26,8 +27,7 @@ fn hex(b: u8) -> Option<u8> {
 pub fn normalize(path: &str) -> Cow<'_, str> {
     let bytes = path.as_bytes();
     let has_escape = bytes.contains(&b'%');
-    let has_dot_segment = path.split('/').any(|s| s == "." || s == "..");
-    if !has_escape && !has_dot_segment {
+    if !has_escape && !needs_segment_pass(path) {
         return Cow::Borrowed(path);
     }
     let decoded: Cow<'_, str> = if has_escape {
@@ -58,10 +58,30 @@ pub fn normalize(path: &str) -> Cow<'_, str> {
     } else {
         Cow::Borrowed(path)
     };
-    if !decoded.split('/').any(|s| s == "." || s == "..") {
+    if !needs_segment_pass(&decoded) {
         return Cow::Owned(decoded.into_owned());
     }
     Cow::Owned(remove_dot_segments(&decoded))
+}
+
+/// Whether a path has dot segments or repeated slashes.
+fn needs_segment_pass(path: &str) -> bool {
+    path.contains("//") || path.split('/').any(|s| s == "." || s == "..")
+}
+
+/// Whether a normalised path hides a dot segment behind an escaped slash or a backslash
+/// (`/public/..%2Fadmin`, `/public%2F..%2Fadmin`): an upstream that decodes `%2F` or treats
+/// `\` as a separator would climb out of the route the router chose. Such requests are
+/// refused; escaped slashes without dot segments (`/repos/group%2Fproject`) pass.
+pub fn hides_dot_segment(path: &str) -> bool {
+    if !path.contains("%2F") && !path.contains("%5C") && !path.contains('\\') {
+        return false;
+    }
+    path.split('/')
+        .flat_map(|s| s.split("%2F"))
+        .flat_map(|s| s.split("%5C"))
+        .flat_map(|s| s.split('\\'))
+        .any(|s| s == "." || s == "..")
 }
 
 fn utf8_len(first: u8) -> usize {
@@ -73,7 +93,7 @@ fn utf8_len(first: u8) -> usize {
     }
 }
 
-/// RFC 3986 5.2.4 for an absolute path.
+/// RFC 3986 5.2.4 for an absolute path, merging empty segments (repeated slashes) too.
 fn remove_dot_segments(path: &str) -> String {
     let mut out: Vec<&str> = Vec::new();
     let segments: Vec<&str> = path.split('/').skip(1).collect();
@@ -81,7 +101,7 @@ fn remove_dot_segments(path: &str) -> String {
     let mut trailing_slash = false;
     for (i, seg) in segments.iter().enumerate() {
         match *seg {
-            "." => trailing_slash = i == last,
+            "." | "" => trailing_slash = i == last,
             ".." => {
                 out.pop();
                 trailing_slash = i == last;
@@ -137,7 +157,12 @@ mod tests {
             ("/a%2Fb", "/a%2Fb"),
             ("/caf%C3%A9", "/caf%C3%A9"),
             ("/%7euser", "/~user"),
-            ("//admin", "//admin"),
+            ("//admin", "/admin"),
+            ("/a//b///c/", "/a/b/c/"),
+            ("//", "/"),
+            ("/", "/"),
+            ("/x/", "/x/"),
+            ("/a/%2F/b", "/a/%2F/b"),
             ("/bad%zz", "/bad%zz"),
             ("/trailing%", "/trailing%"),
             ("/ünïcode/./x", "/ünïcode/x"),
@@ -147,6 +172,16 @@ mod tests {
             assert_eq!(normalize(input), want, "{input}");
         }
         assert!(matches!(normalize("/nothing/to/do"), Cow::Borrowed(_)));
+    }
+
+    #[test]
+    fn dot_segments_behind_escaped_slashes_are_found() {
+        for hidden in ["/public/..%2Fadmin", "/public%2F..%2Fadmin", "/a/.%2Fb", "/a%5C..%5Cb", "/x/..%5C"] {
+            assert!(hides_dot_segment(&normalize(hidden)), "{hidden}");
+        }
+        for fine in ["/repos/group%2Fproject", "/a..%2Fb", "/plain/path", "/%2F", "/a/.b%2F"] {
+            assert!(!hides_dot_segment(&normalize(fine)), "{fine}");
+        }
     }
 
     #[test]
