@@ -133,8 +133,9 @@ pub mod server;
 mod snapshot;
 pub mod tls;
 
-/// The regex crate, re-exported: [`plugin::RequestContext::uri_captures`] returns its `Captures`.
+/// The ipnet crate, re-exported: [`GatewayBuilder::trusted_ips`] takes its `IpNet`s.
 pub use ipnet;
+/// The regex crate, re-exported: [`plugin::RequestContext::uri_captures`] returns its `Captures`.
 pub use regex;
 
 use std::convert::Infallible;
@@ -274,7 +275,20 @@ impl GatewayBuilder {
     /// replaced with what the gateway sees.
     #[must_use]
     pub fn trusted_ips(mut self, nets: Vec<ipnet::IpNet>) -> Self {
-        self.trusted_ips = nets;
+        // Peers are compared in canonical form (`::ffff:10.0.0.1` is `10.0.0.1`), so the
+        // nets are too.
+        self.trusted_ips = nets
+            .into_iter()
+            .map(|n| match n {
+                ipnet::IpNet::V6(v6) => match v6.addr().to_ipv4_mapped() {
+                    Some(v4) if v6.prefix_len() >= 96 => {
+                        ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96).map_or(n, ipnet::IpNet::V4)
+                    }
+                    _ => n,
+                },
+                v4 => v4,
+            })
+            .collect();
         self
     }
 

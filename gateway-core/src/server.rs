@@ -40,7 +40,7 @@ pub struct ServerSettings {
     /// starts the header timer when a connection goes idle). Default 10 s.
     pub header_read_timeout: Duration,
     /// Largest request head in bytes (request line plus headers); larger heads get 431.
-    /// At least 8192. Default 32 KiB.
+    /// Default 32 KiB.
     pub max_header_bytes: usize,
     /// Most request headers; more get 431. Default 100.
     pub max_headers: usize,

@@ -187,7 +187,6 @@ impl Breakers {
 
     fn is_failure(&self, resp: &Response<ResponseBody>) -> bool {
         match resp.extensions().get::<UpstreamFailure>() {
-            // The client's broken body says nothing about the target.
             Some(UpstreamFailure::NoTarget | UpstreamFailure::ClientBody) => false,
             Some(_) => true,
             None => self.settings.statuses.contains(&resp.status()),
@@ -271,7 +270,10 @@ async fn call(breakers: Arc<Breakers>, inner: UpstreamService, mut req: Request<
             &id,
         );
     }
-    if let Some(UpstreamTarget(target)) = resp.extensions().get::<UpstreamTarget>() {
+    // A client's broken body tested nothing: neither a failure nor a success of the target.
+    if let Some(UpstreamTarget(target)) = resp.extensions().get::<UpstreamTarget>()
+        && resp.extensions().get::<UpstreamFailure>() != Some(&UpstreamFailure::ClientBody)
+    {
         breakers.record(target, breakers.is_failure(&resp));
     }
     resp

@@ -184,6 +184,10 @@ async fn no_spelling_of_a_path_gets_past_a_plugin() {
         ("/public/..%2fadmin", 400, None),
         ("/public%2f..%2fadmin", 400, None),
         ("/public/..%5cadmin", 400, None),
+        // A stray `%` would let `%%32e` normalise to `%2e`; `..;` is `..` to Tomcat.
+        ("/public/%%32e%%32e/admin", 400, None),
+        ("/public/..%%32fadmin", 400, None),
+        ("/public/..;/admin", 400, None),
         ("/ADMIN", 404, None),
         ("/Admin", 404, None),
         ("/%2fadmin", 404, None),
@@ -265,13 +269,40 @@ x-forwarded-proto: https\r\nx-forwarded-host: shop.example\r\nx-forwarded-port: 
     assert_eq!(echo.header("x-forwarded-proto"), Some("https"));
     assert_eq!(echo.header("x-forwarded-host"), Some("shop.example"));
     assert_eq!(echo.header("x-forwarded-port"), Some("443"));
+    // The chain is read entry by entry, right to left: whatever a client put on the left (even
+    // bytes that are not ASCII) does not matter once an untrusted address is found; ports
+    // and brackets are allowed, empty entries skipped, several lines read last first.
+    for (xff, client) in [
+        ("\u{80}garbage, 10.1.1.1", "10.1.1.1"),
+        ("1.2.3.4:5678", "1.2.3.4"),
+        ("[2001:db8::1]:443", "2001:db8::1"),
+        ("2001:db8::2", "2001:db8::2"),
+        ("::ffff:10.2.2.2", "10.2.2.2"),
+        ("10.3.3.3, , 127.0.0.5", "10.3.3.3"),
+        ("6.6.6.6\r\nx-forwarded-for: 10.4.4.4", "10.4.4.4"),
+        ("127.0.0.9", "127.0.0.9"),
+    ] {
+        let req =
+            format!("GET /public HTTP/1.1\r\nhost: api.test\r\nx-forwarded-for: {xff}\r\nconnection: close\r\n\r\n");
+        let echo = echo_of(&exchange(gw.addr, req.as_bytes()).await.0);
+        assert_eq!(echo.header("x-real-ip"), Some(client), "{xff:?}");
+    }
+    // An entry that is not an address before any untrusted one: the client is unknown, and
+    // taking the trusted proxy for it would let anyone pass as the proxy.
+    for xff in ["10.1.1.1, not-an-ip", "unknown", "10.1.1.1, 127.0.0.1, \u{80}"] {
+        let req =
+            format!("GET /public HTTP/1.1\r\nhost: api.test\r\nx-forwarded-for: {xff}\r\nconnection: close\r\n\r\n");
+        let (answer, _) = exchange(gw.addr, req.as_bytes()).await;
+        assert_eq!(status_of(&answer), 400, "{xff:?}: {answer:.300}");
+        assert!(answer.contains("invalid X-Forwarded-For"), "{answer:.300}");
+    }
     gw.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rate_limiting_by_ip_counts_the_real_client() {
     let up = echo_upstream().await;
-    let yaml = admin_and_public(up.addr, "{name: rate-limiting, config: {minute: 1, limit_by: ip}}");
+    let yaml = admin_and_public(up.addr, "{name: rate-limiting, config: {hour: 1, limit_by: ip}}");
     let status = |addr: SocketAddr, xff: &'static str| async move {
         let req = format!("GET /public HTTP/1.1\r\nhost: x\r\nx-forwarded-for: {xff}\r\nconnection: close\r\n\r\n");
         status_of(&exchange(addr, req.as_bytes()).await.0)

@@ -165,7 +165,7 @@ struct ServeArgs {
     /// Time a client has to send a request head; also the HTTP/1.1 keep-alive idle timeout.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     header_read_timeout: Duration,
-    /// Largest request head in bytes (431 above it; at least 8192).
+    /// Largest request head in bytes (431 above it).
     #[arg(long, default_value_t = 32 * 1024)]
     max_header_bytes: usize,
     /// Most request headers (431 above it).

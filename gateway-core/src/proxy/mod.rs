@@ -4,9 +4,11 @@
 //! - hop-by-hop headers are removed both ways: `Connection` and every header it names,
 //!   `Keep-Alive`, `Proxy-Connection`, `TE` (except `TE: trailers`), `Transfer-Encoding`,
 //!   `Upgrade`, and the proxy credentials `Proxy-Authorization` / `Proxy-Authenticate`;
-//! - `X-Forwarded-For` gets the client address appended; `X-Forwarded-Proto`, `-Host`, `-Port`,
-//!   `-Path` (the client's path), `-Prefix` (the stripped prefix) and `X-Real-IP` are set from
-//!   what the gateway saw, replacing what the client sent;
+//! - `X-Forwarded-For`, `X-Forwarded-Proto`, `-Host`, `-Port`, `-Path` (the client's path),
+//!   `-Prefix` (the stripped prefix) and `X-Real-IP` are set from what the gateway saw,
+//!   replacing what the client sent; from a trusted proxy (`GatewayBuilder::trusted_ips`)
+//!   `X-Forwarded-For` is extended and the other `X-Forwarded-*` headers kept;
+//! - `TE` goes up only as `TE: trailers` and never comes back;
 //! - `Via` is appended on the way up and on the way back;
 //! - every response carries `X-Request-Id`, which the upstream also receives;
 //! - a client's `Forwarded` header is dropped (the `X-Forwarded-*` set replaces it);
@@ -14,8 +16,8 @@
 //! - HTTP/2 `cookie` fields are joined into one for the HTTP/1.1 upstream (RFC 9113 8.2.3).
 //!
 //! Failures become JSON answers `{"message": ..., "request_id": ...}` in exactly one place,
-//! [`error_response`]: 404 when no route matches, 502 when the upstream connection or its
-//! response fails, 503 when no target is available, 504 on an upstream timeout.
+//! [`error_response`]: 400 for a path [`path::refused`] refuses or a broken request body,
+//! 404 when no route matches, 502 when the upstream connection or its response fails, 503 when no target is available, 504 on an upstream timeout.
 
 pub(crate) mod client;
 pub mod path;
@@ -85,22 +87,36 @@ impl ConnValues {
     }
 }
 
-/// The client behind a trusted proxy: the right-most `X-Forwarded-For` address that is not a
-/// trusted proxy itself (nginx's `real_ip_recursive on`), or the left-most when all are.
-/// `None` when the header is absent or unreadable: the peer is the client.
-fn forwarded_client(headers: &HeaderMap, trusted: &[IpNet]) -> Option<IpAddr> {
+/// The client behind a trusted proxy, read from `X-Forwarded-For` right to left (the last
+/// line first): the first address that is not a trusted proxy itself (nginx's
+/// `real_ip_recursive on`), or the left-most when all are. Entries may carry a port
+/// (`1.2.3.4:5678`, `[::1]:80`); empty entries are skipped. `Ok(None)` when there is no
+/// header: the peer is the client. `Err` when an entry that is not an address comes before
+/// any untrusted one: a client could otherwise pass as the trusted proxy itself.
+fn forwarded_client(headers: &HeaderMap, trusted: &[IpNet]) -> Result<Option<IpAddr>, ()> {
     let mut last = None;
-    let values: Vec<&HeaderValue> = headers.get_all(&X_FORWARDED_FOR).iter().collect();
-    for v in values.iter().rev() {
-        for part in v.to_str().ok()?.rsplit(',') {
-            let ip = part.trim().parse::<IpAddr>().ok()?.to_canonical();
+    for v in headers.get_all(&X_FORWARDED_FOR).iter().rev() {
+        for part in v.as_bytes().rsplit(|&b| b == b',') {
+            let part = part.trim_ascii();
+            if part.is_empty() {
+                continue;
+            }
+            let ip = std::str::from_utf8(part).ok().and_then(parse_forwarded_ip).ok_or(())?.to_canonical();
             if !trusted.iter().any(|n| n.contains(&ip)) {
-                return Some(ip);
+                return Ok(Some(ip));
             }
             last = Some(ip);
         }
     }
-    last
+    Ok(last)
+}
+
+/// An `X-Forwarded-For` entry: an address, with or without a port (`[v6]` brackets allowed).
+fn parse_forwarded_ip(s: &str) -> Option<IpAddr> {
+    s.parse::<IpAddr>()
+        .ok()
+        .or_else(|| s.parse::<SocketAddr>().ok().map(|a| a.ip()))
+        .or_else(|| s.strip_prefix('[')?.strip_suffix(']')?.parse().ok())
 }
 
 impl Default for ConnInfo {
@@ -484,14 +500,21 @@ pub(crate) async fn handle(
     mut values: ConnValues,
 ) -> Response<GatewayBody> {
     let start = Instant::now();
-    if let Some(trusted) = &values.trusted
-        && let Some(client) = forwarded_client(req.headers(), trusted)
-    {
-        // Plugins (rate limiting by ip, ip-restriction), balancing by ip and the access log
-        // see the client a trusted proxy forwarded.
-        conn.client = SocketAddr::new(client, conn.client.port());
-        if let Ok(v) = HeaderValue::from_str(&client.to_string()) {
-            values.client_ip = v;
+    if let Some(trusted) = &values.trusted {
+        match forwarded_client(req.headers(), trusted) {
+            Ok(None) => {}
+            Ok(Some(client)) => {
+                // Plugins (rate limiting by ip, ip-restriction), balancing by ip and the
+                // access log see the client a trusted proxy forwarded.
+                conn.client = SocketAddr::new(client, conn.client.port());
+                if let Ok(v) = HeaderValue::from_str(&client.to_string()) {
+                    values.client_ip = v;
+                }
+            }
+            Err(()) => {
+                let resp = error_response(StatusCode::BAD_REQUEST, "invalid X-Forwarded-For", &next_request_id());
+                return resp.map(|b| GatewayBody::new(b, None, None));
+            }
         }
     }
     let (metrics_on, access_log, latency_headers) =
@@ -654,7 +677,7 @@ async fn handle_http(
     let original_pq = parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
     let normalized = path::normalize(original_pq.path());
     let path: &str = &normalized;
-    if path::hides_dot_segment(path) {
+    if path::refused(original_pq.path(), path) {
         return error_response(StatusCode::BAD_REQUEST, "invalid request path", &request_id);
     }
 
@@ -985,20 +1008,6 @@ async fn call_upstream(
     let mut target_label = None;
     let result = send_with_retries(service, &mut parts, body, pq, preserve_host, &mut target_label).await;
     let resp = match result {
-        Ok(resp)
-            if resp.headers().contains_key(header::TRANSFER_ENCODING)
-                && resp.headers().contains_key(header::CONTENT_LENGTH) =>
-        {
-            // Framed two ways: hyper reads it by Transfer-Encoding, but passing the
-            // Content-Length on would frame it differently downstream (response splitting).
-            // The unread body keeps the connection out of the pool.
-            tracing::warn!(service = &*service.name, "upstream response has both Content-Length and Transfer-Encoding");
-            error_response(
-                StatusCode::BAD_GATEWAY,
-                "An invalid response was received from the upstream server",
-                &request_id,
-            )
-        }
         Ok(resp) => {
             let (mut rparts, rbody) = resp.into_parts();
             let switching = (rparts.status == StatusCode::SWITCHING_PROTOCOLS)
@@ -1155,6 +1164,26 @@ async fn send_with_retries(
         let capture = target.dns.as_ref().filter(|e| e.retiring()).map(|_| capture_connection(&mut req));
         let in_flight = service.balancer.begin(target);
         match service.client.request(req).await {
+            Ok(resp)
+                if resp.headers().contains_key(header::TRANSFER_ENCODING)
+                    && resp.headers().contains_key(header::CONTENT_LENGTH) =>
+            {
+                // Framed two ways: hyper reads it by Transfer-Encoding, but the
+                // Content-Length passed on would frame it differently downstream. A protocol
+                // failure of the target; the unread body keeps the connection out of the pool.
+                drop(in_flight);
+                service.balancer.report(target, Err(Outcome::TcpFailure));
+                tracing::warn!(
+                    service = &*service.name,
+                    upstream = &*target.label,
+                    "upstream response has both Content-Length and Transfer-Encoding"
+                );
+                return Err((
+                    StatusCode::BAD_GATEWAY,
+                    "An invalid response was received from the upstream server",
+                    UpstreamFailure::Protocol,
+                ));
+            }
             Ok(mut resp) => {
                 if let Some(f) = in_flight {
                     f.answered();
