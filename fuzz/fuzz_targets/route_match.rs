@@ -17,7 +17,8 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     let (host, port) = split_host(host);
     let headers = http::HeaderMap::new();
     ROUTER.with(|r| {
-        if let Some(m) = r.find(&RouteInput { host: &host, port, path, method: &http::Method::GET, headers: &headers }) {
+        if let Some(m) = r.find(&RouteInput { host: &host, port, path, method: &http::Method::GET, headers: &headers })
+        {
             assert!(m.matched_len <= path.len());
         }
     });

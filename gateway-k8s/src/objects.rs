@@ -188,9 +188,20 @@ impl Objects {
         let documents: Vec<Result<Value, String>> = if text.trim_start().starts_with('{') {
             vec![serde_json::from_str(text).map_err(|e| e.to_string())]
         } else {
-            serde_norway::Deserializer::from_str(text)
-                .map(|doc| Value::deserialize(doc).map_err(|e| e.to_string()))
-                .collect()
+            let mut documents = Vec::new();
+            for doc in serde_norway::Deserializer::from_str(text) {
+                let doc = Value::deserialize(doc).map_err(|e| e.to_string());
+                // After a syntax error (an unclosed `{`, say) the parser cannot move on and
+                // yields the same error forever: stop at the first repeat. (Found by the
+                // `ingress_translate` fuzz target: the loop took all memory.)
+                if let (Err(e), Some(Err(previous))) = (&doc, documents.last())
+                    && e == previous
+                {
+                    break;
+                }
+                documents.push(doc);
+            }
+            documents
         };
         let many = documents.len() > 1;
         for (i, doc) in documents.into_iter().enumerate() {

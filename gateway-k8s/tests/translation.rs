@@ -194,3 +194,18 @@ fn tls_secrets_become_sni_certificates() {
     // The missing Service's path is reported too; nothing else.
     assert_eq!(problems.len(), 3, "{problems:#?}");
 }
+
+/// A syntax error the YAML parser cannot get past (an unclosed `{`) is one problem, and the
+/// documents before it still load. (The parser repeats the error forever; the fuzz target
+/// `ingress_translate` found the loop that collected them.)
+#[test]
+fn an_unclosed_flow_mapping_is_one_problem_not_a_hang() {
+    let text = "apiVersion: v1\nkind: Service\nmetadata: {name: a, namespace: default}\nspec: {ports: [{port: 80}]}\n---\n\
+apiVersion: networking.k8s.io/v1\nkind: Ingress\nmetadata: {name: b}\nspec:\n  rules:\n  - http:\n      paths:\n      - {path: /x, pathType: Prefix: v1\nkind: Service\n";
+    let mut objects = Objects::default();
+    let problems = objects.add_manifest("broken.yaml", text);
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert!(problems[0].to_string().contains("broken.yaml#2"), "{}", problems[0]);
+    assert_eq!(objects.services.len(), 1);
+    assert!(objects.ingresses.is_empty());
+}

@@ -393,3 +393,25 @@ async fn hop_by_hop_response_headers_are_removed() {
     }
     gw.shutdown().await;
 }
+
+/// An `h2c` upgrade is not passed on: an upstream that took it would serve HTTP/2 requests for
+/// any path through the tunnel, past the router and the plugins. The request goes on as a
+/// plain one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_upgrades_are_not_passed_to_the_upstream() {
+    let up = echo_upstream().await;
+    let gw = start_running(gateway(&admin_and_public(up.addr, ""), &[]), ServerSettings::default()).await;
+    for upgrade in ["h2c", "H2C", "websocket, h2c"] {
+        let req = format!(
+            "GET /public HTTP/1.1\r\nhost: x\r\nconnection: Upgrade, HTTP2-Settings, close\r\nupgrade: {upgrade}\r\n\
+http2-settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n"
+        );
+        let (answer, _) = exchange(gw.addr, req.as_bytes()).await;
+        assert_eq!(status_of(&answer), 200, "{upgrade}: {answer:.300}");
+        let echo = echo_of(&answer);
+        for name in ["upgrade", "http2-settings", "connection"] {
+            assert_eq!(echo.headers.get(name), None, "{upgrade}: {name} reached the upstream");
+        }
+    }
+    gw.shutdown().await;
+}

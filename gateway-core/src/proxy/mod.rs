@@ -636,7 +636,12 @@ fn upgrade_request(parts: &http::request::Parts) -> Option<HeaderValue> {
         .get_all(header::CONNECTION)
         .iter()
         .any(|v| v.to_str().is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade"))));
-    if wants { parts.headers.get(header::UPGRADE).cloned() } else { None }
+    // `h2c` is not passed on: an upstream that took the upgrade would serve HTTP/2 requests
+    // for any path through the tunnel, past the router and every plugin (h2c smuggling).
+    // The request goes on as a plain HTTP/1.1 one.
+    let upgrade = parts.headers.get(header::UPGRADE).filter(|_| wants)?;
+    let h2c = upgrade.to_str().map_or(true, |v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("h2c")));
+    if h2c { None } else { Some(upgrade.clone()) }
 }
 
 /// Joins the client's and the upstream's upgraded connections and copies bytes both ways
