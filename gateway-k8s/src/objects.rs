@@ -188,20 +188,23 @@ impl Objects {
         let documents: Vec<Result<Value, String>> = if text.trim_start().starts_with('{') {
             vec![serde_json::from_str(text).map_err(|e| e.to_string())]
         } else {
-            let mut documents = Vec::new();
-            for doc in serde_norway::Deserializer::from_str(text) {
-                let doc = Value::deserialize(doc).map_err(|e| e.to_string());
-                // After a syntax error (an unclosed `{`, say) the parser cannot move on and
-                // yields the same error forever: stop at the first repeat. (Found by the
-                // `ingress_translate` fuzz target: the loop took all memory.)
-                if let (Err(e), Some(Err(previous))) = (&doc, documents.last())
-                    && e == previous
-                {
-                    break;
+            // The parser cannot be trusted past a syntax error: it repeats the error forever
+            // (an unclosed `{`) or panics (`unexpected end of mapping`). Both were found by
+            // the `ingress_translate` fuzz target. So reading stops at the first error, and
+            // a panic in the parser is a problem with the file, not the end of the process.
+            let read = std::panic::catch_unwind(|| {
+                let mut documents = Vec::new();
+                for doc in serde_norway::Deserializer::from_str(text) {
+                    let doc = Value::deserialize(doc).map_err(|e| format!("{e} (the rest of the file is not read)"));
+                    let failed = doc.is_err();
+                    documents.push(doc);
+                    if failed {
+                        break;
+                    }
                 }
-                documents.push(doc);
-            }
-            documents
+                documents
+            });
+            read.unwrap_or_else(|_| vec![Err("the YAML parser failed on this file; it is not read".to_string())])
         };
         let many = documents.len() > 1;
         for (i, doc) in documents.into_iter().enumerate() {

@@ -209,3 +209,13 @@ apiVersion: networking.k8s.io/v1\nkind: Ingress\nmetadata: {name: b}\nspec:\n  r
     assert_eq!(objects.services.len(), 1);
     assert!(objects.ingresses.is_empty());
 }
+
+/// A manifest on which the YAML parser panics (found by the fuzz target `ingress_translate`)
+/// is a problem with that file, and the process goes on.
+#[test]
+fn a_manifest_the_parser_panics_on_is_a_problem() {
+    let text = include_str!("fixtures/fuzz/parser-panic.yaml");
+    let mut objects = Objects::default();
+    let problems = objects.add_manifest("panic.yaml", text);
+    assert!(!problems.is_empty());
+}
