@@ -11,9 +11,11 @@
 //! assert_eq!(body.size_hint().exact(), Some(5));
 //! ```
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, ready};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
@@ -31,6 +33,9 @@ pub enum ProxyBody {
     Empty,
     /// A body read from a hyper connection (no allocation, streamed).
     Incoming(Incoming),
+    /// A body read from a hyper connection that must arrive whole before a deadline (the
+    /// server's [`body_read_timeout`](crate::server::ServerSettings::body_read_timeout)).
+    Timed(Pin<Box<TimedIncoming>>),
     /// Any other body (boxed once per request; used when embedding behind another server).
     Boxed(UnsyncBoxBody<Bytes, BoxError>),
     /// A body kept in a slot until the upstream asks for it, so a connection-level retry can
@@ -39,6 +44,17 @@ pub enum ProxyBody {
 }
 
 impl ProxyBody {
+    /// A client body from hyper that must be complete within `deadline` from now; `None` for
+    /// no deadline. A body already complete (no body, or `Content-Length: 0`) needs no timer.
+    pub fn incoming(body: Incoming, deadline: Option<Duration>) -> ProxyBody {
+        match deadline {
+            Some(limit) if !body.is_end_stream() => {
+                ProxyBody::Timed(Box::pin(TimedIncoming { body, deadline: tokio::time::sleep(limit), limit }))
+            }
+            _ => ProxyBody::Incoming(body),
+        }
+    }
+
     /// Wraps any body; hyper's `Incoming` is recognised and kept unboxed.
     pub fn from_body<B>(body: B) -> ProxyBody
     where
@@ -95,20 +111,88 @@ impl ProxyBody {
     }
 }
 
-/// The client's request body broke (an invalid chunk, a connection cut mid-body): the
-/// client's fault, answered 400, never counted against the upstream.
+pin_project_lite::pin_project! {
+    /// See [`ProxyBody::Timed`]. Hand-written rather than tower-http's `TimeoutBody`, which
+    /// times each frame separately: a client trickling one byte per frame would pass it.
+    #[derive(Debug)]
+    pub struct TimedIncoming {
+        body: Incoming,
+        #[pin]
+        deadline: tokio::time::Sleep,
+        limit: Duration,
+    }
+}
+
+impl Body for TimedIncoming {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.project();
+        if let Poll::Ready(frame) = Pin::new(this.body).poll_frame(cx) {
+            return Poll::Ready(frame.map(|f| f.map_err(|e| Box::new(ClientBodyError::Broken(e)) as BoxError)));
+        }
+        ready!(this.deadline.poll(cx));
+        Poll::Ready(Some(Err(Box::new(ClientBodyError::Deadline(*this.limit)))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// The client's request body failed: the client's fault, answered 400 or 408, never counted
+/// against the upstream.
 #[derive(Debug)]
-pub struct ClientBodyError(pub hyper::Error);
+pub enum ClientBodyError {
+    /// The body broke: an invalid chunk, a connection cut mid-body.
+    Broken(hyper::Error),
+    /// The whole body did not arrive within this long of the request head.
+    Deadline(Duration),
+}
+
+impl ClientBodyError {
+    /// The client error a failed body is answered with, and its message.
+    pub fn answer(&self) -> (http::StatusCode, &'static str) {
+        match self {
+            ClientBodyError::Broken(_) => (http::StatusCode::BAD_REQUEST, "Bad request body"),
+            ClientBodyError::Deadline(_) => (http::StatusCode::REQUEST_TIMEOUT, "Request body timeout"),
+        }
+    }
+
+    /// The `ClientBodyError` in an error's chain of sources, if the client's body is what
+    /// failed.
+    pub fn find<'a>(err: &'a (dyn std::error::Error + 'static)) -> Option<&'a ClientBodyError> {
+        let mut cur = Some(err);
+        while let Some(e) = cur {
+            if let Some(found) = e.downcast_ref::<ClientBodyError>() {
+                return Some(found);
+            }
+            cur = e.source();
+        }
+        None
+    }
+}
 
 impl std::fmt::Display for ClientBodyError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "client request body: {}", self.0)
+        match self {
+            ClientBodyError::Broken(e) => write!(f, "client request body: {e}"),
+            ClientBodyError::Deadline(d) => write!(f, "client request body not complete within {d:?}"),
+        }
     }
 }
 
 impl std::error::Error for ClientBodyError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        Some(&self.0)
+        match self {
+            ClientBodyError::Broken(e) => Some(e),
+            ClientBodyError::Deadline(_) => None,
+        }
     }
 }
 
@@ -119,7 +203,10 @@ impl Body for ProxyBody {
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             ProxyBody::Empty => Poll::Ready(None),
-            ProxyBody::Incoming(b) => Pin::new(b).poll_frame(cx).map_err(|e| Box::new(ClientBodyError(e)) as BoxError),
+            ProxyBody::Incoming(b) => {
+                Pin::new(b).poll_frame(cx).map_err(|e| Box::new(ClientBodyError::Broken(e)) as BoxError)
+            }
+            ProxyBody::Timed(b) => b.as_mut().poll_frame(cx),
             ProxyBody::Boxed(b) => Pin::new(b).poll_frame(cx),
             ProxyBody::Deferred(d) => {
                 if d.taken.is_none() {
@@ -144,6 +231,7 @@ impl Body for ProxyBody {
         match self {
             ProxyBody::Empty => true,
             ProxyBody::Incoming(b) => b.is_end_stream(),
+            ProxyBody::Timed(b) => b.is_end_stream(),
             ProxyBody::Boxed(b) => b.is_end_stream(),
             ProxyBody::Deferred(d) => d.hint.exact() == Some(0),
         }
@@ -153,6 +241,7 @@ impl Body for ProxyBody {
         match self {
             ProxyBody::Empty => SizeHint::with_exact(0),
             ProxyBody::Incoming(b) => b.size_hint(),
+            ProxyBody::Timed(b) => b.size_hint(),
             ProxyBody::Boxed(b) => b.size_hint(),
             ProxyBody::Deferred(d) => d.hint,
         }
@@ -171,9 +260,21 @@ pub enum ReadError {
         /// The bytes consumed before the limit was passed.
         read: Bytes,
     },
-    /// The body failed while reading (client gone, malformed framing).
+    /// The body failed while reading (client gone, malformed framing, too slow).
     #[error("body read failed: {0}")]
     Failed(BoxError),
+}
+
+impl ReadError {
+    /// The answer for a body that could not be read: 413 when too large, else the client
+    /// error of [`ClientBodyError::answer`] (400 "Bad request body" for anything else).
+    pub fn answer(&self) -> (http::StatusCode, &'static str) {
+        match self {
+            ReadError::TooLarge { .. } => (http::StatusCode::PAYLOAD_TOO_LARGE, "Request body too large"),
+            ReadError::Failed(e) => ClientBodyError::find(e.as_ref())
+                .map_or((http::StatusCode::BAD_REQUEST, "Bad request body"), ClientBodyError::answer),
+        }
+    }
 }
 
 /// Reads a whole body into memory, refusing more than `limit` bytes. For plugins that must

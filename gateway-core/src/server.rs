@@ -39,6 +39,11 @@ pub struct ServerSettings {
     /// idle timeout: an idle connection that sends nothing for this long is closed (hyper
     /// starts the header timer when a connection goes idle). Default 10 s.
     pub header_read_timeout: Duration,
+    /// Time a client has to send a whole request body, counted from the end of its head
+    /// (`None`: no limit). Past it the request is answered 408 and the connection closed, so a
+    /// client trickling its body cannot hold a connection and an upstream request for ever.
+    /// Raise it for large uploads over slow links. Default 60 s.
+    pub body_read_timeout: Option<Duration>,
     /// Largest request head in bytes (request line plus headers); larger heads get 431.
     /// Default 32 KiB.
     pub max_header_bytes: usize,
@@ -56,6 +61,7 @@ impl Default for ServerSettings {
     fn default() -> Self {
         ServerSettings {
             header_read_timeout: Duration::from_secs(10),
+            body_read_timeout: Some(Duration::from_secs(60)),
             max_header_bytes: 32 * 1024,
             max_headers: 100,
             http2_max_concurrent_streams: 256,
@@ -202,6 +208,7 @@ pub(crate) async fn serve(
         let builders = builders.clone();
         let watcher = graceful.subscribe();
         let header_timeout = settings.header_read_timeout;
+        let body_timeout = settings.body_read_timeout;
         accept_tasks.spawn(async move {
             loop {
                 let (stream, client) = match listener.accept().await {
@@ -227,7 +234,7 @@ pub(crate) async fn serve(
                     let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
                         shared.stats.requests.fetch_add(1, Ordering::Relaxed);
                         let snapshot = shared.snapshot.load_full();
-                        let req = req.map(ProxyBody::Incoming);
+                        let req = req.map(|body| ProxyBody::incoming(body, body_timeout));
                         let values = values.clone();
                         // Boxed: hyper keeps a slot the size of this future in every
                         // connection, idle or not; a box keeps that slot one pointer wide and

@@ -133,3 +133,60 @@ async fn silent_or_preface_trickling_connections_are_closed_by_the_header_timeou
     assert_eq!(h2.status(), http::StatusCode::OK);
     gw.shutdown().await;
 }
+
+/// Sends `head`, then `body` one byte every `every`, reading what comes back as it goes; stops
+/// when the server closes the connection or after 50 bytes' time. Returns what the server
+/// answered, whether it closed the connection, and how long that took.
+async fn trickle(addr: std::net::SocketAddr, head: &str, body: &[u8], every: Duration) -> (String, bool, Duration) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let start = Instant::now();
+    s.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    let mut bytes = body.iter();
+    for _ in 0..50 {
+        tokio::time::sleep(every).await;
+        if let Some(b) = bytes.next() {
+            // The server may have closed already; the read below tells.
+            let _ = s.write_all(std::slice::from_ref(b)).await;
+        }
+        match tokio::time::timeout(Duration::from_millis(1), s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return (String::from_utf8_lossy(&answer).into_owned(), true, start.elapsed()),
+            Ok(Ok(n)) => answer.extend_from_slice(&buf[..n]),
+            Err(_) => {}
+        }
+    }
+    (String::from_utf8_lossy(&answer).into_owned(), false, start.elapsed())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_trickle_is_cut_off_by_the_whole_body_deadline() {
+    let up = echo_upstream().await;
+    let settings = ServerSettings { body_read_timeout: Some(Duration::from_millis(800)), ..Default::default() };
+    let gw = start_gateway_with(&config(up.addr), settings).await;
+
+    // Slow but whole within the deadline: served.
+    let head = "POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 4\r\nconnection: close\r\n\r\n";
+    let (answer, closed, _) = trickle(gw.addr, head, b"abcd", Duration::from_millis(100)).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer:.300}");
+    assert!(answer.contains("\"body_len\":4"), "{answer}");
+    assert!(closed);
+
+    // One byte every 100 ms never trips a per-read timeout; the whole-body deadline cuts it off
+    // with 408, on a length-framed and on a chunked body alike, and the connection is closed.
+    let chunked: Vec<u8> = std::iter::repeat_n(&b"1\r\nx\r\n"[..], 20).flatten().copied().collect();
+    for (head, body) in [
+        ("POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 1000\r\n\r\n", &[b'x'; 1000][..]),
+        ("POST / HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n", &chunked[..]),
+    ] {
+        let (answer, closed, waited) = trickle(gw.addr, head, body, Duration::from_millis(100)).await;
+        assert!(answer.starts_with("HTTP/1.1 408"), "{head}: {answer:.300}");
+        assert!(answer.contains("Request body timeout"), "{answer}");
+        assert!(closed, "{head}: the connection stayed open");
+        assert!(waited >= Duration::from_millis(700), "{head}: cut off before the deadline, after {waited:?}");
+        assert!(waited < Duration::from_secs(3), "{head}: cut off only after {waited:?}");
+    }
+    // The gateway goes on serving.
+    assert_eq!(get(&gw.url("/")).await.status, http::StatusCode::OK);
+    gw.shutdown().await;
+}

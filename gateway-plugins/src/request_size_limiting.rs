@@ -112,9 +112,10 @@ impl Plugin for RequestSizeLimiting {
                     ControlFlow::Continue(())
                 }
                 Err(ReadError::TooLarge { .. }) => ControlFlow::Break(Self::too_large(ctx)),
-                Err(ReadError::Failed(e)) => {
+                Err(e @ ReadError::Failed(_)) => {
                     tracing::debug!(error = %e, "request body failed while counting it");
-                    ControlFlow::Break(ctx.error(StatusCode::BAD_REQUEST, "Bad request"))
+                    let (status, message) = e.answer();
+                    ControlFlow::Break(ctx.error(status, message))
                 }
             }
         })

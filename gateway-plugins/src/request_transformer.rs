@@ -174,7 +174,10 @@ impl RequestTransformer {
             Err(ReadError::TooLarge { .. }) => {
                 return Err(ctx.error(StatusCode::PAYLOAD_TOO_LARGE, "Request body too large to transform"));
             }
-            Err(ReadError::Failed(_)) => return Err(ctx.error(StatusCode::BAD_REQUEST, "Bad request")),
+            Err(e @ ReadError::Failed(_)) => {
+                let (status, message) = e.answer();
+                return Err(ctx.error(status, message));
+            }
         };
         let headers = if self.needs_headers { req.headers().clone() } else { HeaderMap::new() };
         let lookup = Lookup { headers: &headers, query: req.uri().query(), captures: ctx.uri_captures() };

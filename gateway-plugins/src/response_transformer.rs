@@ -214,7 +214,7 @@ where
         ProxyBody::Incoming(b) => ResponseBody::Upstream(b),
         ProxyBody::Empty => ResponseBody::empty(),
         // Never produced by `from_body`; boxing it again keeps it whole regardless.
-        deferred @ ProxyBody::Deferred(_) => into_response_body(deferred),
+        other @ (ProxyBody::Deferred(_) | ProxyBody::Timed(_)) => into_response_body(other),
     }
 }
 

@@ -195,9 +195,10 @@ async fn call(
                 let whole = ProxyBody::prefixed(read, body);
                 return inner.oneshot(Request::from_parts(parts, whole)).await.unwrap_or_else(|e| match e {});
             }
-            Err(ReadError::Failed(_)) => {
+            Err(e @ ReadError::Failed(_)) => {
                 let id = parts.headers.get(&X_REQUEST_ID).cloned().unwrap_or_else(next_request_id);
-                return error_response(StatusCode::BAD_REQUEST, "Bad request", &id);
+                let (status, message) = e.answer();
+                return error_response(status, message, &id);
             }
         }
     };

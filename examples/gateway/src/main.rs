@@ -163,16 +163,20 @@ struct ServeArgs {
     #[arg(long)]
     workers: Option<usize>,
     /// Time a client has to send a request head; also the HTTP/1.1 keep-alive idle timeout.
-    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, env = "GATEWAY_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     header_read_timeout: Duration,
+    /// Time a client has to send a whole request body, from the end of its head (408 and the
+    /// connection closed past it); `off` for no limit. Raise it for large uploads over slow links.
+    #[arg(long, env = "GATEWAY_BODY_READ_TIMEOUT", default_value = "60s", value_parser = parse_duration_or_off)]
+    body_read_timeout: DurationOrOff,
     /// Largest request head in bytes (431 above it).
-    #[arg(long, default_value_t = 32 * 1024)]
+    #[arg(long, env = "GATEWAY_MAX_HEADER_BYTES", default_value_t = 32 * 1024)]
     max_header_bytes: usize,
     /// Most request headers (431 above it).
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, env = "GATEWAY_MAX_HEADERS", default_value_t = 100)]
     max_headers: usize,
     /// How long in-flight requests may take to finish after SIGTERM/SIGINT.
-    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, env = "GATEWAY_SHUTDOWN_GRACE", default_value = "30s", value_parser = parse_duration)]
     shutdown_grace: Duration,
     /// Nameserver for upstream host names (IP or IP:port, as Kong's `dns_resolver`); repeat
     /// for several. Default: /etc/resolv.conf. Names are re-resolved when their TTL runs out.
@@ -213,6 +217,7 @@ impl ServeArgs {
     fn settings(&self) -> ServerSettings {
         ServerSettings {
             header_read_timeout: self.header_read_timeout,
+            body_read_timeout: self.body_read_timeout,
             max_header_bytes: self.max_header_bytes,
             max_headers: self.max_headers,
             shutdown_grace: self.shutdown_grace,
@@ -242,6 +247,14 @@ fn parse_net(s: &str) -> Result<IpNet, String> {
     s.parse::<IpNet>()
         .or_else(|_| s.parse::<std::net::IpAddr>().map(IpNet::from))
         .map_err(|_| format!("`{s}` is neither an IP address nor a CIDR (e.g. 10.0.0.0/8)"))
+}
+
+/// A duration that may be `off`; an alias, so that clap takes it as one value rather than
+/// as an optional flag.
+type DurationOrOff = Option<Duration>;
+
+fn parse_duration_or_off(s: &str) -> Result<Option<Duration>, String> {
+    if s == "off" { Ok(None) } else { parse_duration(s).map(Some) }
 }
 
 fn parse_on_off(s: &str) -> Result<bool, String> {

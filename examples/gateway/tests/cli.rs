@@ -349,9 +349,16 @@ fn upstream_flags_are_checked() {
         err.contains("--trusted-ips") && err.contains("`proxy.local` is neither an IP address nor a CIDR"),
         "{err}"
     );
+    // Limits come from flags or from the environment, checked alike.
+    let out = bin().args(["run", "--config", "x.yml"]).env("GATEWAY_BODY_READ_TIMEOUT", "slowly").output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--body-read-timeout") && err.contains("`slowly` is not a duration"), "{err}");
     // Good values get as far as reading the (missing) config.
     let out = bin()
         .args(["run", "--config", "/nonexistent/kong.yml", "--dns-resolver", "127.0.0.1:5353"])
+        .args(["--body-read-timeout", "off", "--header-read-timeout", "5s"])
+        .env("GATEWAY_MAX_HEADERS", "50")
         .args(["--trusted-ips", "10.0.0.0/8,192.168.1.1", "--trusted-ips", "::1"])
         .args(["--upstream-keepalive-pool-size", "0", "--upstream-keepalive-idle-timeout", "5s"])
         .output()

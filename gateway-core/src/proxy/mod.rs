@@ -395,18 +395,6 @@ fn is_timeout(err: &(dyn StdError + 'static)) -> bool {
     false
 }
 
-/// Whether a failed upstream call failed on the client's side: its request body broke.
-fn client_body_broke(err: &(dyn StdError + 'static)) -> bool {
-    let mut cur = Some(err);
-    while let Some(e) = cur {
-        if e.is::<crate::body::ClientBodyError>() {
-            return true;
-        }
-        cur = e.source();
-    }
-    false
-}
-
 fn error_chain(err: &(dyn StdError + 'static)) -> String {
     let mut s = err.to_string();
     let mut cur = err.source();
@@ -944,8 +932,8 @@ pub enum UpstreamFailure {
     Protocol,
     /// No target was available.
     NoTarget,
-    /// The client's request body broke while it was sent (answered 400; the upstream is not
-    /// blamed).
+    /// The client's request body broke while it was sent, or did not arrive in time (answered
+    /// 400 or 408; the upstream is not blamed).
     ClientBody,
 }
 
@@ -1033,6 +1021,10 @@ async fn call_upstream(
         }
         Err((status, message, kind)) => {
             let mut resp = error_response(status, message, &request_id);
+            if status == StatusCode::REQUEST_TIMEOUT {
+                // The rest of a late body may still come: the connection is not reusable.
+                resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
             resp.extensions_mut().insert(kind);
             resp
         }
@@ -1205,10 +1197,12 @@ async fn send_with_retries(
                 service.balancer.report(target, Ok(resp.status()));
                 return Ok(resp);
             }
-            Err(err) if client_body_broke(&err) => {
+            Err(err) if crate::body::ClientBodyError::find(&err).is_some() => {
                 drop(in_flight);
-                tracing::info!(service = &*service.name, error = %error_chain(&err), "client request body broke");
-                return Err((StatusCode::BAD_REQUEST, "Bad request body", UpstreamFailure::ClientBody));
+                tracing::info!(service = &*service.name, error = %error_chain(&err), "client request body failed");
+                let (status, message) = crate::body::ClientBodyError::find(&err)
+                    .map_or((StatusCode::BAD_REQUEST, "Bad request body"), |c| c.answer());
+                return Err((status, message, UpstreamFailure::ClientBody));
             }
             Err(err) => {
                 drop(in_flight);
