@@ -185,8 +185,11 @@ impl Objects {
     /// problems naming `source` and the document; the others are added.
     pub fn add_manifest(&mut self, source: &str, text: &str) -> Vec<ManifestProblem> {
         let mut problems = Vec::new();
-        let documents: Vec<Result<Value, String>> = if text.trim_start().starts_with('{') {
-            vec![serde_json::from_str(text).map_err(|e| e.to_string())]
+        // A JSON file is one document; JSON documents separated by `---` are a YAML stream
+        // (JSON is YAML), read below.
+        let json = text.trim_start().starts_with('{').then(|| serde_json::from_str::<Value>(text).ok()).flatten();
+        let documents: Vec<Result<Value, String>> = if let Some(value) = json {
+            vec![Ok(value)]
         } else {
             // The parser cannot be trusted past a syntax error: it repeats the error forever
             // (an unclosed `{`) or panics (`unexpected end of mapping`). Both were found by

@@ -219,3 +219,31 @@ fn a_manifest_the_parser_panics_on_is_a_problem() {
     let problems = objects.add_manifest("panic.yaml", text);
     assert!(!problems.is_empty());
 }
+
+/// JSON documents separated by `---` are a YAML stream and are all read (the property test
+/// found them refused as "trailing characters" when the file started with `{`); a broken JSON
+/// file is still a problem naming the file.
+#[test]
+fn json_documents_separated_by_dashes_are_all_read() {
+    let service = |name: &str| {
+        serde_json::json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": { "name": name, "namespace": "default" },
+            "spec": { "ports": [{ "port": 80 }] },
+        })
+        .to_string()
+    };
+    let mut objects = Objects::default();
+    let problems = objects.add_manifest("stream.yaml", &format!("{}\n---\n{}\n", service("a"), service("b")));
+    assert!(problems.is_empty(), "{problems:?}");
+    assert_eq!(objects.services.len(), 2);
+
+    let mut objects = Objects::default();
+    let problems = objects.add_manifest("one.json", &service("c"));
+    assert!(problems.is_empty(), "{problems:?}");
+    assert_eq!(objects.services.len(), 1);
+
+    let problems = Objects::default().add_manifest("broken.json", "{\"apiVersion\": \"v1\", \"kind\": ");
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert!(problems[0].to_string().contains("broken.json"), "{}", problems[0]);
+}
