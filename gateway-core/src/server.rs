@@ -90,7 +90,14 @@ impl ServerSettings {
         b.timer(TokioTimer::new())
             .max_concurrent_streams(self.http2_max_concurrent_streams)
             .keep_alive_interval(self.http2_keepalive_interval)
-            .max_header_list_size(self.max_header_bytes.min(u32::MAX as usize) as u32);
+            // Also bounds a CONTINUATION flood: h2 refuses a header block of more frames
+            // than this size needs, and answers GOAWAY.
+            .max_header_list_size(self.max_header_bytes.min(u32::MAX as usize) as u32)
+            // Rapid reset (CVE-2023-44487): a client resetting more than 20 streams before
+            // they are served gets GOAWAY. Local error resets (CVE-2025-8671, "MadeYouReset")
+            // are capped too. Both are h2's defaults, set here so that they stay on.
+            .max_pending_accept_reset_streams(20)
+            .max_local_error_reset_streams(1024);
         b
     }
 }
