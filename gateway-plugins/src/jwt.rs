@@ -831,9 +831,17 @@ struct Token<'t> {
     signature: &'t str,
 }
 
+/// The longest token read, in bytes. Real tokens are a few hundred bytes to a few KiB; 8 KiB
+/// is also the longest header line nginx reads by default. Anything longer is refused before
+/// any decoding, so that an oversized token costs no base64 or JSON work.
+pub const MAX_TOKEN_BYTES: usize = 8 * 1024;
+
 /// Splits and decodes a compact JWS, with Kong's messages for what cannot be read.
 fn decode(token: &str) -> Result<Token<'_>, &'static str> {
     const BAD_JSON: &str = "Bad token; invalid JSON";
+    if token.len() > MAX_TOKEN_BYTES {
+        return Err("Bad token; too large");
+    }
     let mut parts = token.splitn(4, '.');
     let (Some(header_64), Some(claims_64), Some(signature), None) =
         (parts.next(), parts.next(), parts.next(), parts.next())

@@ -253,6 +253,9 @@ async fn bad_tokens_get_kongs_401s() {
     let unknown_iss = alice(&json!({"iss": "nobody"}));
     let not_json = format!("{}.{}.{sig}", URL_SAFE_NO_PAD.encode("{nope"), b64(&json!({"iss": "alice-iss"})));
     let claims_not_object = format!("{head}.{}.{sig}", b64(&json!(["iss"])));
+    // Validly signed, but past the 8 KiB cap (a padding claim of 7 KiB is base64'd to 9.3).
+    let oversized = alice(&json!({"iss": "alice-iss", "pad": "p".repeat(7 * 1024)}));
+    assert!(oversized.len() > gateway_plugins::jwt::MAX_TOKEN_BYTES);
 
     let cases: Vec<(Request<TestBody>, &str)> = vec![
         (Request::get(gw.url("/")).body(full("")).unwrap(), "Unauthorized"),
@@ -278,6 +281,8 @@ async fn bad_tokens_get_kongs_401s() {
         (bearer(&gw, "/", &empty_iss), "Invalid 'iss' in claims"),
         (bearer(&gw, "/", &number_iss), "Invalid 'iss' in claims"),
         (bearer(&gw, "/", &unknown_iss), "No credentials found for given 'iss'"),
+        (bearer(&gw, "/", &oversized), "Bad token; too large"),
+        (Request::get(gw.url(&format!("/?jwt={oversized}"))).body(full("")).unwrap(), "Bad token; too large"),
         (
             Request::get(gw.url(&format!("/?jwt={good}")))
                 .header("authorization", format!("Bearer {other}"))
@@ -307,6 +312,13 @@ async fn bad_tokens_get_kongs_401s() {
         assert_eq!(resp.headers["www-authenticate"], "Bearer");
         assert_eq!(body["request_id"], resp.headers["x-request-id"].to_str().unwrap());
     }
+    // Just under the cap is read and accepted; past the server's 32 KiB head limit the
+    // request never reaches the plugin (431).
+    let big_but_fine = alice(&json!({"iss": "alice-iss", "pad": "p".repeat(5 * 1024)}));
+    assert!(big_but_fine.len() < gateway_plugins::jwt::MAX_TOKEN_BYTES);
+    assert_eq!(send(bearer(&gw, "/", &big_but_fine)).await.status, StatusCode::OK);
+    let huge = alice(&json!({"iss": "alice-iss", "pad": "p".repeat(40 * 1024)}));
+    assert_eq!(send(bearer(&gw, "/", &huge)).await.status, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
     gw.shutdown().await;
 }
 
