@@ -515,6 +515,12 @@ async fn serve_until_stopped(source: Source, args: ServeArgs, observe: Observabi
             }
         },
     };
+    // Every client and upstream connection is a file: the usual soft limit of 1024 would
+    // refuse connections long before memory runs out.
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => tracing::debug!(limit, "open files limit"),
+        Err(e) => tracing::warn!(error = %e, "could not raise the open files limit"),
+    }
     let mut listeners = Vec::new();
     for addr in &args.listen {
         match TcpListener::bind(addr).await {

@@ -550,3 +550,147 @@ fn k8s_translate_prints_the_config_and_the_problems() {
         "{stderr}"
     );
 }
+
+/// One request on a kept-alive connection; returns the status. Reads the head, then as many
+/// body bytes as `content-length` says, so the connection stays usable.
+fn keep_alive_exchange(s: &mut TcpStream, path: &str) -> u16 {
+    write!(s, "GET {path} HTTP/1.1\r\nhost: test\r\n\r\n").unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0, "closed mid-response: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&got);
+        let Some((head, body)) = text.split_once("\r\n\r\n") else { continue };
+        let length = head
+            .lines()
+            .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse::<usize>()))
+            .and_then(Result::ok)
+            .unwrap_or(0);
+        if body.len() >= length {
+            return head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+        }
+    }
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// 10,000 idle keep-alive connections are held open while new clients are still served, and
+/// the idle ones stay usable. (The gateway raises its open-files limit to the hard limit; the
+/// test needs about 10,500 open files in each process.)
+#[test]
+fn ten_thousand_idle_connections_are_held_while_new_requests_succeed() {
+    const IDLE: usize = 10_000;
+    let limit = rlimit::increase_nofile_limit(u64::MAX).unwrap();
+    assert!(limit >= IDLE as u64 + 500, "this test holds {IDLE} connections, but open files are limited to {limit}");
+    let upstream = spawn_upstream();
+    let dir = temp_dir("idle");
+    let file = dir.join("kong.yml");
+    std::fs::write(&file, config(upstream, "")).unwrap();
+    // The keep-alive idle timeout is the header timeout: longer than the test.
+    let gw = Running::start_with(&file, &["--header-read-timeout", "120s", "--access-log", "off"], &[]);
+    let before = rss_kib(gw.child.id());
+    let started = Instant::now();
+    let mut idle: Vec<TcpStream> = Vec::with_capacity(IDLE);
+    for _ in 0..IDLE / 100 {
+        let mut batch: Vec<TcpStream> = (0..100).map(|_| TcpStream::connect(gw.addr).unwrap()).collect();
+        for s in &mut batch {
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            assert_eq!(keep_alive_exchange(s, "/idle"), 200);
+        }
+        idle.extend(batch);
+        assert!(started.elapsed() < Duration::from_secs(90), "opening the connections took too long");
+    }
+    let held = rss_kib(gw.child.id());
+    for _ in 0..50 {
+        let t = Instant::now();
+        assert_eq!(http_get(gw.addr, "/new").map(|(status, _)| status), Some(200));
+        assert!(t.elapsed() < Duration::from_secs(2), "a new request took {:?}", t.elapsed());
+    }
+    for s in idle.iter_mut().step_by(97) {
+        assert_eq!(keep_alive_exchange(s, "/again"), 200);
+    }
+    eprintln!(
+        "{IDLE} idle connections: RSS {} -> {} MiB (+{:.1} KiB each); opened in {:?}",
+        before / 1024,
+        held / 1024,
+        (held.saturating_sub(before)) as f64 / IDLE as f64,
+        started.elapsed()
+    );
+}
+
+/// What a client got from one request.
+#[derive(Debug, PartialEq)]
+enum Outcome {
+    Answer(u16, String),
+    Refused,
+    Broken(String),
+}
+
+fn request(addr: SocketAddr, path: &str) -> Outcome {
+    let Ok(mut s) = TcpStream::connect(addr) else { return Outcome::Refused };
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    if write!(s, "GET {path} HTTP/1.1\r\nhost: test\r\nconnection: close\r\n\r\n").is_err() {
+        return Outcome::Broken("write failed".into());
+    }
+    let mut out = String::new();
+    match s.read_to_string(&mut out) {
+        Ok(_) => match (out.split_whitespace().nth(1).and_then(|c| c.parse().ok()), out.split_once("\r\n\r\n")) {
+            (Some(status), Some((_, body))) => Outcome::Answer(status, body.to_string()),
+            _ => Outcome::Broken(out),
+        },
+        Err(e) => Outcome::Broken(format!("{e}: {out}")),
+    }
+}
+
+/// SIGTERM with requests in flight (each held a second by the upstream): every one of them
+/// gets its whole answer, then the gateway exits 0 and refuses new connections.
+#[test]
+fn sigterm_under_load_lets_every_in_flight_request_finish() {
+    let upstream = spawn_slow_upstream();
+    let dir = temp_dir("term-load");
+    let file = dir.join("kong.yml");
+    std::fs::write(&file, config(upstream, "")).unwrap();
+    let mut gw = Running::start(&file);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let clients: Vec<_> = (0..8)
+        .map(|i| {
+            let (addr, stop) = (gw.addr, stop.clone());
+            std::thread::spawn(move || {
+                let mut outcomes = Vec::new();
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    outcomes.push(request(addr, &format!("/slow/{i}")));
+                }
+                outcomes
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(400));
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let signalled = Instant::now();
+    gw.signal("-TERM");
+    let status = loop {
+        if let Some(s) = gw.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(signalled.elapsed() < Duration::from_secs(10), "still running 10 s after SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let exited = signalled.elapsed();
+    assert!(status.success(), "exit status {status}");
+    for (i, client) in clients.into_iter().enumerate() {
+        let outcomes = client.join().unwrap();
+        // Each client had one request in flight when the signal came, and started no other.
+        assert_eq!(outcomes, vec![Outcome::Answer(200, format!("/slow/{i}"))], "client {i}");
+    }
+    assert!(exited >= Duration::from_millis(300), "exited after {exited:?}, before the in-flight requests ended");
+    assert_eq!(request(gw.addr, "/"), Outcome::Refused);
+}
