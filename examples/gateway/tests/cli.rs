@@ -108,6 +108,18 @@ impl Running {
         panic!("timed out waiting for {what}; stderr:\n{}", self.stderr.lock().unwrap());
     }
 
+    /// Waits for the process to exit (at most 10 s) and returns its status.
+    fn wait_exit(&mut self) -> std::process::ExitStatus {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "still running 10 s after the signal");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     fn signal(&self, sig: &str) {
         let ok = Command::new("kill").args([sig, &self.child.id().to_string()]).status().unwrap().success();
         assert!(ok, "kill {sig}");
@@ -225,14 +237,7 @@ fn sigterm_stops_the_gateway_cleanly() {
     std::fs::write(&file, config(upstream, "")).unwrap();
     let mut gw = Running::start(&file);
     gw.signal("-TERM");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(s) = gw.child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "still running 10 s after SIGTERM");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = gw.wait_exit();
     assert!(status.success(), "exit status {status}");
     assert!(http_get(gw.addr, "/").is_none(), "still accepting after exit");
 }
@@ -677,13 +682,7 @@ fn sigterm_under_load_lets_every_in_flight_request_finish() {
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     let signalled = Instant::now();
     gw.signal("-TERM");
-    let status = loop {
-        if let Some(s) = gw.child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(signalled.elapsed() < Duration::from_secs(10), "still running 10 s after SIGTERM");
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = gw.wait_exit();
     let exited = signalled.elapsed();
     assert!(status.success(), "exit status {status}");
     for (i, client) in clients.into_iter().enumerate() {
