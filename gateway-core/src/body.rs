@@ -465,7 +465,12 @@ impl Body for GatewayBody {
                     e.bytes_out += d.len() as u64;
                 }
             }
-            Some(Err(_)) => this.finish(false),
+            Some(Err(e)) => {
+                // An upstream that closed mid-response, most often: the client gets a
+                // truncated answer (the connection is closed, or the stream reset).
+                tracing::warn!(error = %e, "response body broke off; the client's answer is truncated");
+                this.finish(false);
+            }
             None => this.finish(true),
         }
         Poll::Ready(frame)

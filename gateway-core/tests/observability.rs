@@ -5,7 +5,6 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::Write;
 use std::ops::ControlFlow;
 use std::sync::{Arc, Mutex};
 
@@ -270,39 +269,9 @@ async fn cardinality_stays_bounded_with_10000_distinct_paths() {
     gw.shutdown().await;
 }
 
-/// A writer that keeps what the log subscriber writes.
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 #[tokio::test]
 async fn json_access_log_lines_parse_and_carry_the_request() {
-    // A global subscriber: a thread-local one races with the other tests' threads over
-    // tracing's per-callsite interest cache. Other tests' lines are told apart by request id.
-    static CAPTURED: std::sync::OnceLock<Captured> = std::sync::OnceLock::new();
-    let captured = CAPTURED
-        .get_or_init(|| {
-            let captured = Captured::default();
-            let sink = captured.clone();
-            let subscriber = tracing_subscriber::fmt()
-                .json()
-                .flatten_event(true)
-                .with_writer(move || sink.clone())
-                .with_max_level(tracing::Level::INFO)
-                .finish();
-            tracing::subscriber::set_global_default(subscriber).expect("the only global subscriber");
-            captured
-        })
-        .clone();
+    captured_log();
 
     let up = echo_upstream().await;
     let closed = closed_port().await;
@@ -312,7 +281,7 @@ async fn json_access_log_lines_parse_and_carry_the_request() {
     let gw_addr = gw.addr;
     gw.shutdown().await;
 
-    let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let text = captured_log();
     let lines: Vec<serde_json::Value> = text
         .lines()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))

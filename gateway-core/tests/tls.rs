@@ -5,7 +5,6 @@ mod common;
 #[path = "common/tls.rs"]
 mod tls;
 
-use std::sync::{Arc, Mutex};
 
 use common::*;
 use gateway_core::Gateway;
@@ -174,29 +173,10 @@ async fn without_certificates_a_tls_listener_serves_a_self_signed_one() {
     assert_eq!(request(h, get_req("localhost", "/")).await.status, StatusCode::OK);
 }
 
-/// Captures log lines of the current thread (the tests below run on one thread).
-#[derive(Clone, Default)]
-struct Logs(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for Logs {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Logs {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-}
-
 #[tokio::test]
 async fn https_upstreams_are_verified_against_their_ca_certificates() {
-    let logs = Logs::default();
+    // The log lines of the current thread (the test runs on one).
+    let logs = Captured::default();
     let writer = logs.clone();
     let subscriber = tracing_subscriber::fmt().with_writer(move || writer.clone()).with_ansi(false).finish();
     let _guard = tracing::subscriber::set_default(subscriber);
