@@ -5,7 +5,6 @@ mod common;
 #[path = "common/tls.rs"]
 mod tls;
 
-
 use common::*;
 use gateway_core::Gateway;
 use gateway_core::config::Config;
