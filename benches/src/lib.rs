@@ -95,3 +95,25 @@ pub fn hs256_token(issuer: &str, secret: &[u8]) -> String {
     .expect("HS256 signing cannot fail");
     format!("Bearer {token}")
 }
+
+/// A small HTTP/1.1 upstream on a free loopback port for the runners: it reads each request's
+/// body and answers `ok <body length>`. Runs on the current tokio runtime.
+pub async fn loopback_upstream() -> std::net::SocketAddr {
+    use http_body_util::BodyExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(|req: hyper::Request<hyper::body::Incoming>| async move {
+                    let n = req.into_body().collect().await.map(|b| b.to_bytes().len()).unwrap_or(0);
+                    let body = http_body_util::Full::new(bytes::Bytes::from(format!("ok {n}")));
+                    Ok::<_, std::convert::Infallible>(hyper::Response::new(body))
+                });
+                let io = hyper_util::rt::TokioIo::new(stream);
+                let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, svc).await;
+            });
+        }
+    });
+    addr
+}

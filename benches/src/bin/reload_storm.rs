@@ -8,7 +8,6 @@
 //!
 //! Everything runs in this process on 127.0.0.1: a tiny hyper upstream, the gateway, the load.
 
-use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -17,10 +16,10 @@ use bytes::Bytes;
 use gateway_core::Gateway;
 use gateway_core::config::Config;
 use gateway_core::server::ServerSettings;
-use http_body_util::{BodyExt, Empty, Full};
+use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioExecutor;
 use tokio::net::TcpListener;
 
 const CONNECTIONS: usize = 50;
@@ -34,22 +33,6 @@ fn config(upstream: std::net::SocketAddr, variant: usize) -> Config {
     }
     yaml.push_str("  - {name: hot, paths: [\"/hot\"]}\n");
     Config::from_yaml(&yaml).expect("generated config parses")
-}
-
-async fn upstream() -> std::net::SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(|_req| async {
-                    Ok::<_, Infallible>(hyper::Response::new(Full::new(Bytes::from_static(b"ok"))))
-                });
-                let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
-            });
-        }
-    });
-    addr
 }
 
 struct Phase {
@@ -120,7 +103,7 @@ async fn phase(url: &str, gateway: &Gateway, configs: &Arc<[Config; 2]>, length:
 async fn main() {
     let secs: u64 = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(20).clamp(1, 600);
     let length = Duration::from_secs(secs);
-    let up = upstream().await;
+    let up = gateway_benches::loopback_upstream().await;
     let configs = Arc::new([config(up, 1), config(up, 2)]);
     let gateway = Gateway::new(&configs[0]).expect("config compiles");
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");

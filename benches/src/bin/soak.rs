@@ -14,7 +14,6 @@
 //! (404), on routes with key-auth and rate-limiting (a limit it never reaches). A 33rd
 //! client opens a new connection for every request. Everything runs on 127.0.0.1.
 
-use std::convert::Infallible;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -26,9 +25,8 @@ use clap::Parser;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioExecutor;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
 
 #[derive(Parser)]
 struct Args {
@@ -87,23 +85,6 @@ fn write_config(path: &Path, text: &str) {
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, text).expect("write config");
     std::fs::rename(&tmp, path).expect("rename config");
-}
-
-async fn upstream() -> std::net::SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(|req: hyper::Request<hyper::body::Incoming>| async move {
-                    let n = req.into_body().collect().await.map(|b| b.to_bytes().len()).unwrap_or(0);
-                    Ok::<_, Infallible>(hyper::Response::new(Full::new(Bytes::from(format!("ok {n}")))))
-                });
-                let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
-            });
-        }
-    });
-    addr
 }
 
 fn proc_status(pid: u32) -> (u64, usize) {
@@ -166,7 +147,7 @@ async fn main() -> std::process::ExitCode {
         eprintln!("{} not found: build it with `cargo build --release -p gateway`", args.gateway.display());
         return std::process::ExitCode::FAILURE;
     }
-    let up = upstream().await;
+    let up = gateway_benches::loopback_upstream().await;
     let dir = std::env::temp_dir().join(format!("gateway-soak-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let file = dir.join("kong.yml");
