@@ -4,10 +4,13 @@
 //! Redis stopping in `rate_limiting_redis.rs`, reload storms in `reload_under_load.rs`.)
 
 mod common;
+#[path = "common/logs.rs"]
+mod logs;
 
 use std::time::{Duration, Instant};
 
 use common::*;
+use logs::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 

@@ -3,6 +3,8 @@
 //! log lines.
 
 mod common;
+#[path = "common/logs.rs"]
+mod logs;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ops::ControlFlow;
@@ -17,6 +19,7 @@ use gateway_core::plugin::{Answer, Plugin, PluginRegistry, RequestContext, typed
 use gateway_core::{Gateway, Observability};
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Empty};
+use logs::*;
 use tower::ServiceExt;
 
 /// One parsed sample: metric name and labels (sorted) to value.

@@ -2,6 +2,8 @@
 //! and verified TLS to upstreams.
 
 mod common;
+#[path = "common/logs.rs"]
+mod logs;
 #[path = "common/tls.rs"]
 mod tls;
 
@@ -10,6 +12,7 @@ use gateway_core::Gateway;
 use gateway_core::config::Config;
 use gateway_core::server::ServerSettings;
 use http::{Request, StatusCode};
+use logs::*;
 use tls::{Ca, client_config, connect, der, request, tls_upstream};
 
 fn get_req(host: &str, path: &str) -> Request<TestBody> {
