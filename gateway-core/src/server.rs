@@ -42,7 +42,8 @@ pub struct ServerSettings {
     /// Time a client has to send a whole request body, counted from the end of its head
     /// (`None`: no limit). Past it the request is answered 408 and the connection closed, so a
     /// client trickling its body cannot hold a connection and an upstream request for ever.
-    /// Raise it for large uploads over slow links. Default 60 s.
+    /// gRPC calls are exempt (a client stream lasts as long as the call). Raise it for large
+    /// uploads over slow links. Default 60 s.
     pub body_read_timeout: Option<Duration>,
     /// Largest request head in bytes (request line plus headers); larger heads get 431.
     /// Default 32 KiB.
@@ -132,15 +133,30 @@ struct Builders {
     h2: http2::Builder<TokioExecutor>,
 }
 
+/// Where shutdown is, as connections see it through a `watch` channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Phase {
+    Serving,
+    /// Finish in-flight requests, take no new ones.
+    Draining,
+    /// The grace period is over: close now.
+    Closing,
+}
+
+/// Waits until shutdown reaches `phase` (or the server is gone).
+async fn reached(watch: &mut tokio::sync::watch::Receiver<Phase>, phase: Phase) {
+    let _ = watch.wait_for(|p| *p >= phase).await;
+}
+
 /// Serves one connection with the builder of its protocol until it ends, or until shutdown
 /// is signalled, then lets it finish gracefully (in-flight requests complete, keep-alive
-/// ends).
+/// ends), or closes it when the grace period is over.
 async fn serve_connection<I, S>(
     builders: &Builders,
     h2: bool,
     io: I,
     svc: S,
-    mut shutdown: tokio::sync::watch::Receiver<bool>,
+    mut shutdown: tokio::sync::watch::Receiver<Phase>,
     client: std::net::SocketAddr,
 ) where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
@@ -157,9 +173,16 @@ async fn serve_connection<I, S>(
             tokio::pin!(conn);
             let result = tokio::select! {
                 r = conn.as_mut() => r,
-                _ = async { drop(shutdown.wait_for(|down| *down).await) } => {
+                _ = reached(&mut shutdown, Phase::Draining) => {
                     conn.as_mut().graceful_shutdown();
-                    conn.await
+                    tokio::select! {
+                        r = conn.as_mut() => r,
+                        // Dropping the connection closes it, requests in flight or not.
+                        _ = reached(&mut shutdown, Phase::Closing) => {
+                            tracing::debug!(%client, "closed at the end of the shutdown grace period");
+                            Ok(())
+                        }
+                    }
                 }
             };
             if let Err(e) = result {
@@ -204,8 +227,9 @@ pub(crate) async fn serve(
             service.balancer.ensure_checks_started();
         }
     }
-    // Connections hold a receiver; shutdown sends `true` and waits until all are dropped.
-    let (graceful, _) = tokio::sync::watch::channel(false);
+    // Connections hold a receiver; shutdown moves them to draining, then to closing once the
+    // grace period is over, and waits until all are dropped.
+    let (graceful, _) = tokio::sync::watch::channel(Phase::Serving);
     let mut accept_tasks = tokio::task::JoinSet::new();
     let all = listeners.into_iter().map(|l| (l, None)).chain(tls_listeners.into_iter().map(|l| (l, acceptor.clone())));
     for (listener, tls) in all {
@@ -231,7 +255,7 @@ pub(crate) async fn serve(
                 let conn_info = ConnInfo { client, local, tls: tls.is_some() };
                 let shared = shared.clone();
                 let builders = builders.clone();
-                let watcher = watcher.clone();
+                let mut watcher = watcher.clone();
                 let tls = tls.clone();
                 shared.stats.connections_accepted.fetch_add(1, Ordering::Relaxed);
                 let open = OpenConnection::new(shared.clone());
@@ -241,7 +265,9 @@ pub(crate) async fn serve(
                     let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
                         shared.stats.requests.fetch_add(1, Ordering::Relaxed);
                         let snapshot = shared.snapshot.load_full();
-                        let req = req.map(|body| ProxyBody::incoming(body, body_timeout));
+                        // gRPC streams may send for as long as the call lasts.
+                        let deadline = body_timeout.filter(|_| !crate::proxy::is_grpc(req.headers()));
+                        let req = req.map(|body| ProxyBody::incoming(body, deadline));
                         let values = values.clone();
                         // Boxed: hyper keeps a slot the size of this future in every
                         // connection, idle or not; a box keeps that slot one pointer wide and
@@ -256,7 +282,12 @@ pub(crate) async fn serve(
                         // The first bytes tell HTTP/2's preface from HTTP/1; bound that wait
                         // by the header timeout, or a client trickling `P`, `R`, `I` holds the
                         // connection forever.
-                        let h2 = match tokio::time::timeout(header_timeout, protocol_decidable(&stream)).await {
+                        // A connection that has sent no request yet is closed at shutdown.
+                        let first_bytes = tokio::select! {
+                            r = tokio::time::timeout(header_timeout, protocol_decidable(&stream)) => r,
+                            _ = reached(&mut watcher, Phase::Draining) => return,
+                        };
+                        let h2 = match first_bytes {
                             Ok(Some(h2)) => h2,
                             Ok(None) => return,
                             Err(_) => {
@@ -271,7 +302,11 @@ pub(crate) async fn serve(
                     // plaintext ones and would otherwise size every connection's task.
                     Box::pin(async move {
                         // The handshake counts against the header timeout too.
-                        let stream = match tokio::time::timeout(header_timeout, acceptor.accept(stream)).await {
+                        let handshake = tokio::select! {
+                            r = tokio::time::timeout(header_timeout, acceptor.accept(stream)) => r,
+                            _ = reached(&mut watcher, Phase::Draining) => return,
+                        };
+                        let stream = match handshake {
                             Ok(Ok(s)) => s,
                             Ok(Err(e)) => {
                                 tracing::debug!(%client, error = %e, "TLS handshake failed");
@@ -295,9 +330,13 @@ pub(crate) async fn serve(
     accept_tasks.abort_all();
     while accept_tasks.join_next().await.is_some() {}
     // The accept loops are gone with their receivers: what is left are open connections.
-    graceful.send_replace(true);
+    graceful.send_replace(Phase::Draining);
     if tokio::time::timeout(settings.shutdown_grace, graceful.closed()).await.is_err() {
         tracing::warn!(grace = ?settings.shutdown_grace, "grace period over; closing remaining connections");
+        graceful.send_replace(Phase::Closing);
+        // Every connection task wakes and drops its connection, with the requests in flight
+        // on it; this waits only for the tasks to run.
+        let _ = tokio::time::timeout(Duration::from_secs(1), graceful.closed()).await;
     }
     Ok(())
 }

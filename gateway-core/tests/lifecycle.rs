@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use gateway_core::config::Config;
+use gateway_core::server::ServerSettings;
 use http::StatusCode;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn config_for(up: std::net::SocketAddr, prefix: &str) -> String {
     format!(
@@ -122,4 +124,46 @@ async fn upstream_connections_survive_a_reload_of_an_unchanged_service() {
     assert_eq!(gw.gateway.routes().len(), 2);
     assert_eq!(get(&gw.url("/c")).await.echo().peer, first, "the reload dropped the upstream pool");
     gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_still_busy_after_the_grace_period_are_closed() {
+    let up = echo_upstream().await;
+    let settings = ServerSettings { shutdown_grace: Duration::from_millis(300), ..Default::default() };
+    let mut gw = start_gateway_with(&config_for(up.addr, ""), settings).await;
+    // The upstream holds this request for 5 s, far past the grace period.
+    let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    s.write_all(b"GET /slow/5000 HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let started = Instant::now();
+    let server = gw.begin_shutdown();
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(3), s.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "the connection outlived the grace period by 3 s");
+    let waited = started.elapsed();
+    assert!(waited >= Duration::from_millis(250), "closed before the grace period ended: {waited:?}");
+    assert!(waited < Duration::from_secs(2), "closed only after {waited:?}");
+    assert!(rest.is_empty(), "an answer came: {}", String::from_utf8_lossy(&rest));
+    tokio::time::timeout(Duration::from_secs(2), server).await.expect("serve returned").unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_that_sent_nothing_yet_are_closed_at_once_on_shutdown() {
+    let up = echo_upstream().await;
+    let mut gw = start_gateway(&config_for(up.addr, "")).await;
+    // Silent, and half an HTTP/2 preface: both still waiting for their first request.
+    let mut silent = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let mut partial = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    partial.write_all(b"PRI * HT").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let started = Instant::now();
+    let server = gw.begin_shutdown();
+    for s in [&mut silent, &mut partial] {
+        let mut rest = Vec::new();
+        let closed = tokio::time::timeout(Duration::from_secs(3), s.read_to_end(&mut rest)).await;
+        assert!(closed.is_ok(), "a connection with no request held shutdown for 3 s");
+    }
+    // Well within the default 30 s grace period and 10 s header timeout.
+    tokio::time::timeout(Duration::from_secs(2), server).await.expect("serve returned").unwrap().unwrap();
+    assert!(started.elapsed() < Duration::from_secs(2), "shutdown took {:?}", started.elapsed());
 }

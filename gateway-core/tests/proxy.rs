@@ -270,18 +270,7 @@ async fn http2_prior_knowledge_is_served_on_the_same_listener() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn https_only_routes_answer_426_on_plain_http() {
     let up = echo_upstream().await;
-    let gw = start_gateway(&format!(
-        r#"_format_version: "3.0"
-services:
-- name: s
-  url: http://{}
-  routes:
-  - {{name: secure, paths: ["/secure"], protocols: [https]}}
-  - {{name: moved, paths: ["/moved"], protocols: [https], https_redirect_status_code: 301}}
-"#,
-        up.addr
-    ))
-    .await;
+    let gw = start_gateway(&https_only_routes(up.addr)).await;
     let resp = get(&gw.url("/secure")).await;
     assert_eq!(resp.status, StatusCode::UPGRADE_REQUIRED);
     assert_eq!(resp.json()["message"], "Please use HTTPS protocol");

@@ -415,3 +415,39 @@ http2-settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n"
     }
     gw.shutdown().await;
 }
+
+/// `X-Forwarded-Proto` from a trusted proxy (a load balancer that terminates TLS) is the
+/// scheme for `protocols: [https]` routes and the https redirect; from anyone else it changes
+/// nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_a_trusted_proxy_can_say_the_client_used_https() {
+    let up = echo_upstream().await;
+    let yaml = https_only_routes(up.addr);
+    let request = |path: &str, proto: Option<&str>| {
+        let proto = proto.map(|p| format!("x-forwarded-proto: {p}\r\n")).unwrap_or_default();
+        format!("GET {path} HTTP/1.1\r\nhost: shop.test\r\n{proto}connection: close\r\n\r\n")
+    };
+    let untrusted = start_running(gateway(&yaml, &[]), ServerSettings::default()).await;
+    for proto in [None, Some("https"), Some("HTTPS")] {
+        let (answer, _) = exchange(untrusted.addr, request("/secure", proto).as_bytes()).await;
+        assert_eq!(status_of(&answer), 426, "untrusted, {proto:?}: {answer}");
+    }
+    untrusted.shutdown().await;
+
+    let trusted = start_running(gateway(&yaml, &["127.0.0.0/8"]), ServerSettings::default()).await;
+    for proto in ["https", "HTTPS", "http, https"] {
+        let (answer, _) = exchange(trusted.addr, request("/secure", Some(proto)).as_bytes()).await;
+        assert_eq!(status_of(&answer), 200, "trusted, {proto}: {answer}");
+        assert_eq!(echo_of(&answer).header("x-forwarded-proto"), Some(proto));
+    }
+    for proto in [None, Some("http"), Some("https, http")] {
+        let (answer, _) = exchange(trusted.addr, request("/secure", proto).as_bytes()).await;
+        assert_eq!(status_of(&answer), 426, "trusted, {proto:?}: {answer}");
+    }
+    let (answer, _) = exchange(trusted.addr, request("/moved/x", Some("http")).as_bytes()).await;
+    assert_eq!(status_of(&answer), 301, "{answer}");
+    assert!(answer.contains("location: https://shop.test/moved/x"), "{answer}");
+    let (answer, _) = exchange(trusted.addr, request("/moved/x", Some("https")).as_bytes()).await;
+    assert_eq!(status_of(&answer), 200, "{answer}");
+    trusted.shutdown().await;
+}

@@ -479,6 +479,11 @@ fn prepare(
     Request::from_parts(parts, body)
 }
 
+/// Whether a request is a gRPC call (`application/grpc`, `application/grpc+proto`, ...).
+pub(crate) fn is_grpc(headers: &HeaderMap) -> bool {
+    headers.get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
 /// Handles one request against one snapshot. Never fails: every error is an HTTP answer (a
 /// gRPC answer when the client speaks gRPC).
 pub(crate) async fn handle(
@@ -504,11 +509,22 @@ pub(crate) async fn handle(
                 return resp.map(|b| GatewayBody::new(b, None, None));
             }
         }
+        // The scheme the client used to reach the trusted proxy, as Kong reads it: a load
+        // balancer that terminates TLS makes `protocols: [https]` routes and the https
+        // redirect work. The last value is the nearest proxy's.
+        let proto = req.headers().get_all(&X_FORWARDED_PROTO).iter().next_back();
+        if let Some(proto) = proto.map(|v| v.as_bytes().rsplit(|&b| b == b',').next().unwrap_or(b"").trim_ascii()) {
+            if proto.eq_ignore_ascii_case(b"https") {
+                conn.tls = true;
+            } else if proto.eq_ignore_ascii_case(b"http") {
+                conn.tls = false;
+            }
+        }
     }
     let (metrics_on, access_log, latency_headers) =
         (snapshot.observe.metrics, snapshot.observe.access_log, snapshot.observe.latency_headers);
     let hook = snapshot.observe.on_finish.clone();
-    let grpc = req.headers().get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    let grpc = is_grpc(req.headers());
     let bytes_in = req
         .headers()
         .get(header::CONTENT_LENGTH)

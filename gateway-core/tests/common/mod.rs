@@ -314,3 +314,18 @@ pub async fn raw(addr: SocketAddr, request: &str) -> String {
     let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
     String::from_utf8_lossy(&out).to_string()
 }
+
+/// A config with two `protocols: [https]` routes to `upstream`: `/secure` (plain HTTP gets
+/// 426) and `/moved` (plain HTTP is redirected with 301).
+pub fn https_only_routes(upstream: SocketAddr) -> String {
+    format!(
+        r#"_format_version: "3.0"
+services:
+- name: s
+  url: http://{upstream}
+  routes:
+  - {{name: secure, paths: ["/secure"], protocols: [https]}}
+  - {{name: moved, paths: ["/moved"], protocols: [https], https_redirect_status_code: 301}}
+"#
+    )
+}
