@@ -318,9 +318,16 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Validate { file } => {
             match Config::from_file(&file)
-                .and_then(|c| build(&c, &UpstreamSettings::default(), Observability::off(), &[]).map(drop))
+                .and_then(|c| build(&c, &UpstreamSettings::default(), Observability::off(), &[]))
             {
-                Ok(()) => {
+                // A plugin that refuses its config does not stop the gateway from serving (its
+                // routes answer 500), but the file is not valid.
+                Ok(gateway) if !gateway.plugin_failures().is_empty() => {
+                    let failures = ConfigError { source_name: None, problems: gateway.plugin_failures() };
+                    eprintln!("{}", failures.in_file_if_unnamed(&file));
+                    ExitCode::FAILURE
+                }
+                Ok(_) => {
                     println!("{}: valid", file.display());
                     ExitCode::SUCCESS
                 }

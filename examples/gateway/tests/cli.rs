@@ -141,6 +141,19 @@ fn validate_accepts_a_good_file_and_explains_a_bad_one() {
     let out = bin().arg("validate").arg(&good).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 
+    // A plugin that refuses its config: the gateway would serve the rest, but the file is
+    // not valid, and the problem says where.
+    let plugin = dir.join("plugin.yml");
+    std::fs::write(
+        &plugin,
+        "_format_version: \"3.0\"\nservices:\n- name: s\n  url: http://127.0.0.1:9\n  routes:\n  - name: r\n    paths: [/]\n    plugins: [{name: jwt, config: {colour: red}}]\n",
+    )
+    .unwrap();
+    let out = bin().arg("validate").arg(&plugin).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("plugin.yml") && err.contains("routes[0]") && err.contains("colour"), "{err}");
+
     let bad = dir.join("bad.yml");
     std::fs::write(&bad, "_format_version: \"3.0\"\nservices:\n- name: s\n  url: http://127.0.0.1:9\n  colour: red\n")
         .unwrap();
