@@ -141,8 +141,18 @@ static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection"
 /// The token this gateway adds to `Via`.
 const VIA_TOKEN: &str = "gateway";
 
-/// Removes hop-by-hop headers (RFC 9110 7.6.1), including those the `Connection` header names.
+/// Removes hop-by-hop headers (RFC 9110 7.6.1), including those the `Connection` header names,
+/// from a request: `TE: trailers` stays (gRPC needs it end to end).
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    strip_hop_by_hop(headers, true);
+}
+
+/// [`remove_hop_by_hop`] for a response: `TE` is a request header and never goes back.
+fn remove_hop_by_hop_from_response(headers: &mut HeaderMap) {
+    strip_hop_by_hop(headers, false);
+}
+
+fn strip_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) {
     // Almost no request carries any of these: one pass over the names is cheaper than eight
     // hashed removes of absent headers.
     let present = headers.keys().any(|k| {
@@ -184,7 +194,8 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     headers.remove(header::PROXY_AUTHORIZATION);
     headers.remove(header::PROXY_AUTHENTICATE);
     if headers.contains_key(header::TE)
-        && !headers.get_all(header::TE).iter().all(|te| te.as_bytes().eq_ignore_ascii_case(b"trailers"))
+        && !(keep_te_trailers
+            && headers.get_all(header::TE).iter().all(|te| te.as_bytes().eq_ignore_ascii_case(b"trailers")))
     {
         headers.remove(header::TE);
     }
@@ -1022,10 +1033,7 @@ async fn call_upstream(
             let switching = (rparts.status == StatusCode::SWITCHING_PROTOCOLS)
                 .then(|| rparts.headers.get(header::UPGRADE).cloned())
                 .flatten();
-            remove_hop_by_hop(&mut rparts.headers);
-            // `TE` is a request header: `trailers` is kept on requests for gRPC, never sent
-            // back.
-            rparts.headers.remove(header::TE);
+            remove_hop_by_hop_from_response(&mut rparts.headers);
             if let Some(protocol) = switching {
                 rparts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
                 rparts.headers.insert(header::UPGRADE, protocol);
@@ -1340,6 +1348,8 @@ mod tests {
         t.insert(header::TE, HeaderValue::from_static("trailers"));
         remove_hop_by_hop(&mut t);
         assert!(t.contains_key(header::TE), "TE: trailers is end-to-end for gRPC");
+        remove_hop_by_hop_from_response(&mut t);
+        assert!(t.is_empty(), "TE never goes back to a client");
     }
 
     #[test]
