@@ -28,13 +28,15 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// A request body on its way to the upstream.
 #[derive(Debug)]
+#[non_exhaustive]
 pub enum ProxyBody {
     /// No body.
     Empty,
     /// A body read from a hyper connection (no allocation, streamed).
     Incoming(Incoming),
-    /// A body read from a hyper connection that must arrive whole before a deadline (the
-    /// server's [`body_read_timeout`](crate::server::ServerSettings::body_read_timeout)).
+    /// A body read from a hyper connection whose client may keep the gateway waiting only so
+    /// long in all (the server's
+    /// [`body_read_timeout`](crate::server::ServerSettings::body_read_timeout)).
     Timed(Pin<Box<TimedIncoming>>),
     /// Any other body (boxed once per request; used when embedding behind another server).
     Boxed(UnsyncBoxBody<Bytes, BoxError>),
@@ -44,13 +46,19 @@ pub enum ProxyBody {
 }
 
 impl ProxyBody {
-    /// A client body from hyper that must be complete within `deadline` from now; `None` for
-    /// no deadline. A body already complete (no body, or `Content-Length: 0`) needs no timer.
+    /// A client body from hyper whose client may keep the gateway waiting for at most
+    /// `deadline` in all (see [`TimedIncoming`]); `None` for no deadline. A body already
+    /// complete (no body, or `Content-Length: 0`) needs no timer.
     pub fn incoming(body: Incoming, deadline: Option<Duration>) -> ProxyBody {
         match deadline {
-            Some(limit) if !body.is_end_stream() => {
-                ProxyBody::Timed(Box::pin(TimedIncoming { body, deadline: tokio::time::sleep(limit), limit }))
-            }
+            Some(limit) if !body.is_end_stream() => ProxyBody::Timed(Box::pin(TimedIncoming {
+                body,
+                deadline: tokio::time::sleep(limit),
+                limit,
+                waited: Duration::ZERO,
+                waiting_since: None,
+                armed: true,
+            })),
             _ => ProxyBody::Incoming(body),
         }
     }
@@ -114,12 +122,21 @@ impl ProxyBody {
 pin_project_lite::pin_project! {
     /// See [`ProxyBody::Timed`]. Hand-written rather than tower-http's `TimeoutBody`, which
     /// times each frame separately: a client trickling one byte per frame would pass it.
+    ///
+    /// The deadline counts only the time the gateway waits for the client's bytes, summed
+    /// over the whole body: time before the first read (plugins, the upstream connection) and
+    /// time the upstream takes to accept what was read (backpressure) are not the client's.
     #[derive(Debug)]
     pub struct TimedIncoming {
         body: Incoming,
         #[pin]
         deadline: tokio::time::Sleep,
         limit: Duration,
+        // Time spent waiting for the client so far, not counting the current wait.
+        waited: Duration,
+        // When the current wait for the client began.
+        waiting_since: Option<tokio::time::Instant>,
+        armed: bool,
     }
 }
 
@@ -128,9 +145,20 @@ impl Body for TimedIncoming {
     type Error = BoxError;
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = self.project();
+        let mut this = self.project();
         if let Poll::Ready(frame) = Pin::new(this.body).poll_frame(cx) {
+            if let Some(since) = this.waiting_since.take() {
+                *this.waited += since.elapsed();
+            }
             return Poll::Ready(frame.map(|f| f.map_err(|e| Box::new(ClientBodyError::Broken(e)) as BoxError)));
+        }
+        if !*this.armed {
+            return Poll::Pending;
+        }
+        if this.waiting_since.is_none() {
+            let now = tokio::time::Instant::now();
+            *this.waiting_since = Some(now);
+            this.deadline.as_mut().reset(now + this.limit.saturating_sub(*this.waited));
         }
         ready!(this.deadline.poll(cx));
         Poll::Ready(Some(Err(Box::new(ClientBodyError::Deadline(*this.limit)))))
@@ -145,13 +173,24 @@ impl Body for TimedIncoming {
     }
 }
 
+impl ProxyBody {
+    /// Lifts the body deadline of a [`ProxyBody::Timed`] body (a gRPC call's client stream
+    /// lasts as long as the call); other bodies are unchanged.
+    pub fn disarm_deadline(&mut self) {
+        if let ProxyBody::Timed(b) = self {
+            *b.as_mut().project().armed = false;
+        }
+    }
+}
+
 /// The client's request body failed: the client's fault, answered 400 or 408, never counted
 /// against the upstream.
 #[derive(Debug)]
+#[non_exhaustive]
 pub enum ClientBodyError {
     /// The body broke: an invalid chunk, a connection cut mid-body.
     Broken(hyper::Error),
-    /// The whole body did not arrive within this long of the request head.
+    /// The client kept the gateway waiting for its body longer than this in all.
     Deadline(Duration),
 }
 
@@ -182,7 +221,7 @@ impl std::fmt::Display for ClientBodyError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             ClientBodyError::Broken(e) => write!(f, "client request body: {e}"),
-            ClientBodyError::Deadline(d) => write!(f, "client request body not complete within {d:?}"),
+            ClientBodyError::Deadline(d) => write!(f, "client request body: waited for it {d:?} in all"),
         }
     }
 }

@@ -39,11 +39,13 @@ pub struct ServerSettings {
     /// idle timeout: an idle connection that sends nothing for this long is closed (hyper
     /// starts the header timer when a connection goes idle). Default 10 s.
     pub header_read_timeout: Duration,
-    /// Time a client has to send a whole request body, counted from the end of its head
-    /// (`None`: no limit). Past it the request is answered 408 and the connection closed, so a
-    /// client trickling its body cannot hold a connection and an upstream request for ever.
-    /// gRPC calls are exempt (a client stream lasts as long as the call). Raise it for large
-    /// uploads over slow links. Default 60 s.
+    /// How long in all a client may keep the gateway waiting for its request body (`None`: no
+    /// limit): the waits for its bytes summed over the whole body, from the first read, so a
+    /// client trickling its body cannot hold a connection and an upstream request for ever,
+    /// while time the upstream takes does not count. Past it the answer is 408 and the
+    /// connection is closed (on HTTP/2, the stream). Routes to gRPC services are exempt (a
+    /// client stream lasts as long as its call). Raise it for large uploads over slow links.
+    /// Default 60 s.
     pub body_read_timeout: Option<Duration>,
     /// Largest request head in bytes (request line plus headers); larger heads get 431.
     /// Default 32 KiB.
@@ -265,9 +267,7 @@ pub(crate) async fn serve(
                     let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
                         shared.stats.requests.fetch_add(1, Ordering::Relaxed);
                         let snapshot = shared.snapshot.load_full();
-                        // gRPC streams may send for as long as the call lasts.
-                        let deadline = body_timeout.filter(|_| !crate::proxy::is_grpc(req.headers()));
-                        let req = req.map(|body| ProxyBody::incoming(body, deadline));
+                        let req = req.map(|body| ProxyBody::incoming(body, body_timeout));
                         let values = values.clone();
                         // Boxed: hyper keeps a slot the size of this future in every
                         // connection, idle or not; a box keeps that slot one pointer wide and
@@ -284,6 +284,7 @@ pub(crate) async fn serve(
                         // connection forever.
                         // A connection that has sent no request yet is closed at shutdown.
                         let first_bytes = tokio::select! {
+                            biased;
                             r = tokio::time::timeout(header_timeout, protocol_decidable(&stream)) => r,
                             _ = reached(&mut watcher, Phase::Draining) => return,
                         };
@@ -303,6 +304,7 @@ pub(crate) async fn serve(
                     Box::pin(async move {
                         // The handshake counts against the header timeout too.
                         let handshake = tokio::select! {
+                            biased;
                             r = tokio::time::timeout(header_timeout, acceptor.accept(stream)) => r,
                             _ = reached(&mut watcher, Phase::Draining) => return,
                         };

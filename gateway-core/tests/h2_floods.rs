@@ -4,8 +4,7 @@
 
 mod common;
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use common::*;
@@ -84,18 +83,6 @@ async fn connect(gw: &RunningGateway, first: &[u8]) -> (OwnedWriteHalf, JoinHand
     (tx, reader)
 }
 
-async fn counting_upstream() -> (Upstream, Arc<AtomicUsize>) {
-    let seen = Arc::new(AtomicUsize::new(0));
-    let count = seen.clone();
-    let echo = echo_handler();
-    let up = upstream_with(Arc::new(move |req, addr, peer| {
-        count.fetch_add(1, Ordering::SeqCst);
-        echo(req, addr, peer)
-    }))
-    .await;
-    (up, seen)
-}
-
 fn config(up: std::net::SocketAddr) -> String {
     format!(
         "_format_version: \"3.0\"\nservices:\n- name: s\n  url: http://{up}\n  routes: [{{name: r, paths: [\"/\"]}}]\n"
@@ -110,7 +97,7 @@ async fn others_are_served(gw: &RunningGateway) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rapid_reset_gets_goaway() {
-    let (up, seen) = counting_upstream().await;
+    let (up, seen) = counting_echo_upstream().await;
     let gw = start_gateway(&config(up.addr)).await;
     let (mut tx, reader) = connect(&gw, &[]).await;
     // 10,000 requests, each cancelled as soon as it is sent, 100 to a write; stop when the
@@ -129,9 +116,10 @@ async fn rapid_reset_gets_goaway() {
         sent += 100;
     }
     let (goaway, closed) = reader.await.unwrap();
+    // Whether the writes failed before all 10,000 went out depends on socket buffers; what
+    // the server did does not.
     assert_eq!(goaway, Some(ENHANCE_YOUR_CALM), "sent {sent} cancelled requests");
     assert!(closed, "the connection stayed open");
-    assert!(sent < 10_000, "the server took all 10,000 cancelled requests");
     let reached = seen.load(Ordering::SeqCst);
     assert!(reached < 200, "{reached} cancelled requests reached the upstream");
     others_are_served(&gw).await;
@@ -140,7 +128,7 @@ async fn rapid_reset_gets_goaway() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_continuation_flood_gets_goaway() {
-    let (up, seen) = counting_upstream().await;
+    let (up, seen) = counting_echo_upstream().await;
     let gw = start_gateway(&config(up.addr)).await;
     // A header block that never ends: HEADERS without END_HEADERS, then CONTINUATION frames
     // of one 72-byte header each, up to 16 MiB in all, 1,000 frames to a write.
@@ -148,21 +136,24 @@ async fn a_continuation_flood_gets_goaway() {
     frame(&mut first, HEADERS, END_STREAM, 1, GET_ROOT);
     let (mut tx, reader) = connect(&gw, &first).await;
     let header = flood_header();
-    let mut written = 0usize;
+    let (mut written, mut refused) = (0usize, false);
     for _ in 0..200 {
         let mut out = Vec::with_capacity(1000 * (9 + header.len()));
         for _ in 0..1000 {
             frame(&mut out, CONTINUATION, 0, 1, &header);
         }
         if tx.write_all(&out).await.is_err() {
+            refused = true;
             break;
         }
         written += out.len();
     }
     let (goaway, closed) = reader.await.unwrap();
-    assert!(goaway.is_some(), "no GOAWAY after {written} bytes of CONTINUATION frames");
+    assert_eq!(goaway, Some(ENHANCE_YOUR_CALM), "after {written} bytes of CONTINUATION frames");
     assert!(closed, "the connection stayed open");
-    assert!(written < 16 * 1024 * 1024, "the server read all {written} bytes of one header block");
+    // 16 MB is far more than socket buffers hold: had the server kept reading the header
+    // block, every write would have gone through.
+    assert!(refused, "the server read all {written} bytes of one header block");
     assert_eq!(seen.load(Ordering::SeqCst), 0, "the unfinished request reached the upstream");
     others_are_served(&gw).await;
     gw.shutdown().await;

@@ -91,11 +91,11 @@ async fn an_invalid_reload_is_refused_and_the_old_config_keeps_serving() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn graceful_shutdown_lets_an_in_flight_request_finish() {
-    let up = echo_upstream().await;
+    let (up, seen) = counting_echo_upstream().await;
     let mut gw = start_gateway(&config_for(up.addr, "")).await;
     let url = gw.url("/slow/700");
     let in_flight = tokio::spawn(async move { get(&url).await });
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    reached(&seen, 1).await;
     let started = Instant::now();
     let server = gw.begin_shutdown();
     // New connections are refused once the listener is closed.
@@ -128,13 +128,13 @@ async fn upstream_connections_survive_a_reload_of_an_unchanged_service() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_still_busy_after_the_grace_period_are_closed() {
-    let up = echo_upstream().await;
+    let (up, seen) = counting_echo_upstream().await;
     let settings = ServerSettings { shutdown_grace: Duration::from_millis(300), ..Default::default() };
     let mut gw = start_gateway_with(&config_for(up.addr, ""), settings).await;
     // The upstream holds this request for 5 s, far past the grace period.
     let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
     s.write_all(b"GET /slow/5000 HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    reached(&seen, 1).await;
     let started = Instant::now();
     let server = gw.begin_shutdown();
     let mut rest = Vec::new();

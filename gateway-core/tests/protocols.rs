@@ -13,6 +13,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use common::*;
 use futures_util::{SinkExt, StreamExt};
 use gateway_core::config::Config;
+use gateway_core::server::ServerSettings;
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
 use http_body::Frame;
 use http_body_util::{BodyExt, StreamBody};
@@ -232,6 +233,9 @@ async fn check_grpc_streaming(send: impl Fn(TestBody) -> ResponseFut) {
     let mut body = resp.into_body();
     let mut buf = BytesMut::new();
     for name in ["ann", "bob", "cyd"] {
+        // Pauses the gateway waits through: 450 ms in all, past a short body deadline, which
+        // gRPC routes are exempt from.
+        tokio::time::sleep(Duration::from_millis(150)).await;
         tx.send(Ok(Frame::data(grpc_frame(name.as_bytes())))).await.unwrap();
         let reply = tokio::time::timeout(Duration::from_secs(5), next_message(&mut body, &mut buf)).await.unwrap();
         assert_eq!(reply.as_deref(), Some(format!("echo: {name}").as_bytes()));
@@ -255,7 +259,8 @@ type ResponseFut = std::pin::Pin<Box<dyn std::future::Future<Output = Response<I
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_unary_and_streaming_calls_reach_an_h2c_upstream_with_trailers() {
     let up = grpc_echo().await;
-    let gw = start_gateway(&grpc_config(up.addr, "grpc").await).await;
+    let settings = ServerSettings { body_read_timeout: Some(Duration::from_millis(300)), ..Default::default() };
+    let gw = start_gateway_with(&grpc_config(up.addr, "grpc").await, settings).await;
     let addr = gw.addr;
 
     // Unary.

@@ -214,7 +214,7 @@ where
         ProxyBody::Incoming(b) => ResponseBody::Upstream(b),
         ProxyBody::Empty => ResponseBody::empty(),
         // Never produced by `from_body`; boxing it again keeps it whole regardless.
-        other @ (ProxyBody::Deferred(_) | ProxyBody::Timed(_)) => into_response_body(other),
+        other => into_response_body(other),
     }
 }
 

@@ -165,9 +165,9 @@ struct ServeArgs {
     /// Time a client has to send a request head; also the HTTP/1.1 keep-alive idle timeout.
     #[arg(long, env = "GATEWAY_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     header_read_timeout: Duration,
-    /// Time a client has to send a whole request body, from the end of its head (408 and the
-    /// connection closed past it; gRPC calls are exempt); `off` for no limit. Raise it for
-    /// large uploads over slow links.
+    /// How long in all a client may keep the gateway waiting for its request body, its pauses
+    /// summed over the whole body (408 past it; routes to gRPC services are exempt); `off`
+    /// for no limit. Raise it for large uploads over slow links.
     #[arg(long, env = "GATEWAY_BODY_READ_TIMEOUT", default_value = "60s", value_parser = parse_duration_or_off)]
     body_read_timeout: DurationOrOff,
     /// Largest request head in bytes (431 above it).

@@ -56,7 +56,8 @@ pub struct ConnInfo {
     pub client: SocketAddr,
     /// The local address the request arrived at.
     pub local: SocketAddr,
-    /// True when the connection is TLS.
+    /// True when the connection is TLS, or when a trusted proxy's `X-Forwarded-Proto` says
+    /// the client's was (see `GatewayBuilder::trusted_ips`).
     pub tls: bool,
 }
 
@@ -688,7 +689,7 @@ async fn handle_http(
     facts: &mut Facts,
 ) -> Response<ResponseBody> {
     let request_id = next_request_id();
-    let (mut parts, body) = req.into_parts();
+    let (mut parts, mut body) = req.into_parts();
     let upgrade = upgrade_request(&parts);
     let client_upgrade = upgrade.as_ref().and_then(|_| parts.extensions.remove::<hyper::upgrade::OnUpgrade>());
     // Before routing and plugins: a client must not be able to name, in `Connection`, a header
@@ -743,6 +744,12 @@ async fn handle_http(
     let Some(service) = route.service.as_deref() else {
         return error_response(StatusCode::SERVICE_UNAVAILABLE, "no Service found with those values", &request_id);
     };
+    if service.version == Version::HTTP_2 {
+        // A gRPC service (the only HTTP/2 upstreams): a client stream lasts as long as its
+        // call. Decided by the route, not by the request, so a client cannot opt out by
+        // claiming to be gRPC.
+        body.disarm_deadline();
+    }
 
     // Everything the upstream request needs from the head, computed while the head is intact.
     let new_path = upstream_path(service.base_path.as_deref(), path, found.matched_len, route.strip_path);

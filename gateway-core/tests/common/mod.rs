@@ -329,3 +329,25 @@ services:
 "#
     )
 }
+
+/// An echo upstream that counts the requests it has received (as soon as each arrives).
+pub async fn counting_echo_upstream() -> (Upstream, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    let seen = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = seen.clone();
+    let echo = echo_handler();
+    let up = upstream_with(std::sync::Arc::new(move |req, addr, peer| {
+        count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        echo(req, addr, peer)
+    }))
+    .await;
+    (up, seen)
+}
+
+/// Waits until `count` reaches `n` (at most 10 s): the requests are in flight at the upstream.
+pub async fn reached(count: &std::sync::atomic::AtomicUsize, n: usize) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while count.load(std::sync::atomic::Ordering::SeqCst) < n {
+        assert!(tokio::time::Instant::now() < deadline, "the upstream saw {count:?} requests, not {n}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
