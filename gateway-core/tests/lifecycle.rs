@@ -167,3 +167,23 @@ async fn connections_that_sent_nothing_yet_are_closed_at_once_on_shutdown() {
     tokio::time::timeout(Duration::from_secs(2), server).await.expect("serve returned").unwrap().unwrap();
     assert!(started.elapsed() < Duration::from_secs(2), "shutdown took {:?}", started.elapsed());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_connections_still_busy_after_the_grace_period_are_closed() {
+    let (up, seen) = counting_echo_upstream().await;
+    let settings = ServerSettings { shutdown_grace: Duration::from_millis(300), ..Default::default() };
+    let mut gw = start_gateway_with(&config_for(up.addr, ""), settings).await;
+    let url = gw.url("/slow/5000");
+    let in_flight = tokio::spawn(async move {
+        let req = http::Request::get(url).body(full("")).unwrap();
+        h2_client().request(req).await.map(|r| r.status())
+    });
+    reached(&seen, 1).await;
+    let started = Instant::now();
+    let server = gw.begin_shutdown();
+    let outcome = tokio::time::timeout(Duration::from_secs(3), in_flight).await;
+    let outcome = outcome.expect("the HTTP/2 request outlived the grace period by 3 s").unwrap();
+    assert!(outcome.is_err(), "an answer came: {outcome:?}");
+    assert!(started.elapsed() >= Duration::from_millis(250), "cut before the grace period ended");
+    tokio::time::timeout(Duration::from_secs(2), server).await.expect("serve returned").unwrap().unwrap();
+}

@@ -305,10 +305,14 @@ fn main() -> ExitCode {
     // when full, as nginx's `access_log ... buffer= flush=`: a request pays a copy, not a
     // system call.
     let (log, _flush_on_exit) = gateway_core::observe::BufferedLog::new(std::io::stderr(), Duration::from_millis(100));
+    // `validate` prints refused plugin configs as problems of the file; the compiler's log
+    // line about them (for a running gateway) would say it twice.
+    let default_filter =
+        if matches!(cli.command, Command::Validate { .. }) { "info,gateway_core::chain=off" } else { "info" };
     let logs = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
         )
         .with_writer(move || log.clone());
     match cli.log_format {

@@ -153,6 +153,7 @@ fn validate_accepts_a_good_file_and_explains_a_bad_one() {
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("plugin.yml") && err.contains("routes[0]") && err.contains("colour"), "{err}");
+    assert_eq!(err.matches("colour").count(), 1, "said once: {err}");
 
     let bad = dir.join("bad.yml");
     std::fs::write(&bad, "_format_version: \"3.0\"\nservices:\n- name: s\n  url: http://127.0.0.1:9\n  colour: red\n")
