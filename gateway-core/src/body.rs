@@ -126,6 +126,8 @@ pin_project_lite::pin_project! {
     /// The deadline counts only the time the gateway waits for the client's bytes, summed
     /// over the whole body: time before the first read (plugins, the upstream connection) and
     /// time the upstream takes to accept what was read (backpressure) are not the client's.
+    /// The 408 answer also ends an HTTP/1.1 connection: hyper does not keep alive a
+    /// connection whose request body was not read to its end.
     #[derive(Debug)]
     pub struct TimedIncoming {
         body: Incoming,

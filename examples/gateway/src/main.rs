@@ -326,15 +326,16 @@ fn main() -> ExitCode {
             {
                 // A plugin that refuses its config does not stop the gateway from serving (its
                 // routes answer 500), but the file is not valid.
-                Ok(gateway) if !gateway.plugin_failures().is_empty() => {
-                    let failures = ConfigError { source_name: None, problems: gateway.plugin_failures() };
-                    eprintln!("{}", failures.in_file_if_unnamed(&file));
-                    ExitCode::FAILURE
-                }
-                Ok(_) => {
-                    println!("{}: valid", file.display());
-                    ExitCode::SUCCESS
-                }
+                Ok(gateway) => match gateway.plugin_failures() {
+                    problems if problems.is_empty() => {
+                        println!("{}: valid", file.display());
+                        ExitCode::SUCCESS
+                    }
+                    problems => {
+                        eprintln!("{}", ConfigError { source_name: None, problems }.in_file_if_unnamed(&file));
+                        ExitCode::FAILURE
+                    }
+                },
                 Err(e) => {
                     eprintln!("{}", e.in_file_if_unnamed(&file));
                     ExitCode::FAILURE

@@ -491,11 +491,6 @@ fn prepare(
     Request::from_parts(parts, body)
 }
 
-/// Whether a request is a gRPC call (`application/grpc`, `application/grpc+proto`, ...).
-pub(crate) fn is_grpc(headers: &HeaderMap) -> bool {
-    headers.get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
-}
-
 /// Handles one request against one snapshot. Never fails: every error is an HTTP answer (a
 /// gRPC answer when the client speaks gRPC).
 pub(crate) async fn handle(
@@ -536,7 +531,7 @@ pub(crate) async fn handle(
     let (metrics_on, access_log, latency_headers) =
         (snapshot.observe.metrics, snapshot.observe.access_log, snapshot.observe.latency_headers);
     let hook = snapshot.observe.on_finish.clone();
-    let grpc = is_grpc(req.headers());
+    let grpc = req.headers().get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
     let bytes_in = req
         .headers()
         .get(header::CONTENT_LENGTH)
@@ -1052,10 +1047,6 @@ async fn call_upstream(
         }
         Err((status, message, kind)) => {
             let mut resp = error_response(status, message, &request_id);
-            if status == StatusCode::REQUEST_TIMEOUT {
-                // The rest of a late body may still come: the connection is not reusable.
-                resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
-            }
             resp.extensions_mut().insert(kind);
             resp
         }
@@ -1228,15 +1219,13 @@ async fn send_with_retries(
                 service.balancer.report(target, Ok(resp.status()));
                 return Ok(resp);
             }
-            Err(err) if crate::body::ClientBodyError::find(&err).is_some() => {
-                drop(in_flight);
-                tracing::info!(service = &*service.name, error = %error_chain(&err), "client request body failed");
-                let (status, message) = crate::body::ClientBodyError::find(&err)
-                    .map_or((StatusCode::BAD_REQUEST, "Bad request body"), |c| c.answer());
-                return Err((status, message, UpstreamFailure::ClientBody));
-            }
             Err(err) => {
                 drop(in_flight);
+                // The client's body failed (broken, or too slow): its fault, not the target's.
+                if let Some((status, message)) = crate::body::ClientBodyError::find(&err).map(|c| c.answer()) {
+                    tracing::info!(service = &*service.name, error = %error_chain(&err), "client request body failed");
+                    return Err((status, message, UpstreamFailure::ClientBody));
+                }
                 let timeout = is_timeout(&err);
                 service.balancer.report(target, Err(if timeout { Outcome::Timeout } else { Outcome::TcpFailure }));
                 // Connection failures are retried for any method (nothing was sent); other
