@@ -421,6 +421,13 @@ async fn a_reused_idle_upstream_connection_gets_a_full_read_timeout() {
     tokio::time::sleep(Duration::from_millis(450)).await;
     let resp = get(&gw.url("/slow/300")).await;
     assert_eq!(resp.status, StatusCode::OK, "{}", String::from_utf8_lossy(&resp.body));
+    // The timer, moved lazily to each wait's deadline, still fires on the reused connection:
+    // a full read timeout after the request was written, not earlier, not much later.
+    let started = std::time::Instant::now();
+    let resp = get(&gw.url("/slow/3000")).await;
+    let waited = started.elapsed();
+    assert_eq!(resp.status, StatusCode::GATEWAY_TIMEOUT);
+    assert!(waited >= Duration::from_millis(590) && waited < Duration::from_millis(1500), "{waited:?}");
     gw.shutdown().await;
 }
 

@@ -113,37 +113,49 @@ impl tower_service::Service<Uri> for TimeoutConnector {
 }
 
 /// A timer armed while an operation is pending and disarmed when it completes.
+///
+/// Lazy, as nginx's timers are in spirit: arming and pushing back only note when the current
+/// wait began (one clock read). The tokio timer is left where it is and moved to the current
+/// wait's deadline only when it fires early, so a busy connection costs no timer-wheel update
+/// per request (several per request before, each under the time driver's lock). The timer's
+/// deadline never lies after the current wait's, since waits only start later.
 #[derive(Debug)]
 struct Deadline {
     limit: Duration,
     sleep: Pin<Box<Sleep>>,
-    armed: bool,
+    /// When the pending operation began waiting; `None` when nothing waits.
+    since: Option<Instant>,
 }
 
 impl Deadline {
     fn new(limit: Duration) -> Self {
-        Deadline { limit, sleep: Box::pin(tokio::time::sleep(limit)), armed: false }
+        Deadline { limit, sleep: Box::pin(tokio::time::sleep(limit)), since: None }
     }
 
     /// Called when the operation is pending: arms the timer on the first call and reports
     /// whether it has fired.
     fn poll_expired(&mut self, cx: &mut Context<'_>) -> bool {
-        if !self.armed {
-            self.sleep.as_mut().reset(Instant::now() + self.limit);
-            self.armed = true;
+        let due = *self.since.get_or_insert_with(Instant::now) + self.limit;
+        while self.sleep.as_mut().poll(cx).is_ready() {
+            if self.sleep.deadline() >= due {
+                return true;
+            }
+            // An earlier wait's deadline: move on to this wait's, and poll again so that the
+            // timer holds this task's waker.
+            self.sleep.as_mut().reset(due);
         }
-        self.sleep.as_mut().poll(cx).is_ready()
+        false
     }
 
     /// The operation made progress.
     fn disarm(&mut self) {
-        self.armed = false;
+        self.since = None;
     }
 
     /// Pushes an armed timer back to a full period from now.
     fn push_back(&mut self) {
-        if self.armed {
-            self.sleep.as_mut().reset(Instant::now() + self.limit);
+        if self.since.is_some() {
+            self.since = Some(Instant::now());
         }
     }
 }
@@ -185,11 +197,14 @@ impl hyper::rt::Read for TimedIo {
 }
 
 impl TimedIo {
-    fn after_write<T>(&mut self, cx: &mut Context<'_>, r: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
+    /// Bookkeeping after a write or flush: `wrote` says whether bytes went out. Only written
+    /// bytes push the read deadline back; hyper flushes on every turn of its loop, and a flush
+    /// with nothing to send is no sign of a live upstream.
+    fn after_write<T>(&mut self, cx: &mut Context<'_>, r: Poll<io::Result<T>>, wrote: bool) -> Poll<io::Result<T>> {
         match r {
             Poll::Ready(r) => {
                 self.write.disarm();
-                if r.is_ok() {
+                if wrote && r.is_ok() {
                     self.read.push_back();
                 }
                 Poll::Ready(r)
@@ -204,12 +219,12 @@ impl hyper::rt::Write for TimedIo {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let r = Pin::new(&mut this.io).poll_write(cx, buf);
-        this.after_write(cx, r)
+        this.after_write(cx, r, true)
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         let r = Pin::new(&mut this.io).poll_flush(cx);
-        this.after_write(cx, r)
+        this.after_write(cx, r, false)
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
@@ -224,6 +239,6 @@ impl hyper::rt::Write for TimedIo {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let r = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
-        this.after_write(cx, r)
+        this.after_write(cx, r, true)
     }
 }

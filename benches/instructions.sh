@@ -1,0 +1,106 @@
+#!/usr/bin/env bash
+# User-space instructions per proxied request, the gateway against nginx, counted by
+# `valgrind --tool=callgrind`. Instruction counts do not drift with the machine's load as
+# wall-clock figures do, so this is the judge for small request-path optimisations that the
+# load comparison's noise (10-30% between rounds) would hide. Kernel work (the syscalls both
+# proxies make alike) is not counted.
+#
+#   benches/instructions.sh [GATEWAY_BINARY]   (default target/release/gateway)
+#
+# Each proxy runs under callgrind twice: once started and stopped with a single request (its
+# start-up cost), once under `wrk -c10` for 10 s; the difference divided by wrk's request
+# count is the cost of one request. Same upstream and request as benches/compare (no plugins,
+# access log off, nginx with a keep-alive upstream pool). Needs valgrind, wrk, nginx, curl and
+# the benchmark upstream (`cargo build --release -p gateway-benches --bin compare`).
+set -euo pipefail
+
+gateway=${1:-target/release/gateway}
+compare=target/release/compare
+for tool in valgrind wrk nginx curl callgrind_annotate; do
+    command -v "$tool" >/dev/null || { echo "missing: $tool" >&2; exit 2; }
+done
+[ -x "$gateway" ] || { echo "missing: $gateway (cargo build --release -p gateway)" >&2; exit 2; }
+[ -x "$compare" ] || { echo "missing: $compare (cargo build --release -p gateway-benches --bin compare)" >&2; exit 2; }
+
+dir=$(mktemp -d)
+pids=()
+cleanup() {
+    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+    rm -rf "$dir"
+}
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+"$compare" --serve-upstream 127.0.0.1:0 > "$dir/upstream.port" &
+pids+=($!)
+for _ in $(seq 50); do [ -s "$dir/upstream.port" ] && break; sleep 0.1; done
+up=$(head -1 "$dir/upstream.port")
+
+cat > "$dir/gateway.yaml" <<EOF
+_format_version: "3.0"
+services:
+- name: upstream
+  url: http://127.0.0.1:$up
+  routes: [{name: all, paths: ["/"]}]
+EOF
+
+# Starts proxy $1 ("gateway" or "nginx") under callgrind on port $2, writing $3; sets $pid.
+start() {
+    local what=$1 port=$2 out=$3
+    if [ "$what" = gateway ]; then
+        valgrind --tool=callgrind --callgrind-out-file="$out" "$gateway" run --config "$dir/gateway.yaml" \
+            --listen "127.0.0.1:$port" --listen-tls off --admin-listen "127.0.0.1:$(free_port)" \
+            --workers 1 --access-log off > "$out.log" 2>&1 &
+    else
+        cat > "$dir/nginx-$port.conf" <<EOF
+worker_processes 1;
+daemon off;
+master_process off;
+pid $dir/nginx-$port.pid;
+error_log $dir/nginx-$port.error.log warn;
+events { worker_connections 1024; }
+http {
+  access_log off;
+  upstream up { server 127.0.0.1:$up; keepalive 64; }
+  server {
+    listen 127.0.0.1:$port;
+    location / { proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection ""; }
+  }
+}
+EOF
+        valgrind --tool=callgrind --callgrind-out-file="$out" nginx -c "$dir/nginx-$port.conf" > "$out.log" 2>&1 &
+    fi
+    pid=$!
+    pids+=("$pid")
+    for _ in $(seq 300); do
+        curl -fs "http://127.0.0.1:$port/" > /dev/null && return
+        sleep 0.1
+    done
+    echo "$what did not answer on port $port; see $out.log" >&2
+    exit 1
+}
+
+# Ends proxy $1 ("gateway" or "nginx"), pid $2, normally: callgrind writes its file at exit.
+stop() {
+    if [ "$1" = gateway ]; then kill -INT "$2"; else kill -QUIT "$2"; fi
+    for _ in $(seq 300); do kill -0 "$2" 2>/dev/null || return 0; sleep 0.1; done
+    echo "$1 did not exit within 30 s" >&2
+    exit 1
+}
+
+total() { callgrind_annotate "$1" 2>/dev/null | awk '/PROGRAM TOTALS/ { gsub(",", "", $1); print $1 }'; }
+
+for what in gateway nginx; do
+    port=$(free_port)
+    start "$what" "$port" "$dir/$what.idle"
+    stop "$what" "$pid"
+    port=$(free_port)
+    start "$what" "$port" "$dir/$what.load"
+    requests=$(wrk -t1 -c10 -d10s "http://127.0.0.1:$port/" | awk '/requests in/ { print $1 }')
+    stop "$what" "$pid"
+    idle=$(total "$dir/$what.idle")
+    load=$(total "$dir/$what.load")
+    # The idle run answered one request, the load run one more than wrk's (the readiness probe).
+    echo "$what: $(( (load - idle) / requests )) instructions per request ($requests requests)"
+done
