@@ -9,14 +9,16 @@
 #
 # Each proxy runs under callgrind twice: once started and stopped with a single request (its
 # start-up cost), once under `wrk -c10` for 10 s; the difference divided by wrk's request
-# count is the cost of one request. Same upstream and request as benches/compare (no plugins,
-# access log off, nginx with a keep-alive upstream pool). Needs valgrind, wrk, nginx, curl and
-# the benchmark upstream (`cargo build --release -p gateway-benches --bin compare`).
+# count is the cost of one request. The upstream and the nginx settings are benches/compare's
+# (no plugins, access log off, a keep-alive upstream pool); the request is a plain GET, without
+# compare's credential headers. Needs valgrind, wrk, nginx, curl, python3 and the benchmark
+# upstream (`cargo build --release -p gateway-benches --bin compare`). The callgrind files and
+# logs stay in the directory the script prints, for callgrind_annotate.
 set -euo pipefail
 
 gateway=${1:-target/release/gateway}
 compare=target/release/compare
-for tool in valgrind wrk nginx curl callgrind_annotate; do
+for tool in valgrind wrk nginx curl python3 callgrind_annotate; do
     command -v "$tool" >/dev/null || { echo "missing: $tool" >&2; exit 2; }
 done
 [ -x "$gateway" ] || { echo "missing: $gateway (cargo build --release -p gateway)" >&2; exit 2; }
@@ -24,9 +26,9 @@ done
 
 dir=$(mktemp -d)
 pids=()
+echo "files: $dir"
 cleanup() {
     for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-    rm -rf "$dir"
 }
 trap cleanup EXIT
 
@@ -62,19 +64,25 @@ error_log $dir/nginx-$port.error.log warn;
 events { worker_connections 1024; }
 http {
   access_log off;
-  upstream up { server 127.0.0.1:$up; keepalive 64; }
+  client_body_temp_path $dir/body;
+  proxy_temp_path $dir/proxy;
+  fastcgi_temp_path $dir/fastcgi;
+  uwsgi_temp_path $dir/uwsgi;
+  scgi_temp_path $dir/scgi;
+  keepalive_requests 1000000;
+  upstream up { server 127.0.0.1:$up; keepalive 512; keepalive_requests 1000000; }
   server {
     listen 127.0.0.1:$port;
     location / { proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection ""; }
   }
 }
 EOF
-        valgrind --tool=callgrind --callgrind-out-file="$out" nginx -c "$dir/nginx-$port.conf" > "$out.log" 2>&1 &
+        valgrind --tool=callgrind --callgrind-out-file="$out" nginx -p "$dir" -c "$dir/nginx-$port.conf" > "$out.log" 2>&1 &
     fi
     pid=$!
     pids+=("$pid")
     for _ in $(seq 300); do
-        curl -fs "http://127.0.0.1:$port/" > /dev/null && return
+        curl -fs -m 2 "http://127.0.0.1:$port/" > /dev/null && return
         sleep 0.1
     done
     echo "$what did not answer on port $port; see $out.log" >&2
@@ -97,7 +105,12 @@ for what in gateway nginx; do
     stop "$what" "$pid"
     port=$(free_port)
     start "$what" "$port" "$dir/$what.load"
-    requests=$(wrk -t1 -c10 -d10s "http://127.0.0.1:$port/" | awk '/requests in/ { print $1 }')
+    wrk -t1 -c10 -d10s "http://127.0.0.1:$port/" > "$dir/$what.wrk"
+    requests=$(awk '/requests in/ { print $1 }' "$dir/$what.wrk")
+    if [ -z "$requests" ] || grep -q "Non-2xx\|Socket errors" "$dir/$what.wrk"; then
+        echo "$what: wrk failed or got errors; see $dir/$what.wrk" >&2
+        exit 1
+    fi
     stop "$what" "$pid"
     idle=$(total "$dir/$what.idle")
     load=$(total "$dir/$what.load")

@@ -426,8 +426,8 @@ async fn a_reused_idle_upstream_connection_gets_a_full_read_timeout() {
     let started = std::time::Instant::now();
     let resp = get(&gw.url("/slow/3000")).await;
     let waited = started.elapsed();
-    assert_eq!(resp.status, StatusCode::GATEWAY_TIMEOUT);
-    assert!(waited >= Duration::from_millis(590) && waited < Duration::from_millis(1500), "{waited:?}");
+    assert_eq!(resp.status, StatusCode::GATEWAY_TIMEOUT, "{}", String::from_utf8_lossy(&resp.body));
+    assert!(waited >= Duration::from_millis(590) && waited < Duration::from_millis(2000), "{waited:?}");
     gw.shutdown().await;
 }
 

@@ -116,9 +116,10 @@ impl tower_service::Service<Uri> for TimeoutConnector {
 ///
 /// Lazy, as nginx's timers are in spirit: arming and pushing back only note when the current
 /// wait began (one clock read). The tokio timer is left where it is and moved to the current
-/// wait's deadline only when it fires early, so a busy connection costs no timer-wheel update
-/// per request (several per request before, each under the time driver's lock). The timer's
-/// deadline never lies after the current wait's, since waits only start later.
+/// wait's deadline only when it fires early, so a busy connection costs no timer update per
+/// request (several per request before; tokio extends an unfired timer without its lock, but
+/// the calls still cost). The timer's deadline never lies after the current wait's, since
+/// waits only start later.
 #[derive(Debug)]
 struct Deadline {
     limit: Duration,
