@@ -407,7 +407,14 @@ services:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reused_idle_upstream_connection_gets_a_full_read_timeout() {
-    let up = echo_upstream().await;
+    // The upstream notes the connection (client port) of every request it receives.
+    let peers = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (seen, echo) = (peers.clone(), echo_handler());
+    let up = upstream_with(std::sync::Arc::new(move |req, addr, peer| {
+        seen.lock().unwrap().push(peer);
+        echo(req, addr, peer)
+    }))
+    .await;
     let gw = start_gateway(&one_service(
         up.addr,
         "\n  read_timeout: 600",
@@ -422,12 +429,18 @@ async fn a_reused_idle_upstream_connection_gets_a_full_read_timeout() {
     let resp = get(&gw.url("/slow/300")).await;
     assert_eq!(resp.status, StatusCode::OK, "{}", String::from_utf8_lossy(&resp.body));
     // The timer, moved lazily to each wait's deadline, still fires on the reused connection:
-    // a full read timeout after the request was written, not earlier, not much later.
+    // a full read timeout after the request was written, not earlier, not much later. (A
+    // moment first, for the connection to go back to the pool.)
+    tokio::time::sleep(Duration::from_millis(50)).await;
     let started = std::time::Instant::now();
     let resp = get(&gw.url("/slow/3000")).await;
     let waited = started.elapsed();
     assert_eq!(resp.status, StatusCode::GATEWAY_TIMEOUT, "{}", String::from_utf8_lossy(&resp.body));
     assert!(waited >= Duration::from_millis(590) && waited < Duration::from_millis(2000), "{waited:?}");
+    // All three requests went over the one connection: the last two on a reused one.
+    let peers = peers.lock().unwrap().clone();
+    assert_eq!(peers.len(), 3, "{peers:?}");
+    assert!(peers.iter().all(|p| *p == peers[0]), "not one connection: {peers:?}");
     gw.shutdown().await;
 }
 
