@@ -176,6 +176,8 @@ pub(crate) struct TargetRuntime {
     pub(crate) state: Arc<TargetState>,
     /// The DNS entry of a target given by host name (not for IP addresses).
     pub(crate) dns: Option<Arc<crate::dns::DnsEntry>>,
+    /// How requests reach it: its connection pool (HTTP/1.1), or the shared HTTP/2 client.
+    pub(crate) client: crate::proxy::client::TargetClient,
 }
 
 /// How a request's hash key is found (consistent hashing).

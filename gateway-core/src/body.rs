@@ -23,6 +23,8 @@ use http_body_util::BodyExt;
 use http_body_util::combinators::UnsyncBoxBody;
 use hyper::body::Incoming;
 
+pub use crate::proxy::pool::UpstreamBody;
+
 /// Errors that may cross a body.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -399,8 +401,8 @@ impl ProxyBody {
 /// A response body: the upstream's, streamed, or one the gateway wrote.
 #[derive(Debug)]
 pub enum ResponseBody {
-    /// The upstream's body, streamed frame by frame.
-    Upstream(Incoming),
+    /// The upstream's body, streamed frame by frame (`UpstreamBody::from` an `Incoming`).
+    Upstream(UpstreamBody),
     /// A complete body written by the gateway (error answers, plugin answers).
     Full(Option<Bytes>),
     /// Any other body, boxed (for plugins that transform bodies).

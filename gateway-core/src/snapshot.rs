@@ -91,7 +91,6 @@ pub(crate) struct ServiceRuntime {
     pub(crate) base_path: Option<Box<str>>,
     pub(crate) balancer: Balancer,
     pub(crate) retries: u32,
-    pub(crate) client: UpstreamClient,
     /// HTTP/2 to the upstream (`grpc`, `grpcs`); HTTP/1.1 otherwise.
     pub(crate) version: http::Version,
 }
@@ -252,19 +251,32 @@ fn host_header_for(host: &str, port: u16, scheme: &Scheme) -> String {
     if port == default { host.to_string() } else { format!("{host}:{port}") }
 }
 
+/// A target's address, `Host` header and label.
+fn target_address(
+    host: &str,
+    port: u16,
+    host_header: Option<&str>,
+    scheme: &Scheme,
+) -> Result<(Authority, HeaderValue, String), String> {
+    let label = format!("{host}:{port}");
+    let authority: Authority = label.parse().map_err(|e| format!("`{label}` is not a valid address: {e}"))?;
+    let header = host_header.map(str::to_string).unwrap_or_else(|| host_header_for(host, port, scheme));
+    let host_header =
+        HeaderValue::from_str(&header).map_err(|e| format!("`{header}` is not a valid Host header: {e}"))?;
+    Ok((authority, host_header, label))
+}
+
 fn target_runtime(
     host: &str,
     port: u16,
     host_header: Option<&str>,
     scheme: &Scheme,
     state: Arc<TargetState>,
+    client: &UpstreamClient,
 ) -> Result<TargetRuntime, String> {
-    let label = format!("{host}:{port}");
-    let authority: Authority = label.parse().map_err(|e| format!("`{label}` is not a valid address: {e}"))?;
-    let header = host_header.map(str::to_string).unwrap_or_else(|| host_header_for(host, port, scheme));
-    let host_header =
-        HeaderValue::from_str(&header).map_err(|e| format!("`{header}` is not a valid Host header: {e}"))?;
-    Ok(TargetRuntime { authority, host_header, label: label.into(), state, dns: None })
+    let (authority, host_header, label) = target_address(host, port, host_header, scheme)?;
+    let client = client.for_target(scheme, &authority);
+    Ok(TargetRuntime { authority, host_header, label: label.into(), state, dns: None, client })
 }
 
 struct ParsedUpstream<'a> {
@@ -447,10 +459,10 @@ pub(crate) fn compile(
             _ => {
                 let mut probed = Vec::new();
                 for ((h, p, _), state) in up.targets.iter().zip(&up.states) {
-                    if let Ok(t) =
-                        target_runtime(h, *p, up.upstream.host_header.as_deref(), &Scheme::HTTP, state.clone())
+                    if let Ok((authority, host_header, label)) =
+                        target_address(h, *p, up.upstream.host_header.as_deref(), &Scheme::HTTP)
                     {
-                        probed.push((t.authority, t.host_header, t.label, t.state));
+                        probed.push((authority, host_header, label.into(), state.clone()));
                     }
                 }
                 HealthGroup::new(name, &checks, probed)
@@ -715,40 +727,6 @@ fn compile_service(
         read: timeout(c, at, "read_timeout", s.read_timeout),
         write: timeout(c, at, "write_timeout", s.write_timeout),
     };
-    let (mut targets, spec): (Vec<(TargetRuntime, u32)>, BalancerSpec) = match upstreams.get(host.as_str()) {
-        Some(up) => {
-            let mut out = Vec::new();
-            for ((h, p, w), state) in up.targets.iter().zip(&up.states) {
-                match target_runtime(h, *p, up.upstream.host_header.as_deref(), &scheme, state.clone()) {
-                    Ok(t) => out.push((t, *w)),
-                    Err(e) => c.problem(at, format!("upstream `{}`: {e}", up.upstream.name)),
-                }
-            }
-            let spec = BalancerSpec {
-                algorithm: up.upstream.algorithm,
-                hash: up.hash.clone(),
-                passive: up.passive.clone(),
-                checks: up.checks.clone(),
-            };
-            (out, spec)
-        }
-        None => {
-            let port = port.unwrap_or(if scheme == Scheme::HTTPS { 443 } else { 80 });
-            match target_runtime(&host, port, None, &scheme, Arc::default()) {
-                Ok(t) => (vec![(t, 1)], BalancerSpec::round_robin()),
-                Err(e) => {
-                    c.problem(at, e);
-                    return None;
-                }
-            }
-        }
-    };
-    for (t, _) in &mut targets {
-        let host = t.authority.host();
-        if host.parse::<std::net::IpAddr>().is_err() && !host.starts_with('[') {
-            t.dns = Some(old_clients.dns.entry(&mut c.dns_names, host));
-        }
-    }
     let defaults = &old_clients.settings;
     let up = upstreams.get(host.as_str()).map(|u| u.upstream);
     let pool = Pool {
@@ -777,13 +755,46 @@ fn compile_service(
             client
         }
     };
+    let (mut targets, spec): (Vec<(TargetRuntime, u32)>, BalancerSpec) = match upstreams.get(host.as_str()) {
+        Some(up) => {
+            let mut out = Vec::new();
+            for ((h, p, w), state) in up.targets.iter().zip(&up.states) {
+                match target_runtime(h, *p, up.upstream.host_header.as_deref(), &scheme, state.clone(), &client) {
+                    Ok(t) => out.push((t, *w)),
+                    Err(e) => c.problem(at, format!("upstream `{}`: {e}", up.upstream.name)),
+                }
+            }
+            let spec = BalancerSpec {
+                algorithm: up.upstream.algorithm,
+                hash: up.hash.clone(),
+                passive: up.passive.clone(),
+                checks: up.checks.clone(),
+            };
+            (out, spec)
+        }
+        None => {
+            let port = port.unwrap_or(if scheme == Scheme::HTTPS { 443 } else { 80 });
+            match target_runtime(&host, port, None, &scheme, Arc::default(), &client) {
+                Ok(t) => (vec![(t, 1)], BalancerSpec::round_robin()),
+                Err(e) => {
+                    c.problem(at, e);
+                    return None;
+                }
+            }
+        }
+    };
+    for (t, _) in &mut targets {
+        let host = t.authority.host();
+        if host.parse::<std::net::IpAddr>().is_err() && !host.starts_with('[') {
+            t.dns = Some(old_clients.dns.entry(&mut c.dns_names, host));
+        }
+    }
     Some(ServiceRuntime {
         name: s.name.clone().or_else(|| s.id.clone()).unwrap_or_else(|| host.clone()).into(),
         scheme,
         base_path: path.filter(|p| p != "/").map(Into::into),
         balancer: Balancer::new(targets, spec),
         retries,
-        client,
         version,
     })
 }
@@ -1012,7 +1023,20 @@ services:
 
     #[test]
     fn weighted_round_robin_follows_weights() {
-        let t = |n: &str| target_runtime(n, 1, None, &Scheme::HTTP, Arc::default()).unwrap();
+        let settings = UpstreamSettings::default();
+        let cache = ClientCache::new(&settings);
+        let key = ClientKey {
+            timeouts: Timeouts {
+                connect: Duration::from_secs(1),
+                read: Duration::from_secs(1),
+                write: Duration::from_secs(1),
+            },
+            tls: UpstreamTls::default(),
+            h2: false,
+            pool: Pool { max_idle: 1, idle_timeout: Duration::from_secs(1) },
+        };
+        let client = build_client(&key, &cache.dns);
+        let t = |n: &str| target_runtime(n, 1, None, &Scheme::HTTP, Arc::default(), &client).unwrap();
         let b = Balancer::new(vec![(t("a"), 300), (t("b"), 100), (t("c"), 0)], BalancerSpec::round_robin());
         let mut counts = HashMap::new();
         for _ in 0..400 {

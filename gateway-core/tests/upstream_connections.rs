@@ -91,16 +91,7 @@ fn serve(listener: TcpListener) -> Upstream {
 
 /// Serves the echo handler on `listener`, counting accepted connections.
 fn serve_counting(listener: TcpListener, accepted: Arc<AtomicUsize>) -> Upstream {
-    let addr = listener.local_addr().unwrap();
-    let handler = echo_handler();
-    let task = tokio::spawn(async move {
-        loop {
-            let Ok((stream, peer)) = listener.accept().await else { continue };
-            accepted.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(serve_upstream_conn(stream, handler.clone(), addr, peer));
-        }
-    });
-    Upstream::from_task(addr, task)
+    serve_counting_closes(listener, accepted, Arc::default())
 }
 
 fn gateway_with_dns(yaml: &str, dns: SocketAddr) -> Gateway {
@@ -287,4 +278,123 @@ async fn bad_pool_settings_are_config_errors() {
     let err = Gateway::new(&Config::parse(&pool_config(target, "  keepalive_idle_timeout: -1")).unwrap()).unwrap_err();
     let text = err.to_string();
     assert!(text.contains("keepalive_idle_timeout") && text.contains("pool"), "{text}");
+}
+
+/// An upstream that closes every connection right after its answer, without saying so
+/// (no `Connection: close`): each pooled connection is dead by the time the next request
+/// wants it. Counts the requests it answered.
+async fn closing_upstream() -> (SocketAddr, Arc<AtomicUsize>, tokio::task::JoinHandle<()>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let answered = Arc::new(AtomicUsize::new(0));
+    let count = answered.clone();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else { continue };
+            let count = count.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                let body_start = loop {
+                    let Ok(n @ 1..) = stream.read(&mut chunk).await else { return };
+                    buf.extend_from_slice(&chunk[..n]);
+                    if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        break i + 4;
+                    }
+                };
+                let head = String::from_utf8_lossy(&buf[..body_start]).to_ascii_lowercase();
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .map_or(0, |v| v.trim().parse().unwrap());
+                while buf.len() < body_start + len {
+                    let Ok(n @ 1..) = stream.read(&mut chunk).await else { return };
+                    buf.extend_from_slice(&chunk[..n]);
+                }
+                count.fetch_add(1, Ordering::SeqCst);
+                let _ = stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await;
+                // Dropped here: closed, though the answer promised keep-alive.
+            });
+        }
+    });
+    (addr, answered, task)
+}
+
+#[tokio::test]
+async fn a_pooled_connection_the_upstream_closed_meanwhile_is_not_a_failure() {
+    // POST and no retries: a request lost on a dead pooled connection would be a 502. It
+    // never reached that connection, so it goes on a new one.
+    let (addr, answered, task) = closing_upstream().await;
+    let gw = start_gateway(&pool_config(addr, "").replace("name: s\n", "name: s\n  retries: 0\n")).await;
+    for i in 0..100 {
+        let req = http::Request::post(gw.url("/")).body(full("hello")).unwrap();
+        let answer = send(req).await;
+        assert_eq!((answer.status.as_u16(), &answer.body[..]), (200, &b"ok"[..]), "request {i}");
+    }
+    assert_eq!(answered.load(Ordering::SeqCst), 100);
+    gw.shutdown().await;
+    task.abort();
+}
+
+/// Serves the echo handler, counting connections accepted and connections that ended.
+fn serve_counting_closes(listener: TcpListener, accepted: Arc<AtomicUsize>, ended: Arc<AtomicUsize>) -> Upstream {
+    let addr = listener.local_addr().unwrap();
+    let handler = echo_handler();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((stream, peer)) = listener.accept().await else { continue };
+            accepted.fetch_add(1, Ordering::SeqCst);
+            let (handler, ended) = (handler.clone(), ended.clone());
+            tokio::spawn(async move {
+                serve_upstream_conn(stream, handler, addr, peer).await;
+                ended.fetch_add(1, Ordering::SeqCst);
+            });
+        }
+    });
+    Upstream::from_task(addr, task)
+}
+
+#[tokio::test]
+async fn a_reload_keeps_a_kept_targets_connections_and_closes_a_removed_ones() {
+    let (accepted, ended) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let up = serve_counting_closes(TcpListener::bind("127.0.0.1:0").await.unwrap(), accepted.clone(), ended.clone());
+    let other = echo_upstream().await;
+    let gw = start_gateway(&pool_config(up.addr, "")).await;
+    let first = get(&gw.url("/")).await.echo();
+    assert_eq!(first.upstream, up.addr.to_string());
+
+    // Same target, another route: the pooled connection carries on.
+    let more_routes =
+        pool_config(up.addr, "").replace("paths: [\"/\"]}]", "paths: [\"/\"]}, {name: r2, paths: [\"/two\"]}]");
+    gw.gateway.reload(&Config::parse(&more_routes).unwrap()).unwrap();
+    for path in ["/", "/two"] {
+        let again = get(&gw.url(path)).await.echo();
+        assert_eq!(again.peer, first.peer, "{path} should reuse the pooled connection");
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+
+    // The target is gone: its idle connection is closed, not kept for the idle timeout.
+    gw.gateway.reload(&Config::parse(&pool_config(other.addr, "")).unwrap()).unwrap();
+    assert_eq!(get(&gw.url("/")).await.echo().upstream, other.addr.to_string());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while ended.load(Ordering::SeqCst) < 1 {
+        assert!(Instant::now() < deadline, "the removed target's connection is still open");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn answers_without_a_body_give_their_connection_back() {
+    let (up, accepted) = counting_upstream().await;
+    let gw = start_gateway(&pool_config(up.addr, "")).await;
+    for _ in 0..5 {
+        let answer = send(http::Request::head(gw.url("/")).body(full("")).unwrap()).await;
+        assert_eq!(answer.status, 200);
+        assert!(answer.body.is_empty());
+    }
+    assert_eq!(get(&gw.url("/")).await.status, 200);
+    assert_eq!(accepted.load(Ordering::SeqCst), 1, "HEAD answers should leave the connection in the pool");
+    gw.shutdown().await;
 }

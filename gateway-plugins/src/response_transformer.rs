@@ -211,7 +211,7 @@ where
 {
     match ProxyBody::from_body(body) {
         ProxyBody::Boxed(b) => ResponseBody::Boxed(b),
-        ProxyBody::Incoming(b) => ResponseBody::Upstream(b),
+        ProxyBody::Incoming(b) => ResponseBody::Upstream(b.into()),
         ProxyBody::Empty => ResponseBody::empty(),
         // Never produced by `from_body`; boxing it again keeps it whole regardless.
         other => into_response_body(other),

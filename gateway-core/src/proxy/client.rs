@@ -1,6 +1,7 @@
-//! The pooled keep-alive upstream client, with nginx-style timeouts on the socket.
+//! The pooled keep-alive upstream clients, with nginx-style timeouts on the socket.
 //!
-//! hyper-util's client pools connections per authority; this module adds a connector whose
+//! HTTP/1.1 targets each get their own pool (`super::pool`); HTTP/2 services use hyper-util's
+//! client, which pools connections per authority. This module adds a connector whose
 //! streams enforce `read_timeout` and `write_timeout` the way Kong and nginx mean them: the
 //! longest wait for the next read (write) on the upstream connection. A timer that fires
 //! surfaces as an `io::ErrorKind::TimedOut` inside the hyper error, which the proxy answers
@@ -19,7 +20,11 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use std::collections::HashMap;
+use std::sync::{Mutex, Weak};
+
 use http::Uri;
+use http::uri::{Authority, Scheme};
 use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
@@ -31,8 +36,70 @@ use crate::body::{BoxError, ProxyBody};
 use crate::dns::{Dns, DnsResolve};
 use crate::tls::UpstreamTls;
 
-/// The client type every service uses: plain or TLS by the URI's scheme.
-pub(crate) type UpstreamClient = Client<HttpsConnector<TimeoutConnector>, ProxyBody>;
+use super::pool::TargetPool;
+
+/// hyper-util's pooled client (HTTP/2 services): plain or TLS by the URI's scheme.
+pub(crate) type SharedClient = Client<HttpsConnector<TimeoutConnector>, ProxyBody>;
+
+/// The client of every service with the same [`ClientKey`], kept across reloads.
+#[derive(Debug, Clone)]
+pub(crate) enum UpstreamClient {
+    /// HTTP/1.1: a pool per target, handed to the target when the config is compiled.
+    H1(Arc<TargetPools>),
+    /// HTTP/2 (gRPC): hyper-util's client.
+    H2(Arc<SharedClient>),
+}
+
+/// How a target's requests are sent, decided when the config is compiled.
+#[derive(Debug, Clone)]
+pub(crate) enum TargetClient {
+    /// HTTP/1.1: the target's own pool.
+    Pool(Arc<TargetPool>),
+    /// HTTP/2: hyper-util's client, which finds the target's connection by the URI.
+    Shared(Arc<SharedClient>),
+}
+
+/// The per-target pools of one [`ClientKey`].
+pub(crate) struct TargetPools {
+    connector: HttpsConnector<TimeoutConnector>,
+    limits: Pool,
+    /// Held weakly: a pool lives as long as some snapshot's target uses it, so that a reload
+    /// keeping a target keeps its connections, and a removed target's close.
+    pools: Mutex<HashMap<(Scheme, Authority), Weak<TargetPool>>>,
+}
+
+impl std::fmt::Debug for TargetPools {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TargetPools").field("limits", &self.limits).finish_non_exhaustive()
+    }
+}
+
+impl UpstreamClient {
+    /// The client of one target (at config compile).
+    pub(crate) fn for_target(&self, scheme: &Scheme, authority: &Authority) -> TargetClient {
+        let pools = match self {
+            UpstreamClient::H2(c) => return TargetClient::Shared(c.clone()),
+            UpstreamClient::H1(pools) => pools,
+        };
+        let mut map = pools.pools.lock().unwrap_or_else(|e| e.into_inner());
+        let key = (scheme.clone(), authority.clone());
+        if let Some(pool) = map.get(&key).and_then(Weak::upgrade) {
+            return TargetClient::Pool(pool);
+        }
+        map.retain(|_, w| w.strong_count() > 0);
+        let uri = Uri::from_parts({
+            let mut p = http::uri::Parts::default();
+            p.scheme = Some(scheme.clone());
+            p.authority = Some(authority.clone());
+            p.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
+            p
+        })
+        .expect("scheme and authority make a URI");
+        let pool = Arc::new(TargetPool::new(pools.connector.clone(), uri, pools.limits));
+        map.insert(key, Arc::downgrade(&pool));
+        TargetClient::Pool(pool)
+    }
+}
 
 /// What makes two services' clients (and pools) different.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -63,6 +130,33 @@ pub(crate) struct Timeouts {
 
 /// Builds a pooled client for a set of timeouts and TLS settings.
 pub(crate) fn build_client(key: &ClientKey, dns: &Arc<Dns>) -> UpstreamClient {
+    let connector = build_connector(key, dns);
+    if !key.h2 {
+        return UpstreamClient::H1(Arc::new(TargetPools {
+            connector,
+            limits: Pool {
+                max_idle: key.pool.max_idle,
+                // An idle pooled connection must be dropped before its own read timer would
+                // fire.
+                idle_timeout: key.pool.idle_timeout.min(key.timeouts.read.mul_f32(0.9)),
+            },
+            pools: Mutex::default(),
+        }));
+    }
+    let t = key.timeouts;
+    UpstreamClient::H2(Arc::new(
+        Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .pool_idle_timeout(key.pool.idle_timeout.min(t.read.mul_f32(0.9)))
+            .pool_max_idle_per_host(key.pool.max_idle)
+            .http2_only(true)
+            .build(connector),
+    ))
+}
+
+/// The connector: TCP with timeouts, then TLS for `https` URIs.
+fn build_connector(key: &ClientKey, dns: &Arc<Dns>) -> HttpsConnector<TimeoutConnector> {
     let t = key.timeouts;
     let mut http = HttpConnector::new_with_resolver(DnsResolve(dns.clone()));
     http.set_connect_timeout(Some(t.connect));
@@ -73,16 +167,7 @@ pub(crate) fn build_client(key: &ClientKey, dns: &Arc<Dns>) -> UpstreamClient {
     http.enforce_http(false);
     let tcp = TimeoutConnector { http, read: t.read, write: t.write };
     let builder = HttpsConnectorBuilder::new().with_tls_config(crate::tls::client_config(&key.tls)).https_or_http();
-    let connector =
-        if key.h2 { builder.enable_http2().wrap_connector(tcp) } else { builder.enable_http1().wrap_connector(tcp) };
-    Client::builder(TokioExecutor::new())
-        .pool_timer(TokioTimer::new())
-        .timer(TokioTimer::new())
-        // An idle pooled connection must be dropped before its own read timer would fire.
-        .pool_idle_timeout(key.pool.idle_timeout.min(t.read.mul_f32(0.9)))
-        .pool_max_idle_per_host(key.pool.max_idle)
-        .http2_only(key.h2)
-        .build(connector)
+    if key.h2 { builder.enable_http2().wrap_connector(tcp) } else { builder.enable_http1().wrap_connector(tcp) }
 }
 
 /// `HttpConnector` plus read/write timeouts on the stream.

@@ -21,6 +21,7 @@
 
 pub(crate) mod client;
 pub mod path;
+pub(crate) mod pool;
 
 use std::borrow::Cow;
 use std::error::Error as StdError;
@@ -33,8 +34,6 @@ use bytes::{BufMut, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{PathAndQuery, Uri};
 use http::{Request, Response, StatusCode, Version};
-use hyper_util::client::legacy::connect::HttpInfo;
-use hyper_util::client::legacy::connect::capture_connection;
 use ipnet::IpNet;
 
 use std::ops::ControlFlow;
@@ -43,6 +42,7 @@ use crate::balance::{BalanceKey, InFlight, KeyInput, Outcome, TargetRuntime};
 use crate::body::{GatewayBody, ProxyBody, ResponseBody};
 use crate::observe::{ConsumerMetrics, Exchange, LogLine, RouteMetrics, TraceContext};
 use crate::plugin::RequestContext;
+use crate::proxy::client::TargetClient;
 use crate::router::{RouteInput, split_host};
 use crate::snapshot::{ServiceRuntime, Snapshot};
 
@@ -1131,7 +1131,7 @@ async fn send_with_retries(
     pq: PathAndQuery,
     preserve_host: bool,
     target_label: &mut Option<Arc<str>>,
-) -> Result<Response<hyper::body::Incoming>, Failure> {
+) -> Result<Response<crate::body::UpstreamBody>, Failure> {
     let (mut body, slot) = if service.retries > 0 && !http_body::Body::is_end_stream(&body) {
         let (b, s) = body.defer();
         (b, Some(s))
@@ -1155,34 +1155,44 @@ async fn send_with_retries(
             ));
         };
         *target_label = Some(target.label.clone());
-        let uri = Uri::from_parts({
-            let mut p = http::uri::Parts::default();
-            p.scheme = Some(service.scheme.clone());
-            p.authority = Some(target.authority.clone());
-            p.path_and_query = Some(pq.clone());
-            p
-        })
-        .map_err(|_| {
-            (
-                StatusCode::BAD_GATEWAY,
-                "An invalid response was received from the upstream server",
-                UpstreamFailure::Protocol,
-            )
-        })?;
         let last = attempt >= service.retries;
         let mut req = Request::new(body);
         *req.method_mut() = parts.method.clone();
-        *req.uri_mut() = uri;
         *req.version_mut() = service.version;
         *req.headers_mut() = if last { std::mem::take(&mut parts.headers) } else { parts.headers.clone() };
-        if !preserve_host {
+        // The client's `Host` when preserved (an HTTP/2 client's `:authority` is in it by
+        // now); the target's otherwise.
+        if !preserve_host || !req.headers().contains_key(header::HOST) {
             req.headers_mut().insert(header::HOST, target.host_header.clone());
         }
-        // After a DNS change, find out which address this request's pooled connection goes to
-        // (see `crate::dns`); rare, so the capture's allocation is paid only then.
-        let capture = target.dns.as_ref().filter(|e| e.retiring()).map(|_| capture_connection(&mut req));
         let in_flight = service.balancer.begin(target);
-        match service.client.request(req).await {
+        let sent = match &target.client {
+            TargetClient::Pool(pool) => {
+                // HTTP/1.1 to the target itself: origin form (authority form for CONNECT).
+                *req.uri_mut() = if parts.method == http::Method::CONNECT {
+                    Uri::from(target.authority.clone())
+                } else {
+                    Uri::from(pq.clone())
+                };
+                pool.send(req, target.dns.as_deref()).await
+            }
+            TargetClient::Shared(client) => {
+                *req.uri_mut() = Uri::from_parts({
+                    let mut p = http::uri::Parts::default();
+                    p.scheme = Some(service.scheme.clone());
+                    p.authority = Some(target.authority.clone());
+                    p.path_and_query = Some(pq.clone());
+                    p
+                })
+                .expect("scheme, authority and path make a URI");
+                client
+                    .request(req)
+                    .await
+                    .map(|r| r.map(crate::body::UpstreamBody::from))
+                    .map_err(pool::SendError::Client)
+            }
+        };
+        match sent {
             Ok(resp)
                 if resp.headers().contains_key(header::TRANSFER_ENCODING)
                     && resp.headers().contains_key(header::CONTENT_LENGTH) =>
@@ -1208,13 +1218,6 @@ async fn send_with_retries(
                     f.answered();
                     // Still in flight until the body is sent: `GatewayBody` holds it.
                     resp.extensions_mut().insert(Arc::new(f));
-                }
-                if let (Some(capture), Some(entry)) = (capture, &target.dns)
-                    && let Some(info) = resp.extensions().get::<HttpInfo>()
-                    && !entry.current(info.remote_addr().ip())
-                    && let Some(conn) = capture.connection_metadata().as_ref()
-                {
-                    conn.poison();
                 }
                 service.balancer.report(target, Ok(resp.status()));
                 return Ok(resp);

@@ -1,0 +1,303 @@
+//! The HTTP/1.1 upstream connection pool: one per target, found when the config is compiled.
+//!
+//! Hand-written over `hyper::client::conn::http1` rather than left to hyper-util's legacy
+//! `Client`, which finds a pool for every request by hashing the URI's authority (SipHash, a
+//! byte per call) and spawns a task per request to put the connection back once it is ready:
+//! together about a sixth of a proxied request's instructions. Here each target holds its
+//! pool, and the response body hands the connection back when it ends (see
+//! `UpstreamBody`). What that client does for a proxy is kept:
+//! - a request that never reached a reused connection (the upstream closed it meanwhile) is
+//!   sent again on another, as hyper-util's `retry_canceled_requests` does;
+//! - at most `max_idle` idle connections per target, each closed after `idle_timeout`;
+//! - TLS through the same connector, upgrades (WebSockets) through hyper's.
+//!
+//! HTTP/2 (gRPC) services stay on hyper-util's client: there a target shares one connection,
+//! which no per-request checkout of this kind would help.
+
+use std::collections::VecDeque;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use http::{Request, Response, Uri};
+use hyper::body::Incoming;
+use hyper::client::conn::http1::SendRequest;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::{Connection, HttpInfo};
+use tokio::time::Instant;
+
+use super::client::{Pool, TimeoutConnector};
+use crate::body::{BoxError, ProxyBody};
+use crate::dns::DnsEntry;
+
+/// Idle connections of one target, and how to open more.
+pub(crate) struct TargetPool {
+    connector: HttpsConnector<TimeoutConnector>,
+    /// `scheme://authority` of the target: what the connector dials.
+    uri: Uri,
+    limits: Pool,
+    state: Mutex<Idle>,
+}
+
+struct Idle {
+    /// Most recently used last: checkouts take the warmest connection, and the coldest ones
+    /// age out.
+    conns: VecDeque<IdleConn>,
+    /// Whether a task is evicting expired connections.
+    reaping: bool,
+}
+
+struct IdleConn {
+    conn: Conn,
+    since: Instant,
+}
+
+/// One open connection to a target.
+struct Conn {
+    sender: SendRequest<ProxyBody>,
+    /// The address it goes to (for retiring connections after a DNS change).
+    remote: Option<IpAddr>,
+}
+
+impl std::fmt::Debug for TargetPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TargetPool").field("uri", &self.uri).field("limits", &self.limits).finish_non_exhaustive()
+    }
+}
+
+/// Why sending to the upstream failed.
+#[derive(Debug)]
+pub(crate) enum SendError {
+    /// No connection could be made: nothing was sent.
+    Connect(BoxError),
+    /// The exchange on an open connection failed.
+    Send(hyper::Error),
+    /// hyper-util's client failed (HTTP/2 services).
+    Client(hyper_util::client::legacy::Error),
+}
+
+impl SendError {
+    /// Nothing reached the upstream: no connection could be made.
+    pub(crate) fn is_connect(&self) -> bool {
+        match self {
+            SendError::Connect(_) => true,
+            SendError::Send(_) => false,
+            SendError::Client(e) => e.is_connect(),
+        }
+    }
+}
+
+impl std::fmt::Display for SendError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SendError::Connect(_) => f.write_str("upstream connect failed"),
+            SendError::Send(_) => f.write_str("upstream exchange failed"),
+            SendError::Client(_) => f.write_str("upstream client failed"),
+        }
+    }
+}
+
+impl std::error::Error for SendError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            SendError::Connect(e) => Some(&**e),
+            SendError::Send(e) => Some(e),
+            SendError::Client(e) => Some(e),
+        }
+    }
+}
+
+impl TargetPool {
+    pub(crate) fn new(connector: HttpsConnector<TimeoutConnector>, uri: Uri, limits: Pool) -> Self {
+        TargetPool { connector, uri, limits, state: Mutex::new(Idle { conns: VecDeque::new(), reaping: false }) }
+    }
+
+    /// Sends `req` (origin-form URI, `Host` set) on an idle connection, or a new one. After a
+    /// DNS change (`dns` retiring), idle connections to addresses no longer in the answer are
+    /// closed instead of used.
+    pub(crate) async fn send(
+        self: &Arc<Self>,
+        mut req: Request<ProxyBody>,
+        dns: Option<&DnsEntry>,
+    ) -> Result<Response<UpstreamBody>, SendError> {
+        let retiring = dns.filter(|e| e.retiring());
+        loop {
+            let (mut conn, reused) = match self.checkout(retiring) {
+                Some(conn) => (conn, true),
+                // Boxed: a connection's set-up (TLS state included) would otherwise make every
+                // request's future, which is moved into a box per request, kilobytes larger.
+                None => (Box::pin(self.connect()).await?, false),
+            };
+            match conn.sender.try_send_request(req).await {
+                Ok(resp) => {
+                    // An upgraded connection is the tunnel's now; it never comes back.
+                    let release = (resp.status() != http::StatusCode::SWITCHING_PROTOCOLS)
+                        .then(|| Release { conn, pool: self.clone() });
+                    return Ok(resp.map(|body| UpstreamBody { body, release }));
+                }
+                Err(mut err) => match err.take_message() {
+                    // It never reached the connection, which had closed meanwhile: another
+                    // one gets it. A new connection that fails this way is a real failure.
+                    Some(back) if reused => {
+                        tracing::debug!(upstream = %self.uri, error = %err.error(), "pooled connection was closed; trying another");
+                        req = back;
+                    }
+                    _ => return Err(SendError::Send(err.into_error())),
+                },
+            }
+        }
+    }
+
+    fn checkout(&self, retiring: Option<&DnsEntry>) -> Option<Conn> {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        while let Some(idle) = state.conns.pop_back() {
+            let stale = retiring.is_some_and(|e| idle.conn.remote.is_some_and(|ip| !e.current(ip)));
+            if !stale && !idle.conn.sender.is_closed() {
+                return Some(idle.conn);
+            }
+        }
+        None
+    }
+
+    async fn connect(&self) -> Result<Conn, SendError> {
+        let io = tower_service::Service::call(&mut self.connector.clone(), self.uri.clone())
+            .await
+            .map_err(SendError::Connect)?;
+        let mut extras = http::Extensions::new();
+        io.connected().get_extras(&mut extras);
+        let remote = extras.get::<HttpInfo>().map(|i| i.remote_addr().ip());
+        let (sender, conn) =
+            hyper::client::conn::http1::Builder::new().handshake(io).await.map_err(|e| SendError::Connect(e.into()))?;
+        let uri = self.uri.clone();
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!(upstream = %uri, error = %e, "upstream connection ended");
+            }
+        });
+        Ok(Conn { sender, remote })
+    }
+
+    /// Keeps a connection that is ready for another request, if there is room.
+    fn put(self: &Arc<Self>, conn: Conn) {
+        if self.limits.max_idle == 0 || self.limits.idle_timeout.is_zero() {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+        let since = Instant::now();
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if state.conns.len() >= self.limits.max_idle {
+            // Full: the coldest goes, as nginx's `keepalive` does.
+            state.conns.pop_front();
+        }
+        state.conns.push_back(IdleConn { conn, since });
+        if !state.reaping {
+            state.reaping = true;
+            runtime.spawn(reap(Arc::downgrade(self)));
+        }
+    }
+}
+
+/// Closes idle connections once they have been idle for `idle_timeout` (checking four times
+/// per period, so none lives more than a quarter period longer); ends when none is left.
+async fn reap(pool: Weak<TargetPool>) {
+    loop {
+        let Some(period) = pool.upgrade().map(|p| p.limits.idle_timeout) else { return };
+        tokio::time::sleep((period / 4).max(Duration::from_millis(5))).await;
+        let Some(pool) = pool.upgrade() else { return };
+        let now = Instant::now();
+        let mut state = pool.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.conns.retain(|c| now.duration_since(c.since) < period && !c.conn.sender.is_closed());
+        if state.conns.is_empty() {
+            state.reaping = false;
+            return;
+        }
+    }
+}
+
+/// A connection on loan to a response: back to its pool when the body ends.
+struct Release {
+    conn: Conn,
+    pool: Arc<TargetPool>,
+}
+
+impl Release {
+    fn give_back(mut self) {
+        if self.conn.sender.is_ready() {
+            self.pool.put(self.conn);
+        } else if !self.conn.sender.is_closed()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            // The connection task has not seen the end of the exchange yet (it runs on
+            // another worker), or the request body is still going up: wait for it.
+            runtime.spawn(async move {
+                if std::future::poll_fn(|cx| self.conn.sender.poll_ready(cx)).await.is_ok() {
+                    self.pool.put(self.conn);
+                }
+            });
+        }
+    }
+}
+
+/// An upstream response body. Gives its connection back to the pool when it ends.
+pub struct UpstreamBody {
+    body: Incoming,
+    release: Option<Release>,
+}
+
+impl std::fmt::Debug for UpstreamBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamBody").field("body", &self.body).finish_non_exhaustive()
+    }
+}
+
+impl From<Incoming> for UpstreamBody {
+    /// A body with no connection to give back.
+    fn from(body: Incoming) -> Self {
+        UpstreamBody { body, release: None }
+    }
+}
+
+impl http_body::Body for UpstreamBody {
+    type Data = bytes::Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        let frame = std::task::ready!(std::pin::Pin::new(&mut this.body).poll_frame(cx));
+        match &frame {
+            // Broken: hyper closes the connection.
+            Some(Err(_)) => this.release = None,
+            Some(Ok(_)) if !this.body.is_end_stream() => {}
+            _ => {
+                if let Some(r) = this.release.take() {
+                    r.give_back();
+                }
+            }
+        }
+        std::task::Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl Drop for UpstreamBody {
+    fn drop(&mut self) {
+        // A body hyper never polled because it was empty (204, HEAD, `Content-Length: 0`)
+        // ends here. One dropped before its end leaves the connection mid-response: hyper
+        // closes it once its sender is gone too.
+        if let Some(r) = self.release.take()
+            && http_body::Body::is_end_stream(&self.body)
+        {
+            r.give_back();
+        }
+    }
+}
