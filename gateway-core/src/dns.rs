@@ -7,10 +7,11 @@
 //! answer (as Kong's `dns_stale_ttl` does) and retries with backoff.
 //!
 //! When an answer drops an address, pooled keep-alive connections to that address are
-//! retired: for one pool idle timeout after the change, the proxy checks which address each
-//! response to that name came from, and a connection to a dropped address finishes its
-//! request and is not reused (hyper-util's connection poisoning). Traffic so moves to the new
-//! addresses at once, and the check costs nothing while no answer changes.
+//! retired: for one pool idle timeout after the change, a connection to a dropped address
+//! finishes its request and is not reused. HTTP/1.1 pools check each connection's address
+//! when they take it out and when they get it back; HTTP/2 connections (hyper-util's client)
+//! are checked on each response and poisoned. Traffic so moves to the new addresses at once,
+//! and the check costs nothing while no answer changes.
 //!
 //! Resolution is [hickory-resolver](https://docs.rs/hickory-resolver): `/etc/resolv.conf` and
 //! `/etc/hosts` by default, or the nameservers given in [`UpstreamSettings::dns_resolver`]

@@ -273,10 +273,13 @@ fn target_runtime(
     scheme: &Scheme,
     state: Arc<TargetState>,
     client: &UpstreamClient,
+    dns: &mut dyn FnMut(&str) -> Arc<crate::dns::DnsEntry>,
 ) -> Result<TargetRuntime, String> {
     let (authority, host_header, label) = target_address(host, port, host_header, scheme)?;
-    let client = client.for_target(scheme, &authority);
-    Ok(TargetRuntime { authority, host_header, label: label.into(), state, dns: None, client })
+    let name = authority.host();
+    let dns = (name.parse::<std::net::IpAddr>().is_err() && !name.starts_with('[')).then(|| dns(name));
+    let client = client.for_target(scheme, &authority, dns.as_ref());
+    Ok(TargetRuntime { authority, host_header, label: label.into(), state, dns, client })
 }
 
 struct ParsedUpstream<'a> {
@@ -755,11 +758,12 @@ fn compile_service(
             client
         }
     };
-    let (mut targets, spec): (Vec<(TargetRuntime, u32)>, BalancerSpec) = match upstreams.get(host.as_str()) {
+    let (targets, spec): (Vec<(TargetRuntime, u32)>, BalancerSpec) = match upstreams.get(host.as_str()) {
         Some(up) => {
             let mut out = Vec::new();
             for ((h, p, w), state) in up.targets.iter().zip(&up.states) {
-                match target_runtime(h, *p, up.upstream.host_header.as_deref(), &scheme, state.clone(), &client) {
+                let dns = &mut |name: &str| old_clients.dns.entry(&mut c.dns_names, name);
+                match target_runtime(h, *p, up.upstream.host_header.as_deref(), &scheme, state.clone(), &client, dns) {
                     Ok(t) => out.push((t, *w)),
                     Err(e) => c.problem(at, format!("upstream `{}`: {e}", up.upstream.name)),
                 }
@@ -774,7 +778,8 @@ fn compile_service(
         }
         None => {
             let port = port.unwrap_or(if scheme == Scheme::HTTPS { 443 } else { 80 });
-            match target_runtime(&host, port, None, &scheme, Arc::default(), &client) {
+            let dns = &mut |name: &str| old_clients.dns.entry(&mut c.dns_names, name);
+            match target_runtime(&host, port, None, &scheme, Arc::default(), &client, dns) {
                 Ok(t) => (vec![(t, 1)], BalancerSpec::round_robin()),
                 Err(e) => {
                     c.problem(at, e);
@@ -783,12 +788,6 @@ fn compile_service(
             }
         }
     };
-    for (t, _) in &mut targets {
-        let host = t.authority.host();
-        if host.parse::<std::net::IpAddr>().is_err() && !host.starts_with('[') {
-            t.dns = Some(old_clients.dns.entry(&mut c.dns_names, host));
-        }
-    }
     Some(ServiceRuntime {
         name: s.name.clone().or_else(|| s.id.clone()).unwrap_or_else(|| host.clone()).into(),
         scheme,
@@ -1036,7 +1035,11 @@ services:
             pool: Pool { max_idle: 1, idle_timeout: Duration::from_secs(1) },
         };
         let client = build_client(&key, &cache.dns);
-        let t = |n: &str| target_runtime(n, 1, None, &Scheme::HTTP, Arc::default(), &client).unwrap();
+        let mut names = HashMap::new();
+        let mut t = |n: &str| {
+            let dns = &mut |h: &str| cache.dns.entry(&mut names, h);
+            target_runtime(n, 1, None, &Scheme::HTTP, Arc::default(), &client, dns).unwrap()
+        };
         let b = Balancer::new(vec![(t("a"), 300), (t("b"), 100), (t("c"), 0)], BalancerSpec::round_robin());
         let mut counts = HashMap::new();
         for _ in 0..400 {

@@ -75,8 +75,14 @@ impl std::fmt::Debug for TargetPools {
 }
 
 impl UpstreamClient {
-    /// The client of one target (at config compile).
-    pub(crate) fn for_target(&self, scheme: &Scheme, authority: &Authority) -> TargetClient {
+    /// The client of one target (at config compile); `dns`: the target's entry when it is
+    /// given by host name.
+    pub(crate) fn for_target(
+        &self,
+        scheme: &Scheme,
+        authority: &Authority,
+        dns: Option<&Arc<crate::dns::DnsEntry>>,
+    ) -> TargetClient {
         let pools = match self {
             UpstreamClient::H2(c) => return TargetClient::Shared(c.clone()),
             UpstreamClient::H1(pools) => pools,
@@ -95,7 +101,7 @@ impl UpstreamClient {
             p
         })
         .expect("scheme and authority make a URI");
-        let pool = Arc::new(TargetPool::new(pools.connector.clone(), uri, pools.limits));
+        let pool = Arc::new(TargetPool::new(pools.connector.clone(), uri, pools.limits, dns.cloned()));
         map.insert(key, Arc::downgrade(&pool));
         TargetClient::Pool(pool)
     }

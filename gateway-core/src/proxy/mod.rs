@@ -34,6 +34,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{PathAndQuery, Uri};
 use http::{Request, Response, StatusCode, Version};
+use hyper_util::client::legacy::connect::{HttpInfo, capture_connection};
 use ipnet::IpNet;
 
 use std::ops::ControlFlow;
@@ -1174,7 +1175,7 @@ async fn send_with_retries(
                 } else {
                     Uri::from(pq.clone())
                 };
-                pool.send(req, target.dns.as_deref()).await
+                pool.send(req).await
             }
             TargetClient::Shared(client) => {
                 *req.uri_mut() = Uri::from_parts({
@@ -1185,11 +1186,19 @@ async fn send_with_retries(
                     p
                 })
                 .expect("scheme, authority and path make a URI");
-                client
-                    .request(req)
-                    .await
-                    .map(|r| r.map(crate::body::UpstreamBody::from))
-                    .map_err(pool::SendError::Client)
+                // After a DNS change, find out which address this request's shared connection
+                // goes to, and retire it if the answer dropped that address (see `crate::dns`);
+                // rare, so the capture's allocation is paid only then.
+                let capture = target.dns.as_ref().filter(|e| e.retiring()).map(|_| capture_connection(&mut req));
+                let sent = client.request(req).await;
+                if let (Ok(resp), Some(capture), Some(entry)) = (&sent, capture, &target.dns)
+                    && let Some(info) = resp.extensions().get::<HttpInfo>()
+                    && !entry.current(info.remote_addr().ip())
+                    && let Some(conn) = capture.connection_metadata().as_ref()
+                {
+                    conn.poison();
+                }
+                sent.map(|r| r.map(crate::body::UpstreamBody::from)).map_err(pool::SendError::Client)
             }
         };
         match sent {

@@ -8,8 +8,14 @@
 //! `UpstreamBody`). What that client does for a proxy is kept:
 //! - a request that never reached a reused connection (the upstream closed it meanwhile) is
 //!   sent again on another, as hyper-util's `retry_canceled_requests` does;
-//! - at most `max_idle` idle connections per target, each closed after `idle_timeout`;
+//! - at most `max_idle` idle connections per target; one idle for `idle_timeout` is never
+//!   handed out again, and a task closes it within a quarter of that period;
+//! - after a DNS change, connections to addresses no longer in the answer are not reused;
 //! - TLS through the same connector, upgrades (WebSockets) through hyper's.
+//!
+//! One difference: hyper-util raced a new connection against a busy one becoming idle and
+//! took whichever came first; here a request that finds no idle connection opens one, so a
+//! burst may open a few more connections than before (nginx's `keepalive` behaves the same).
 //!
 //! HTTP/2 (gRPC) services stay on hyper-util's client: there a target shares one connection,
 //! which no per-request checkout of this kind would help.
@@ -36,6 +42,8 @@ pub(crate) struct TargetPool {
     /// `scheme://authority` of the target: what the connector dials.
     uri: Uri,
     limits: Pool,
+    /// The target's DNS entry when it is given by host name.
+    dns: Option<Arc<DnsEntry>>,
     state: Mutex<Idle>,
 }
 
@@ -108,21 +116,25 @@ impl std::error::Error for SendError {
 }
 
 impl TargetPool {
-    pub(crate) fn new(connector: HttpsConnector<TimeoutConnector>, uri: Uri, limits: Pool) -> Self {
-        TargetPool { connector, uri, limits, state: Mutex::new(Idle { conns: VecDeque::new(), reaping: false }) }
+    pub(crate) fn new(
+        connector: HttpsConnector<TimeoutConnector>,
+        uri: Uri,
+        limits: Pool,
+        dns: Option<Arc<DnsEntry>>,
+    ) -> Self {
+        let state = Mutex::new(Idle { conns: VecDeque::new(), reaping: false });
+        TargetPool { connector, uri, limits, dns, state }
     }
 
-    /// Sends `req` (origin-form URI, `Host` set) on an idle connection, or a new one. After a
-    /// DNS change (`dns` retiring), idle connections to addresses no longer in the answer are
-    /// closed instead of used.
+    /// Sends `req` (origin-form URI, `Host` set) on an idle connection, or a new one.
     pub(crate) async fn send(
         self: &Arc<Self>,
         mut req: Request<ProxyBody>,
-        dns: Option<&DnsEntry>,
     ) -> Result<Response<UpstreamBody>, SendError> {
-        let retiring = dns.filter(|e| e.retiring());
+        // A 2xx answer to CONNECT turns the connection into a tunnel, as a 101 does.
+        let connect = req.method() == http::Method::CONNECT;
         loop {
-            let (mut conn, reused) = match self.checkout(retiring) {
+            let (mut conn, reused) = match self.checkout() {
                 Some(conn) => (conn, true),
                 // Boxed: a connection's set-up (TLS state included) would otherwise make every
                 // request's future, which is moved into a box per request, kilobytes larger.
@@ -131,8 +143,9 @@ impl TargetPool {
             match conn.sender.try_send_request(req).await {
                 Ok(resp) => {
                     // An upgraded connection is the tunnel's now; it never comes back.
-                    let release = (resp.status() != http::StatusCode::SWITCHING_PROTOCOLS)
-                        .then(|| Release { conn, pool: self.clone() });
+                    let upgraded = resp.status() == http::StatusCode::SWITCHING_PROTOCOLS
+                        || (connect && resp.status().is_success());
+                    let release = (!upgraded).then(|| Release { conn, pool: self.clone() });
                     return Ok(resp.map(|body| UpstreamBody { body, release }));
                 }
                 Err(mut err) => match err.take_message() {
@@ -148,15 +161,27 @@ impl TargetPool {
         }
     }
 
-    fn checkout(&self, retiring: Option<&DnsEntry>) -> Option<Conn> {
+    fn checkout(&self) -> Option<Conn> {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if state.conns.is_empty() {
+            return None;
+        }
+        // Idle too long: the upstream may be closing it right now (the idle timeout is meant
+        // to stay below the upstream's own keep-alive timeout).
+        let now = Instant::now();
         while let Some(idle) = state.conns.pop_back() {
-            let stale = retiring.is_some_and(|e| idle.conn.remote.is_some_and(|ip| !e.current(ip)));
-            if !stale && !idle.conn.sender.is_closed() {
+            if now.duration_since(idle.since) < self.limits.idle_timeout && self.reusable(&idle.conn) {
                 return Some(idle.conn);
             }
         }
         None
+    }
+
+    /// Open, and after a DNS change still going to an address in the answer.
+    fn reusable(&self, conn: &Conn) -> bool {
+        let retired =
+            || self.dns.as_ref().is_some_and(|e| e.retiring() && conn.remote.is_some_and(|ip| !e.current(ip)));
+        !conn.sender.is_closed() && !retired()
     }
 
     async fn connect(&self) -> Result<Conn, SendError> {
@@ -177,9 +202,14 @@ impl TargetPool {
         Ok(Conn { sender, remote })
     }
 
+    /// Whether idle connections are kept at all.
+    fn keeps_idle(&self) -> bool {
+        self.limits.max_idle > 0 && !self.limits.idle_timeout.is_zero()
+    }
+
     /// Keeps a connection that is ready for another request, if there is room.
     fn put(self: &Arc<Self>, conn: Conn) {
-        if self.limits.max_idle == 0 || self.limits.idle_timeout.is_zero() {
+        if !self.keeps_idle() || !self.reusable(&conn) {
             return;
         }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
@@ -222,7 +252,9 @@ struct Release {
 
 impl Release {
     fn give_back(mut self) {
-        if self.conn.sender.is_ready() {
+        if !self.pool.keeps_idle() {
+            // Dropped: hyper closes the connection once its exchange is over.
+        } else if self.conn.sender.is_ready() {
             self.pool.put(self.conn);
         } else if !self.conn.sender.is_closed()
             && let Ok(runtime) = tokio::runtime::Handle::try_current()
@@ -270,7 +302,9 @@ impl http_body::Body for UpstreamBody {
         match &frame {
             // Broken: hyper closes the connection.
             Some(Err(_)) => this.release = None,
-            Some(Ok(_)) if !this.body.is_end_stream() => {}
+            // Trailers end a body, though `is_end_stream` does not say so: hyper's server
+            // writes them and drops the body without polling it again.
+            Some(Ok(f)) if !f.is_trailers() && !this.body.is_end_stream() => {}
             _ => {
                 if let Some(r) = this.release.take() {
                     r.give_back();
@@ -299,5 +333,136 @@ impl Drop for UpstreamBody {
         {
             r.give_back();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use http_body_util::BodyExt;
+    use hyper_util::rt::TokioIo;
+
+    use super::super::client::{ClientKey, TargetClient, Timeouts, build_client};
+    use super::*;
+
+    /// A body of unknown length (so chunked on HTTP/1.1) made of these frames.
+    struct Frames(std::collections::VecDeque<http_body::Frame<bytes::Bytes>>);
+
+    impl http_body::Body for Frames {
+        type Data = bytes::Bytes;
+        type Error = std::convert::Infallible;
+
+        fn poll_frame(
+            self: std::pin::Pin<&mut Self>,
+            _cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+            std::task::Poll::Ready(self.get_mut().0.pop_front().map(Ok))
+        }
+    }
+
+    /// An HTTP/1.1 upstream answering `ok`; counts the connections it accepted.
+    async fn upstream() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                // `/trailers` ends its (chunked) body with trailers.
+                let ok = hyper::service::service_fn(|req: Request<Incoming>| async move {
+                    let mut frames =
+                        std::collections::VecDeque::from([http_body::Frame::data(bytes::Bytes::from("ok"))]);
+                    if req.uri().path() == "/trailers" {
+                        let mut t = http::HeaderMap::new();
+                        t.insert("x-checksum", http::HeaderValue::from_static("1"));
+                        frames.push_back(http_body::Frame::trailers(t));
+                    }
+                    let body = Frames(frames);
+                    // hyper sends only the trailers the head declares.
+                    let resp = Response::builder().header("trailer", "x-checksum").body(body).unwrap();
+                    Ok::<_, std::convert::Infallible>(resp)
+                });
+                tokio::spawn(hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), ok));
+            }
+        });
+        (addr, accepted)
+    }
+
+    fn pool_for(addr: std::net::SocketAddr) -> Arc<TargetPool> {
+        let limit = Duration::from_secs(5);
+        let key = ClientKey {
+            timeouts: Timeouts { connect: limit, read: limit, write: limit },
+            tls: Default::default(),
+            h2: false,
+            pool: Pool { max_idle: 8, idle_timeout: limit },
+        };
+        let client = build_client(&key, &crate::dns::Dns::new(Vec::new()));
+        match client.for_target(&http::uri::Scheme::HTTP, &addr.to_string().parse().unwrap(), None) {
+            TargetClient::Pool(pool) => pool,
+            TargetClient::Shared(_) => panic!("an HTTP/1.1 target gets a pool"),
+        }
+    }
+
+    /// The race hyper-util's `retry_canceled_requests` covers, made deterministic: a pooled
+    /// connection looks open at checkout, the request is queued on it, and the connection
+    /// ends before writing it (here its task was never run and is dropped). hyper hands the
+    /// request back; it must go on a new connection instead of failing.
+    #[tokio::test]
+    async fn a_request_queued_on_a_pooled_connection_that_then_ends_goes_on_a_new_one() {
+        let (addr, accepted) = upstream().await;
+        let pool = pool_for(addr);
+        let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (sender, conn) = hyper::client::conn::http1::handshake::<_, ProxyBody>(TokioIo::new(stream)).await.unwrap();
+        pool.put(Conn { sender, remote: None });
+        assert_eq!(pool.state.lock().unwrap().conns.len(), 1, "the connection is pooled");
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            drop(conn);
+        });
+        let req = Request::builder().uri("/").header("host", "upstream").body(ProxyBody::Empty).unwrap();
+        let resp = pool.send(req).await.expect("sent again on a new connection");
+        assert_eq!(resp.into_body().collect().await.unwrap().to_bytes(), "ok");
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    /// hyper's server stops polling a body once it has written its trailers, so a trailers
+    /// frame must give the connection back by itself.
+    #[tokio::test]
+    async fn a_body_ending_in_trailers_gives_its_connection_back() {
+        let (addr, accepted) = upstream().await;
+        let pool = pool_for(addr);
+        for _ in 0..3 {
+            let req = Request::builder()
+                .uri("/trailers")
+                .header("host", "upstream")
+                .header("te", "trailers")
+                .body(ProxyBody::Empty)
+                .unwrap();
+            let mut body = pool.send(req).await.unwrap().into_body();
+            let mut data = Vec::new();
+            loop {
+                let frame = body.frame().await.expect("a trailers frame before the end").unwrap();
+                match frame.into_data() {
+                    Ok(d) => data.extend_from_slice(&d),
+                    Err(f) => {
+                        assert_eq!(f.trailers_ref().unwrap()["x-checksum"], "1");
+                        break;
+                    }
+                }
+            }
+            assert_eq!(data, b"ok");
+            // Dropped after the trailers without polling for the end, as hyper's server does.
+            drop(body);
+            tokio::time::timeout(Duration::from_secs(2), async {
+                while pool.state.lock().unwrap().conns.is_empty() {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            })
+            .await
+            .expect("the connection is back in the pool");
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1, "one connection served all three");
     }
 }
