@@ -211,23 +211,31 @@ impl tower_service::Service<Uri> for TimeoutConnector {
 /// request (several per request before; tokio extends an unfired timer without its lock, but
 /// the calls still cost). The timer's deadline never lies after the current wait's, since
 /// waits only start later.
+///
+/// Polling the timer is skipped, too, while it has not fired and already holds the waker of
+/// the task polling (a connection's task, always the same one): it will wake that task.
 #[derive(Debug)]
 struct Deadline {
     limit: Duration,
     sleep: Pin<Box<Sleep>>,
     /// When the pending operation began waiting; `None` when nothing waits.
     since: Option<Instant>,
+    /// The waker the timer was last polled with.
+    waker: Option<std::task::Waker>,
 }
 
 impl Deadline {
     fn new(limit: Duration) -> Self {
-        Deadline { limit, sleep: Box::pin(tokio::time::sleep(limit)), since: None }
+        Deadline { limit, sleep: Box::pin(tokio::time::sleep(limit)), since: None, waker: None }
     }
 
     /// Called when the operation is pending: arms the timer on the first call and reports
     /// whether it has fired.
     fn poll_expired(&mut self, cx: &mut Context<'_>) -> bool {
         let due = *self.since.get_or_insert_with(Instant::now) + self.limit;
+        if !self.sleep.is_elapsed() && self.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            return false;
+        }
         while self.sleep.as_mut().poll(cx).is_ready() {
             if self.sleep.deadline() >= due {
                 return true;
@@ -235,6 +243,9 @@ impl Deadline {
             // An earlier wait's deadline: move on to this wait's, and poll again so that the
             // timer holds this task's waker.
             self.sleep.as_mut().reset(due);
+        }
+        if !self.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            self.waker = Some(cx.waker().clone());
         }
         false
     }
