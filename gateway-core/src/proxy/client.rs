@@ -213,7 +213,8 @@ impl tower_service::Service<Uri> for TimeoutConnector {
 /// waits only start later.
 ///
 /// Polling the timer is skipped, too, while it has not fired and already holds the waker of
-/// the task polling (a connection's task, always the same one): it will wake that task.
+/// the task polling (a connection's task, after its handshake always the same one): it will
+/// wake that task.
 #[derive(Debug)]
 struct Deadline {
     limit: Duration,
@@ -244,7 +245,12 @@ impl Deadline {
             // timer holds this task's waker.
             self.sleep.as_mut().reset(due);
         }
-        if !self.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+        // A timer polled when the task's budget is used up answers `Pending` without taking
+        // the waker (tokio's cooperative scheduling; a `Pending` poll gives its unit back, so
+        // this tells exactly): then the next wait polls it again.
+        if !tokio::task::coop::has_budget_remaining() {
+            self.waker = None;
+        } else if !self.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
             self.waker = Some(cx.waker().clone());
         }
         false
@@ -343,5 +349,43 @@ impl hyper::rt::Write for TimedIo {
         let this = self.get_mut();
         let r = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
         this.after_write(cx, r, true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::mem::MaybeUninit;
+
+    use hyper::rt::Read as _;
+
+    use super::*;
+
+    /// A read that first waits with the task's budget used up (the timer cannot take the
+    /// waker then) must still time out.
+    #[tokio::test]
+    async fn a_read_deadline_armed_without_budget_still_fires() {
+        // An upstream that accepts and never sends anything.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let stream = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let _held = listener.accept().await.unwrap();
+        let limit = Duration::from_millis(200);
+        let mut io = TimedIo { io: TokioIo::new(stream), read: Deadline::new(limit), write: Deadline::new(limit) };
+        let mut first = true;
+        let read = std::future::poll_fn(|cx| {
+            if std::mem::take(&mut first) {
+                loop {
+                    let mut spend = std::pin::pin!(tokio::task::coop::consume_budget());
+                    if spend.as_mut().poll(cx).is_pending() {
+                        break;
+                    }
+                }
+                assert!(!tokio::task::coop::has_budget_remaining());
+            }
+            let mut buf = [MaybeUninit::uninit(); 16];
+            let mut buf = hyper::rt::ReadBuf::uninit(&mut buf);
+            Pin::new(&mut io).poll_read(cx, buf.unfilled())
+        });
+        let result = tokio::time::timeout(Duration::from_secs(3), read).await.expect("the read deadline fired");
+        assert_eq!(result.unwrap_err().kind(), io::ErrorKind::TimedOut);
     }
 }
