@@ -251,6 +251,11 @@ fn host_header_for(host: &str, port: u16, scheme: &Scheme) -> String {
     if port == default { host.to_string() } else { format!("{host}:{port}") }
 }
 
+/// Whether a target host is a name to resolve (not an IPv4 or bracketed IPv6 address).
+fn is_host_name(host: &str) -> bool {
+    host.parse::<std::net::IpAddr>().is_err() && !host.starts_with('[')
+}
+
 /// A target's address, `Host` header and label.
 fn target_address(
     host: &str,
@@ -277,7 +282,7 @@ fn target_runtime(
 ) -> Result<TargetRuntime, String> {
     let (authority, host_header, label) = target_address(host, port, host_header, scheme)?;
     let name = authority.host();
-    let dns = (name.parse::<std::net::IpAddr>().is_err() && !name.starts_with('[')).then(|| dns(name));
+    let dns = is_host_name(name).then(|| dns(name));
     let client = client.for_target(scheme, &authority, dns.as_ref());
     Ok(TargetRuntime { authority, host_header, label: label.into(), state, dns, client })
 }
@@ -451,8 +456,7 @@ pub(crate) fn compile(
                     label: format!("{h}:{p}").into(),
                     weight: *w,
                     state: state.clone(),
-                    dns: (h.parse::<std::net::IpAddr>().is_err() && !h.starts_with('['))
-                        .then(|| clients.dns.entry(&mut c.dns_names, h)),
+                    dns: is_host_name(h).then(|| clients.dns.entry(&mut c.dns_names, h)),
                 })
                 .collect(),
         });

@@ -137,25 +137,18 @@ pub(crate) struct Timeouts {
 /// Builds a pooled client for a set of timeouts and TLS settings.
 pub(crate) fn build_client(key: &ClientKey, dns: &Arc<Dns>) -> UpstreamClient {
     let connector = build_connector(key, dns);
+    // An idle pooled connection must be dropped before its own read timer would fire.
+    let limits =
+        Pool { max_idle: key.pool.max_idle, idle_timeout: key.pool.idle_timeout.min(key.timeouts.read.mul_f32(0.9)) };
     if !key.h2 {
-        return UpstreamClient::H1(Arc::new(TargetPools {
-            connector,
-            limits: Pool {
-                max_idle: key.pool.max_idle,
-                // An idle pooled connection must be dropped before its own read timer would
-                // fire.
-                idle_timeout: key.pool.idle_timeout.min(key.timeouts.read.mul_f32(0.9)),
-            },
-            pools: Mutex::default(),
-        }));
+        return UpstreamClient::H1(Arc::new(TargetPools { connector, limits, pools: Mutex::default() }));
     }
-    let t = key.timeouts;
     UpstreamClient::H2(Arc::new(
         Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
-            .pool_idle_timeout(key.pool.idle_timeout.min(t.read.mul_f32(0.9)))
-            .pool_max_idle_per_host(key.pool.max_idle)
+            .pool_idle_timeout(limits.idle_timeout)
+            .pool_max_idle_per_host(limits.max_idle)
             .http2_only(true)
             .build(connector),
     ))

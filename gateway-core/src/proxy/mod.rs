@@ -1406,7 +1406,7 @@ mod tests {
     }
 
     #[test]
-    fn per_request_bytes_keep_their_content_across_buffers_and_share_on_clone() {
+    fn per_request_bytes_keep_their_content_and_share_buffers() {
         let values: Vec<(String, Bytes)> = (0..2000)
             .map(|i| {
                 let s = format!("/path/{i}/{}", "x".repeat(i % 50));

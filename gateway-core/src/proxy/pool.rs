@@ -207,9 +207,10 @@ impl TargetPool {
         self.limits.max_idle > 0 && !self.limits.idle_timeout.is_zero()
     }
 
-    /// Keeps a connection that is ready for another request, if there is room.
+    /// Keeps a connection that is ready for another request, if there is room (callers have
+    /// checked that the pool keeps idle connections at all).
     fn put(self: &Arc<Self>, conn: Conn) {
-        if !self.keeps_idle() || !self.reusable(&conn) {
+        if !self.reusable(&conn) {
             return;
         }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
@@ -222,16 +223,15 @@ impl TargetPool {
         state.conns.push_back(IdleConn { conn, since });
         if !state.reaping {
             state.reaping = true;
-            runtime.spawn(reap(Arc::downgrade(self)));
+            runtime.spawn(reap(Arc::downgrade(self), self.limits.idle_timeout));
         }
     }
 }
 
 /// Closes idle connections once they have been idle for `idle_timeout` (checking four times
 /// per period, so none lives more than a quarter period longer); ends when none is left.
-async fn reap(pool: Weak<TargetPool>) {
+async fn reap(pool: Weak<TargetPool>, period: Duration) {
     loop {
-        let Some(period) = pool.upgrade().map(|p| p.limits.idle_timeout) else { return };
         tokio::time::sleep((period / 4).max(Duration::from_millis(5))).await;
         let Some(pool) = pool.upgrade() else { return };
         let now = Instant::now();
