@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# User-space instructions per proxied request, the gateway against nginx, counted by
+# User-space instructions per proxied request, the gateway against nginx and against the least
+# a proxy on the gateway's stack does (compare's hyper-proxy), counted by
 # `valgrind --tool=callgrind`. Instruction counts do not drift with the machine's load as
 # wall-clock figures do, so this is the judge for small request-path optimisations that the
 # load comparison's noise (10-30% between rounds) would hide. Kernel work (the syscalls both
@@ -47,10 +48,15 @@ services:
   routes: [{name: all, paths: ["/"]}]
 EOF
 
-# Starts proxy $1 ("gateway" or "nginx") under callgrind on port $2, writing $3; sets $pid.
+# Starts proxy $1 ("gateway", "hyper-proxy" or "nginx") under callgrind on port $2, writing
+# $3; sets $pid.
 start() {
     local what=$1 port=$2 out=$3
-    if [ "$what" = gateway ]; then
+    if [ "$what" = hyper-proxy ]; then
+        # The least a proxy on the gateway's stack does (see compare's `serve_hyper_proxy`).
+        valgrind --tool=callgrind --callgrind-out-file="$out" "$compare" --serve-hyper-proxy "127.0.0.1:$port" \
+            --proxy-to "127.0.0.1:$up" > "$out.log" 2>&1 &
+    elif [ "$what" = gateway ]; then
         valgrind --tool=callgrind --callgrind-out-file="$out" "$gateway" run --config "$dir/gateway.yaml" \
             --listen "127.0.0.1:$port" --listen-tls off --admin-listen "127.0.0.1:$(free_port)" \
             --workers 1 --access-log off > "$out.log" 2>&1 &
@@ -89,9 +95,9 @@ EOF
     exit 1
 }
 
-# Ends proxy $1 ("gateway" or "nginx"), pid $2, normally: callgrind writes its file at exit.
+# Ends proxy $1, pid $2, normally: callgrind writes its file at exit.
 stop() {
-    if [ "$1" = gateway ]; then kill -INT "$2"; else kill -QUIT "$2"; fi
+    if [ "$1" = nginx ]; then kill -QUIT "$2"; else kill -INT "$2"; fi
     for _ in $(seq 300); do kill -0 "$2" 2>/dev/null || return 0; sleep 0.1; done
     echo "$1 did not exit within 30 s" >&2
     exit 1
@@ -99,7 +105,7 @@ stop() {
 
 total() { callgrind_annotate "$1" 2>/dev/null | awk '/PROGRAM TOTALS/ { gsub(",", "", $1); print $1 }'; }
 
-for what in gateway nginx; do
+for what in gateway hyper-proxy nginx; do
     port=$(free_port)
     start "$what" "$port" "$dir/$what.idle"
     stop "$what" "$pid"

@@ -1,8 +1,9 @@
 //! Side-by-side load comparison on loopback: the upstream directly (the ceiling), the gateway
 //! with no plugins, the gateway with key-auth + rate-limiting + jwt, nginx (1 worker,
-//! keep-alive upstream pool) and haproxy (1 thread), measured in rounds (A B C ... A B C) so
-//! that the machine's drift hits every target alike. Writes the medians and the ratios to
-//! nginx into BENCHMARKS.md.
+//! keep-alive upstream pool), haproxy (1 thread) and `hyper-proxy`, the least a proxy on
+//! hyper does (this binary's `serve_hyper_proxy`: the floor of the gateway's stack), measured
+//! in rounds (A B C ... A B C) so that the machine's drift hits every target alike. Writes the
+//! medians and the ratios to nginx into BENCHMARKS.md.
 //!
 //! ```text
 //! benches/compare [--rounds 3] [--duration 10] [--connections 50,256] [--quick]
@@ -47,7 +48,8 @@ struct Args {
     /// Idle keep-alive connections held open for the memory measurement.
     #[arg(long, default_value_t = 10_000)]
     idle_connections: usize,
-    /// Only these targets (direct, gateway, gateway-plugins, nginx, haproxy), comma separated.
+    /// Only these targets (direct, gateway, gateway-plugins, nginx, haproxy, hyper-proxy),
+    /// comma separated.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// The gateway binary.
@@ -60,6 +62,13 @@ struct Args {
     /// Internal: serve the benchmark upstream on this address and print its port.
     #[arg(long, hide = true)]
     serve_upstream: Option<SocketAddr>,
+    /// Internal: serve the minimal hyper proxy (the stack's floor) on this address, to the
+    /// upstream given by `--proxy-to`.
+    #[arg(long, hide = true, requires = "proxy_to")]
+    serve_hyper_proxy: Option<SocketAddr>,
+    /// Internal: the upstream of `--serve-hyper-proxy`.
+    #[arg(long, hide = true)]
+    proxy_to: Option<SocketAddr>,
 }
 
 /// The 12-byte body every request gets from the upstream.
@@ -70,6 +79,10 @@ fn main() {
     let mut args = Args::parse();
     if let Some(addr) = args.serve_upstream {
         serve_upstream(addr);
+        return;
+    }
+    if let (Some(addr), Some(upstream)) = (args.serve_hyper_proxy, args.proxy_to) {
+        serve_hyper_proxy(addr, upstream);
         return;
     }
     if args.quick {
@@ -96,6 +109,61 @@ fn serve_upstream(addr: SocketAddr) {
             tokio::spawn(async move {
                 let svc = service_fn(|_req: hyper::Request<Incoming>| async {
                     Ok::<_, Infallible>(hyper::Response::new(Full::new(Bytes::from_static(BODY))))
+                });
+                let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+            });
+        }
+    });
+}
+
+/// The least a reverse proxy on this stack does, as the floor the gateway is measured against:
+/// hyper's HTTP/1.1 server and client on one current-thread runtime, each client connection
+/// with its own keep-alive upstream connection (opened on its first request), the request
+/// passed on as it came (headers, body) and the response streamed back as it came. No
+/// routing, no header rewriting, no timeouts, no pool shared between client connections, no
+/// retries: what it costs per request is hyper's and tokio's part of any proxy built on them.
+fn serve_hyper_proxy(addr: SocketAddr, upstream: SocketAddr) {
+    use hyper::client::conn::http1::SendRequest;
+    use std::sync::{Arc, Mutex};
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(addr).await.expect("bind the proxy");
+        println!("{}", listener.local_addr().expect("local address").port());
+        // Ends on SIGINT by returning, so a profiler it runs under writes its files.
+        let interrupted = tokio::signal::ctrl_c();
+        tokio::pin!(interrupted);
+        loop {
+            let accepted = tokio::select! {
+                a = listener.accept() => a,
+                _ = &mut interrupted => return,
+            };
+            let Ok((stream, _)) = accepted else { continue };
+            let _ = stream.set_nodelay(true);
+            tokio::spawn(async move {
+                // HTTP/1.1 serves a connection's requests one after another, so one upstream
+                // connection per client connection is never asked for two at once.
+                let sender: Arc<Mutex<Option<SendRequest<Incoming>>>> = Arc::default();
+                let svc = service_fn(move |req: hyper::Request<Incoming>| {
+                    let sender = sender.clone();
+                    async move {
+                        let kept = sender.lock().expect("not poisoned").take();
+                        let mut conn = match kept {
+                            Some(c) if !c.is_closed() => c,
+                            _ => {
+                                let io = tokio::net::TcpStream::connect(upstream).await?;
+                                let _ = io.set_nodelay(true);
+                                let (c, task) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+                                    .await
+                                    .map_err(std::io::Error::other)?;
+                                tokio::spawn(task);
+                                c
+                            }
+                        };
+                        conn.ready().await.map_err(std::io::Error::other)?;
+                        let resp = conn.send_request(req).await.map_err(std::io::Error::other)?;
+                        *sender.lock().expect("not poisoned") = Some(conn);
+                        Ok::<_, std::io::Error>(resp)
+                    }
                 });
                 let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
             });
@@ -353,6 +421,20 @@ http {{
     let args = vec!["-p".into(), dir.display().to_string(), "-c".into(), file.display().to_string()];
     let child = spawn_pinned(&nginx, &args, &dir.join("stdout.log"))?;
     Ok(Target { name: "nginx", url: format!("http://127.0.0.1:{port}/"), child: Some(child), idle_rss: 0 })
+}
+
+/// The minimal hyper proxy (`serve_hyper_proxy`), this binary itself, on core 0 as the others.
+fn start_hyper_proxy(env: &Env) -> Result<Target, String> {
+    let port = free_port();
+    let me = std::env::current_exe().map_err(|e| e.to_string())?;
+    let args = [
+        "--serve-hyper-proxy".to_string(),
+        format!("127.0.0.1:{port}"),
+        "--proxy-to".to_string(),
+        format!("127.0.0.1:{}", env.upstream_port),
+    ];
+    let child = spawn_pinned(&me, &args, &env.dir.join("hyper-proxy.log"))?;
+    Ok(Target { name: "hyper-proxy", url: format!("http://127.0.0.1:{port}/"), child: Some(child), idle_rss: 0 })
 }
 
 fn start_haproxy(env: &Env) -> Result<Target, String> {
@@ -624,11 +706,12 @@ fn run(args: &Args) -> Result<(), String> {
         });
     }
     type Start<'a> = Box<dyn Fn() -> Result<Target, String> + 'a>;
-    let starts: [(&str, Start<'_>); 4] = [
+    let starts: [(&str, Start<'_>); 5] = [
         ("gateway", Box::new(|| start_gateway(&env, &args.gateway, "gateway", false))),
         ("gateway-plugins", Box::new(|| start_gateway(&env, &args.gateway, "gateway-plugins", true))),
         ("nginx", Box::new(|| start_nginx(&env))),
         ("haproxy", Box::new(|| start_haproxy(&env))),
+        ("hyper-proxy", Box::new(|| start_hyper_proxy(&env))),
     ];
     for (name, start) in starts {
         if !wanted(name) || missing.contains(&name) {
@@ -696,7 +779,10 @@ fn run(args: &Args) -> Result<(), String> {
          thread, 12-byte body) and `wrk -t1 --latency` together on core 1; every target gets the same \
          request, `apikey` and `Authorization: Bearer` headers included. The gateway runs with \
          `--workers 1 --access-log off`, nginx with 1 worker, `access_log off` and a keep-alive upstream \
-         pool, haproxy with `nbthread 1` and `http-reuse always`. Medians over the rounds; CPU is \
+         pool, haproxy with `nbthread 1` and `http-reuse always`. `hyper-proxy` is the least a proxy on \
+         the gateway's stack does (hyper's HTTP/1.1 server and client on one current-thread tokio \
+         runtime, one keep-alive upstream connection per client connection, the request and response \
+         passed on unchanged): the floor of that stack. Medians over the rounds; CPU is \
          user + system time of the proxy's processes from `/proc/PID/stat`.\n"
     );
     let _ = writeln!(
