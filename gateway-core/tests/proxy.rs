@@ -511,6 +511,9 @@ async fn a_dropped_connection_is_retried_for_get_but_never_for_post() {
     let dropper = listener.local_addr().unwrap();
     let drops = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let counter = drops.clone();
+    // The heads the dropping target read, to compare with what the retry carried.
+    let heads = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let seen = heads.clone();
     let task = tokio::spawn(async move {
         loop {
             let Ok((mut s, _)) = listener.accept().await else {
@@ -518,7 +521,8 @@ async fn a_dropped_connection_is_retried_for_get_but_never_for_post() {
             };
             counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             let mut buf = [0u8; 4096];
-            let _ = s.read(&mut buf).await;
+            let n = s.read(&mut buf).await.unwrap_or(0);
+            seen.lock().unwrap().push(String::from_utf8_lossy(&buf[..n]).to_lowercase());
             drop(s);
         }
     });
@@ -534,11 +538,29 @@ services:
         live = live.addr
     ))
     .await;
-    for _ in 0..4 {
-        let resp = get(&gw.url("/idempotent")).await;
+    let mut compared = 0;
+    for i in 0..4 {
+        let resp =
+            send(Request::get(gw.url("/idempotent")).header("x-client", format!("c{i}")).body(full("")).unwrap()).await;
         assert_eq!(resp.status, StatusCode::OK, "{}", String::from_utf8_lossy(&resp.body));
-        assert_eq!(resp.echo().upstream, live.addr.to_string());
+        let echo = resp.echo();
+        assert_eq!(echo.upstream, live.addr.to_string());
+        // A retry carries what the first attempt carried: the client's headers and the
+        // gateway's own (request id, forwarding headers, Via, trace context).
+        let id = echo.header("x-request-id").expect("a request id").to_string();
+        let first = heads.lock().unwrap().iter().find(|h| h.contains(&format!("x-request-id: {id}"))).cloned();
+        if let Some(first) = first {
+            compared += 1;
+            for name in ["x-client", "x-forwarded-for", "x-forwarded-proto", "x-real-ip", "via", "traceparent"] {
+                let value = echo.header(name).unwrap_or_else(|| panic!("the retry lacks {name}"));
+                assert!(
+                    first.contains(&format!("{name}: {value}")),
+                    "{name}: {value} not in the first attempt:\n{first}"
+                );
+            }
+        }
     }
+    assert!(compared >= 1, "no GET met the dropping target first");
     let mut post_failures = 0;
     for _ in 0..4 {
         let resp = send(Request::post(gw.url("/not-idempotent")).body(full("payload")).unwrap()).await;

@@ -293,22 +293,42 @@ static TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
 /// unless a finish hook exports spans (`sample_new`)) and any `tracestate` is dropped, as the
 /// spec requires. Returns what was sent, for the access log and the hook.
 fn propagate_trace(h: &mut HeaderMap, sample_new: bool) -> TraceContext {
-    let incoming = h.get(&TRACEPARENT).and_then(|v| parse_traceparent(v.as_bytes()));
+    // One hashed lookup reads and replaces `traceparent`.
+    let (context, fresh) = match h.entry(&TRACEPARENT) {
+        header::Entry::Occupied(mut o) => {
+            let incoming = parse_traceparent(o.get().as_bytes());
+            let (context, value) = next_traceparent(incoming, sample_new);
+            o.insert(value);
+            (context, incoming.is_none())
+        }
+        header::Entry::Vacant(v) => {
+            let (context, value) = next_traceparent(None, sample_new);
+            v.insert(value);
+            (context, true)
+        }
+    };
+    if fresh {
+        h.remove(&TRACESTATE);
+    }
+    context
+}
+
+/// The gateway's hop of the trace `incoming` (a new trace when `None`), and its `traceparent`
+/// value, cut from the per-request buffer ([`shared_bytes`]): a `Vec` here cost two
+/// allocations, its own and sharing it when the headers kept for a retry clone it.
+fn next_traceparent(incoming: Option<(u128, u64, u8)>, sample_new: bool) -> (TraceContext, HeaderValue) {
     let (a, b) = random_pair();
     let (trace, parent, flags) = match incoming {
         Some((trace, parent, flags)) => (trace, Some(parent), flags),
-        None => {
-            h.remove(&TRACESTATE);
-            ((u128::from(a) << 64 | u128::from(b)).max(1), None, u8::from(sample_new))
-        }
+        None => ((u128::from(a) << 64 | u128::from(b)).max(1), None, u8::from(sample_new)),
     };
     let span = (a ^ b.rotate_left(29)).max(1);
     let mut out = *b"00-00000000000000000000000000000000-0000000000000000-00";
     hex_into(&mut out[3..35], &trace.to_be_bytes());
     hex_into(&mut out[36..52], &span.to_be_bytes());
     hex_into(&mut out[53..55], &[flags]);
-    h.insert(TRACEPARENT.clone(), HeaderValue::from_bytes(&out).expect("hex is a valid header value"));
-    TraceContext::new(trace, span, parent, flags & 1 == 1)
+    let value = HeaderValue::from_maybe_shared(shared_bytes(&out)).expect("hex is a valid header value");
+    (TraceContext::new(trace, span, parent, flags & 1 == 1), value)
 }
 
 /// A valid `traceparent`'s trace id, parent id and flags (version 00, or a later version's
@@ -377,15 +397,24 @@ pub fn error_response(status: StatusCode, message: &str, request_id: &HeaderValu
     resp
 }
 
-/// Kong's v0 path joining of the service path and the (stripped) request path.
-pub(crate) fn upstream_path(base: Option<&str>, req_path: &str, matched_len: usize, strip: bool) -> Option<String> {
+/// Kong's v0 path joining of the service path and the (stripped) request path, written into
+/// `out` (cleared first): `true` when it differs from `req_path`, `false` when the request's own
+/// path goes upstream unchanged (then `out` is not to be used). The caller's buffer is reused
+/// from request to request, so this allocates nothing.
+pub(crate) fn upstream_path(
+    out: &mut String,
+    base: Option<&str>,
+    req_path: &str,
+    matched_len: usize,
+    strip: bool,
+) -> bool {
+    out.clear();
     let base = base.unwrap_or("/");
     let base_trimmed = base.strip_suffix('/').unwrap_or(base);
     if base == "/" && (!strip || matched_len == 0) {
-        return None; // unchanged: reuse the request's own path
+        return false;
     }
     let postfix = if strip { path::sanitize_postfix(req_path.get(matched_len..).unwrap_or("")) } else { "" };
-    let mut out = String::with_capacity(base.len() + req_path.len());
     if base.ends_with('/') {
         if strip {
             if postfix.is_empty() {
@@ -425,7 +454,8 @@ pub(crate) fn upstream_path(base: Option<&str>, req_path: &str, matched_len: usi
             out.push_str(req_path);
         }
     }
-    Some(out)
+    // A route `/` with strip_path (Kong's default) puts back the `/` it took.
+    out != req_path
 }
 
 fn is_timeout(err: &(dyn StdError + 'static)) -> bool {
@@ -786,20 +816,26 @@ async fn handle_http(
     }
 
     // Everything the upstream request needs from the head, computed while the head is intact.
-    let new_path = upstream_path(service.base_path.as_deref(), path, found.matched_len, route.strip_path);
-    let pq = match (new_path, &normalized) {
-        (None, Cow::Borrowed(_)) => original_pq.clone(),
-        (new_path, _) => {
-            let mut p = new_path.unwrap_or_else(|| path.to_string());
-            if let Some(q) = original_pq.query() {
-                p.push('?');
-                p.push_str(q);
-            }
-            match PathAndQuery::from_maybe_shared(shared_bytes(p.as_bytes())) {
-                Ok(pq) => pq,
-                Err(_) => return error_response(StatusCode::BAD_REQUEST, "invalid request path", &request_id),
-            }
+    thread_local! {
+        static UPSTREAM_PATH: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+    }
+    let pq = UPSTREAM_PATH.with_borrow_mut(|p| {
+        let changed = upstream_path(p, service.base_path.as_deref(), path, found.matched_len, route.strip_path);
+        if !changed && matches!(normalized, Cow::Borrowed(_)) {
+            return Ok(original_pq.clone());
         }
+        if !changed {
+            p.clear();
+            p.push_str(path);
+        }
+        if let Some(q) = original_pq.query() {
+            p.push('?');
+            p.push_str(q);
+        }
+        PathAndQuery::from_maybe_shared(shared_bytes(p.as_bytes()))
+    });
+    let Ok(pq) = pq else {
+        return error_response(StatusCode::BAD_REQUEST, "invalid request path", &request_id);
     };
     let fwd = Forwarding {
         pq,
@@ -1196,7 +1232,16 @@ async fn send_with_retries(
         let mut req = Request::new(body);
         *req.method_mut() = parts.method.clone();
         *req.version_mut() = service.version;
-        *req.headers_mut() = if last { std::mem::take(&mut parts.headers) } else { parts.headers.clone() };
+        // The headers themselves go upstream and the copy stays for a retry: a map keeps
+        // its capacity as hyper passes it on (a request's map becomes the connection's next
+        // response map, and that the next request's), while a clone is cut to its length and
+        // would grow again with every request's added headers.
+        *req.headers_mut() = if last {
+            std::mem::take(&mut parts.headers)
+        } else {
+            let copy = parts.headers.clone();
+            std::mem::replace(&mut parts.headers, copy)
+        };
         // The client's `Host` when preserved (an HTTP/2 client's `:authority` is in it by
         // now); the target's otherwise.
         if !preserve_host || !req.headers().contains_key(header::HOST) {
@@ -1363,11 +1408,15 @@ mod tests {
             (Some("/api/v1"), "/foo../admin", 4, true, "/api/v1/admin"),
             (Some("/api/v1"), "/foo..", 4, true, "/api/v1"),
         ];
+        let mut out = String::from("left over from the last request");
         for (base, req, m, strip, want) in cases {
-            let got = upstream_path(*base, req, *m, *strip).unwrap_or_else(|| req.to_string());
-            assert_eq!(&got, want, "base {base:?} req {req} matched {m} strip {strip}");
+            let changed = upstream_path(&mut out, *base, req, *m, *strip);
+            let got = if changed { out.as_str() } else { req };
+            assert_eq!(got, *want, "base {base:?} req {req} matched {m} strip {strip}");
+            assert_eq!(changed, req != want, "changed is said only of a changed path: {base:?} {req}");
         }
-        assert_eq!(upstream_path(None, "/x", 2, false), None, "no copy when nothing changes");
+        assert!(!upstream_path(&mut out, None, "/x", 2, false), "no copy when nothing changes");
+        assert!(!upstream_path(&mut out, None, "/x/y", 1, true), "route / with strip_path: the same path");
     }
 
     #[test]
