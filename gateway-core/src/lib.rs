@@ -480,6 +480,6 @@ where
         let snapshot = self.shared.snapshot.load_full();
         let req = req.map(ProxyBody::from_body);
         let values = proxy::ConnValues::new(&conn, &self.shared.trusted_ips);
-        Box::pin(async move { Ok(proxy::handle(snapshot, req, conn, values).await) })
+        Box::pin(proxy::handle(snapshot, req, conn, values))
     }
 }
