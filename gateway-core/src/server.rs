@@ -14,7 +14,6 @@
 //! # Ok(()) }
 //! ```
 
-use std::convert::Infallible;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
@@ -150,6 +149,28 @@ async fn reached(watch: &mut tokio::sync::watch::Receiver<Phase>, phase: Phase) 
     let _ = watch.wait_for(|p| *p >= phase).await;
 }
 
+/// [`reached`] for [`Phase::Draining`], cheap to poll again. A connection's `select!` polls
+/// this whenever the connection's task wakes, a few times a request, and a watch wait takes
+/// the channel's lock each time (about 500 instructions a request). Once a poll of the wait
+/// has registered the task's waker, this polls the wait again only when the channel has
+/// changed since (one atomic load otherwise), and a change wakes the task through that waker.
+/// A poll made with the task's coop budget used up registers nothing (tokio answers
+/// `Pending` at once then), so it does not count.
+async fn draining(watch: &mut tokio::sync::watch::Receiver<Phase>) {
+    let probe = watch.clone();
+    let wait = reached(watch, Phase::Draining);
+    tokio::pin!(wait);
+    let mut registered = false;
+    std::future::poll_fn(|cx| {
+        if registered && !probe.has_changed().unwrap_or(true) {
+            return std::task::Poll::Pending;
+        }
+        registered = tokio::task::coop::has_budget_remaining();
+        wait.as_mut().poll(cx)
+    })
+    .await
+}
+
 /// Serves one connection with the builder of its protocol until it ends, or until shutdown
 /// is signalled, then lets it finish gracefully (in-flight requests complete, keep-alive
 /// ends), or closes it when the grace period is over.
@@ -175,7 +196,7 @@ async fn serve_connection<I, S>(
             tokio::pin!(conn);
             let result = tokio::select! {
                 r = conn.as_mut() => r,
-                _ = reached(&mut shutdown, Phase::Draining) => {
+                _ = draining(&mut shutdown) => {
                     conn.as_mut().graceful_shutdown();
                     tokio::select! {
                         r = conn.as_mut() => r,
@@ -273,9 +294,7 @@ pub(crate) async fn serve(
                         // connection, idle or not; a box keeps that slot one pointer wide and
                         // the request's state allocated only while the request is in flight.
                         let fut: Pin<Box<dyn Future<Output = _> + Send>> =
-                            Box::pin(
-                                async move { Ok::<_, Infallible>(handle(snapshot, req, conn_info, values).await) },
-                            );
+                            Box::pin(handle(snapshot, req, conn_info, values));
                         fut
                     });
                     let Some(acceptor) = tls else {
@@ -356,5 +375,60 @@ impl OpenConnection {
 impl Drop for OpenConnection {
     fn drop(&mut self) {
         self.0.stats.connections_active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Polls `draining` once (with the task's coop budget used up first, if asked), then moves
+    /// shutdown on: the wait must end, woken by the change alone. It runs in a task of its own
+    /// so that the test's timeout waking up cannot poll it again.
+    async fn drains_after_a_first_poll(spend_budget_first: bool) {
+        let task = tokio::spawn(async move {
+            let (tx, mut rx) = tokio::sync::watch::channel(Phase::Serving);
+            let wait = draining(&mut rx);
+            tokio::pin!(wait);
+            let mut first = true;
+            let waiting = std::future::poll_fn(|cx| {
+                if std::mem::take(&mut first) {
+                    if spend_budget_first {
+                        loop {
+                            let mut spend = std::pin::pin!(tokio::task::coop::consume_budget());
+                            if spend.as_mut().poll(cx).is_pending() {
+                                break;
+                            }
+                        }
+                        assert!(!tokio::task::coop::has_budget_remaining());
+                    }
+                    assert!(wait.as_mut().poll(cx).is_pending(), "still serving");
+                    return std::task::Poll::Pending;
+                }
+                wait.as_mut().poll(cx)
+            });
+            let change = async {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                tx.send(Phase::Draining).unwrap();
+                std::future::pending::<()>().await
+            };
+            // `waiting` first: a change sent after it answered `Pending` must wake it.
+            tokio::select! {
+                biased;
+                _ = waiting => {}
+                _ = change => {}
+            }
+        });
+        tokio::time::timeout(Duration::from_secs(3), task).await.expect("the connection saw the shutdown").unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_connection_sees_shutdown() {
+        drains_after_a_first_poll(false).await;
+    }
+
+    #[tokio::test]
+    async fn a_connection_first_polled_without_budget_still_sees_shutdown() {
+        drains_after_a_first_poll(true).await;
     }
 }
