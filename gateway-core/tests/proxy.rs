@@ -151,6 +151,32 @@ async fn hop_by_hop_headers_are_removed_and_forwarding_headers_set() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clients_forwarding_claims_never_reach_the_upstream() {
+    // A route `/`: no prefix of the gateway's own to send, so a client's must be removed, as
+    // must its `Forwarded`, and its hop-by-hop headers after a plain request.
+    let up = echo_upstream().await;
+    let gw = start_gateway(&one_service(up.addr, "", r#"paths: ["/"]"#)).await;
+    for (name, value) in [
+        ("x-forwarded-prefix", "/spoofed"),
+        ("forwarded", "for=198.51.100.1;proto=https"),
+        ("upgrade", "h2c"),
+        ("x-forwarded-path", "/spoofed"),
+    ] {
+        let resp = send(Request::get(gw.url("/items")).header(name, value).body(full("")).unwrap()).await;
+        let echo = resp.echo();
+        let sent = echo.headers.get(name).cloned().unwrap_or_default();
+        assert!(!sent.iter().any(|v| v == value), "{name}: {value} reached the upstream: {sent:?}");
+    }
+    // And a plain request carries none of them.
+    let echo = get(&gw.url("/items")).await.echo();
+    for name in ["x-forwarded-prefix", "forwarded", "upgrade"] {
+        assert_eq!(echo.header(name), None, "{name}");
+    }
+    assert_eq!(echo.header("x-forwarded-path"), Some("/items"));
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gateway_errors_are_json_with_request_ids() {
     let dead = closed_port().await;
     let slow = echo_upstream().await;

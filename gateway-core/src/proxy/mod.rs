@@ -157,22 +157,29 @@ fn remove_hop_by_hop_from_response(headers: &mut HeaderMap) {
 fn strip_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) {
     // Almost no request carries any of these: one pass over the names is cheaper than eight
     // hashed removes of absent headers.
-    let present = headers.keys().any(|k| {
-        matches!(
-            k.as_str(),
-            "connection"
-                | "keep-alive"
-                | "proxy-connection"
-                | "transfer-encoding"
-                | "upgrade"
-                | "proxy-authorization"
-                | "proxy-authenticate"
-                | "te"
-        )
-    });
-    if !present {
-        return;
+    if headers.keys().any(is_hop_by_hop) {
+        remove_hop_by_hop_present(headers, keep_te_trailers);
     }
+}
+
+/// Whether `name` is one of the hop-by-hop headers [`strip_hop_by_hop`] removes (besides those
+/// `Connection` names).
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "transfer-encoding"
+            | "upgrade"
+            | "proxy-authorization"
+            | "proxy-authenticate"
+            | "te"
+    )
+}
+
+/// The removals of [`strip_hop_by_hop`], once a pass over the names found something to remove.
+fn remove_hop_by_hop_present(headers: &mut HeaderMap, keep_te_trailers: bool) {
     if headers.contains_key(header::CONNECTION) {
         let named: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
@@ -1158,14 +1165,25 @@ fn set_forwarding_headers(
     request_id: &HeaderValue,
     version: Version,
 ) {
-    remove_hop_by_hop(h);
-    h.remove(header::FORWARDED);
+    // One pass over the names finds what there is to strip: removing an absent header still
+    // hashes its name (a custom name byte by byte), and most requests carry none of these.
+    let (mut hop_by_hop, mut forwarded, mut prefix_sent) = (false, false, false);
+    for name in h.keys() {
+        hop_by_hop |= is_hop_by_hop(name);
+        forwarded |= name == header::FORWARDED;
+        prefix_sent |= name == X_FORWARDED_PREFIX;
+    }
+    if hop_by_hop {
+        remove_hop_by_hop_present(h, true);
+    }
+    if forwarded {
+        h.remove(header::FORWARDED);
+    }
     // A trusted proxy's `X-Forwarded-For` is extended and its other `X-Forwarded-*` headers
     // kept (Kong's `trusted_ips`); anyone else's are replaced, so a client cannot claim
     // another address, scheme or host.
     let trusted = values.trusted.is_some();
-    let xff = match h.get(&X_FORWARDED_FOR) {
-        Some(_) if !trusted => Some(values.ip.clone()),
+    let xff = match trusted.then(|| h.get(&X_FORWARDED_FOR)).flatten() {
         None => Some(values.ip.clone()),
         Some(_) => {
             let mut joined = BytesMut::with_capacity(64);
@@ -1194,7 +1212,9 @@ fn set_forwarding_headers(
     set(&X_FORWARDED_HOST, host);
     set(&X_FORWARDED_PORT, Some(values.port.clone()));
     set(&X_FORWARDED_PATH, path);
-    set(&X_FORWARDED_PREFIX, prefix);
+    if prefix.is_some() || prefix_sent {
+        set(&X_FORWARDED_PREFIX, prefix);
+    }
     h.insert(X_REQUEST_ID.clone(), request_id.clone());
     append_via(h, version);
 }
