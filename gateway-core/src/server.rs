@@ -144,21 +144,16 @@ enum Phase {
     Closing,
 }
 
-/// Waits until shutdown reaches `phase` (or the server is gone).
+/// Waits until shutdown reaches `phase` (or the server is gone); cheap to poll again. A
+/// connection's `select!` polls this whenever the connection's task wakes, a few times a
+/// request, and a watch wait takes the channel's lock each time (about 500 instructions a
+/// request). Once a poll of the wait has registered the task's waker, the wait is polled again
+/// only when the channel has changed since (one atomic load otherwise), and a change wakes the
+/// task through that waker. A poll made with the task's coop budget used up registers nothing
+/// (tokio answers `Pending` at once then), so it does not count.
 async fn reached(watch: &mut tokio::sync::watch::Receiver<Phase>, phase: Phase) {
-    let _ = watch.wait_for(|p| *p >= phase).await;
-}
-
-/// [`reached`] for [`Phase::Draining`], cheap to poll again. A connection's `select!` polls
-/// this whenever the connection's task wakes, a few times a request, and a watch wait takes
-/// the channel's lock each time (about 500 instructions a request). Once a poll of the wait
-/// has registered the task's waker, this polls the wait again only when the channel has
-/// changed since (one atomic load otherwise), and a change wakes the task through that waker.
-/// A poll made with the task's coop budget used up registers nothing (tokio answers
-/// `Pending` at once then), so it does not count.
-async fn draining(watch: &mut tokio::sync::watch::Receiver<Phase>) {
     let probe = watch.clone();
-    let wait = reached(watch, Phase::Draining);
+    let wait = watch.wait_for(|p| *p >= phase);
     tokio::pin!(wait);
     let mut registered = false;
     std::future::poll_fn(|cx| {
@@ -166,7 +161,7 @@ async fn draining(watch: &mut tokio::sync::watch::Receiver<Phase>) {
             return std::task::Poll::Pending;
         }
         registered = tokio::task::coop::has_budget_remaining();
-        wait.as_mut().poll(cx)
+        wait.as_mut().poll(cx).map(|_| ())
     })
     .await
 }
@@ -196,7 +191,7 @@ async fn serve_connection<I, S>(
             tokio::pin!(conn);
             let result = tokio::select! {
                 r = conn.as_mut() => r,
-                _ = draining(&mut shutdown) => {
+                _ = reached(&mut shutdown, Phase::Draining) => {
                     conn.as_mut().graceful_shutdown();
                     tokio::select! {
                         r = conn.as_mut() => r,
@@ -382,13 +377,13 @@ impl Drop for OpenConnection {
 mod tests {
     use super::*;
 
-    /// Polls `draining` once (with the task's coop budget used up first, if asked), then moves
+    /// Polls `reached` once (with the task's coop budget used up first, if asked), then moves
     /// shutdown on: the wait must end, woken by the change alone. It runs in a task of its own
     /// so that the test's timeout waking up cannot poll it again.
     async fn drains_after_a_first_poll(spend_budget_first: bool) {
         let task = tokio::spawn(async move {
             let (tx, mut rx) = tokio::sync::watch::channel(Phase::Serving);
-            let wait = draining(&mut rx);
+            let wait = reached(&mut rx, Phase::Draining);
             tokio::pin!(wait);
             let mut first = true;
             let waiting = std::future::poll_fn(|cx| {
