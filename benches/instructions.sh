@@ -7,12 +7,15 @@
 # proxies make alike) is not counted.
 #
 #   benches/instructions.sh [GATEWAY_BINARY]   (default target/release/gateway)
+#   TARGETS="gateway-plugins nginx" benches/instructions.sh   (some of: gateway,
+#       gateway-plugins, hyper-proxy, nginx; all four by default)
 #
 # Each proxy runs under callgrind twice: once started and stopped with a single request (its
 # start-up cost), once under `wrk -c10` for 10 s; the difference divided by wrk's request
 # count is the cost of one request. The upstream and the nginx settings are benches/compare's
 # (no plugins, access log off, a keep-alive upstream pool); the request is a plain GET, without
-# compare's credential headers. Needs valgrind, wrk, nginx, curl, python3 and the benchmark
+# compare's credential headers, except for gateway-plugins: compare's key-auth + rate-limiting
+# + jwt route, sent compare's `apikey` and `Authorization: Bearer` (HS256) headers. Needs valgrind, wrk, nginx, curl, python3 and the benchmark
 # upstream (`cargo build --release -p gateway-benches --bin compare`). The callgrind files and
 # logs stay in the directory the script prints, for callgrind_annotate.
 set -euo pipefail
@@ -47,8 +50,28 @@ services:
   url: http://127.0.0.1:$up
   routes: [{name: all, paths: ["/"]}]
 EOF
+# compare's plugin configuration and credentials.
+cp "$dir/gateway.yaml" "$dir/gateway-plugins.yaml"
+cat >> "$dir/gateway-plugins.yaml" <<EOF
+  plugins:
+  - {name: key-auth}
+  - {name: rate-limiting, config: {second: 1000000000, policy: local}}
+  - {name: jwt}
+consumers:
+- username: bench
+  keyauth_credentials: [{key: bench-key}]
+  jwt_secrets: [{key: bench-iss, secret: bench-secret}]
+EOF
+token=$(python3 -c '
+import base64, hashlib, hmac, json
+b64 = lambda b: base64.urlsafe_b64encode(b).rstrip(b"=")
+head = b64(json.dumps({"typ": "JWT", "alg": "HS256"}, separators=(",", ":")).encode())
+body = b64(json.dumps({"iss": "bench-iss"}, separators=(",", ":")).encode())
+sig = b64(hmac.new(b"bench-secret", head + b"." + body, hashlib.sha256).digest())
+print((head + b"." + body + b"." + sig).decode())')
+credentials=(-H "apikey: bench-key" -H "Authorization: Bearer $token")
 
-# Starts proxy $1 ("gateway", "hyper-proxy" or "nginx") under callgrind on port $2, writing
+# Starts proxy $1 ("gateway", "gateway-plugins", "hyper-proxy" or "nginx") under callgrind on port $2, writing
 # $3; sets $pid.
 start() {
     local what=$1 port=$2 out=$3
@@ -56,8 +79,8 @@ start() {
         # The least a proxy on the gateway's stack does (see compare's `serve_hyper_proxy`).
         valgrind --tool=callgrind --callgrind-out-file="$out" "$compare" --serve-hyper-proxy "127.0.0.1:$port" \
             --proxy-to "127.0.0.1:$up" > "$out.log" 2>&1 &
-    elif [ "$what" = gateway ]; then
-        valgrind --tool=callgrind --callgrind-out-file="$out" "$gateway" run --config "$dir/gateway.yaml" \
+    elif [ "$what" = gateway ] || [ "$what" = gateway-plugins ]; then
+        valgrind --tool=callgrind --callgrind-out-file="$out" "$gateway" run --config "$dir/$what.yaml" \
             --listen "127.0.0.1:$port" --listen-tls off --admin-listen "127.0.0.1:$(free_port)" \
             --workers 1 --access-log off > "$out.log" 2>&1 &
     else
@@ -88,7 +111,7 @@ EOF
     pid=$!
     pids+=("$pid")
     for _ in $(seq 300); do
-        curl -fs -m 2 "http://127.0.0.1:$port/" > /dev/null && return
+        curl -fs -m 2 "${credentials[@]}" "http://127.0.0.1:$port/" > /dev/null && return
         sleep 0.1
     done
     echo "$what did not answer on port $port; see $out.log" >&2
@@ -105,13 +128,17 @@ stop() {
 
 total() { callgrind_annotate "$1" 2>/dev/null | awk '/PROGRAM TOTALS/ { gsub(",", "", $1); print $1 }'; }
 
-for what in gateway hyper-proxy nginx; do
+for what in ${TARGETS:-gateway gateway-plugins hyper-proxy nginx}; do
     port=$(free_port)
     start "$what" "$port" "$dir/$what.idle"
     stop "$what" "$pid"
     port=$(free_port)
     start "$what" "$port" "$dir/$what.load"
-    wrk -t1 -c10 -d10s "http://127.0.0.1:$port/" > "$dir/$what.wrk"
+    if [ "$what" = gateway-plugins ]; then
+        wrk -t1 -c10 -d10s "${credentials[@]}" "http://127.0.0.1:$port/" > "$dir/$what.wrk"
+    else
+        wrk -t1 -c10 -d10s "http://127.0.0.1:$port/" > "$dir/$what.wrk"
+    fi
     requests=$(awk '/requests in/ { print $1 }' "$dir/$what.wrk")
     if [ -z "$requests" ] || grep -q "Non-2xx\|Socket errors" "$dir/$what.wrk"; then
         echo "$what: wrk failed or got errors; see $dir/$what.wrk" >&2
