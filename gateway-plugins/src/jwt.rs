@@ -92,9 +92,25 @@
 //!   issued for others become our consumers).
 //! - `issuer`, `audience` and `consumer_claim` need `jwks`: set without it, they would check
 //!   nothing, so the build fails instead.
+//!
+//! # Verified tokens are remembered
+//!
+//! A client sends the same token with every request until it expires. Without `jwks`, a token
+//! whose signature a `jwt_secrets` credential verified is remembered (as Envoy's `jwt_authn`
+//! caches them), so the next request with it costs one keyed hash and a constant-time compare
+//! instead of two base64 and JSON decodes and a signature check. Only what cannot change is
+//! remembered, the credential and the token's `exp` and `nbf`: `claims_to_verify` and
+//! `maximum_expiration` are checked against the clock on every request, so an expired token
+//! is refused as before. The memory is per worker thread (no lock on the request path),
+//! holds [`CACHED_TOKENS`] tokens of at most [`MAX_CACHED_TOKEN_BYTES`] each (a token that
+//! lands on an occupied place replaces the one there), and only tokens that verified get in:
+//! a client cannot fill it with made-up tokens. A reload builds a new plugin, and so starts
+//! with nothing remembered, and a credential removed by it verifies nothing more.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
+use std::hash::{BuildHasher, RandomState};
 use std::ops::ControlFlow;
 use std::sync::{Arc, PoisonError, RwLock, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -109,6 +125,8 @@ use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, KeyAlgorithm, K
 use jsonwebtoken::{Algorithm, DecodingKey};
 use serde::Deserialize;
 use serde_json::{Map, Value};
+use subtle::ConstantTimeEq;
+use thread_local::ThreadLocal;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::identity::{
@@ -313,7 +331,11 @@ pub struct Jwt {
     config: JwtConfig,
     header_names: Vec<HeaderName>,
     claims_to_verify: Vec<RegisteredClaim>,
-    secrets: HashMap<String, Secret>,
+    /// `jwt_secrets` credentials by key, as indexes into `credentials`.
+    secrets: HashMap<String, usize>,
+    credentials: Vec<Secret>,
+    /// Tokens verified with `jwt_secrets`; used only without `jwks` (see the module docs).
+    verified: TokenCache,
     anonymous: Option<Identity>,
     www_authenticate: HeaderValue,
     no_key_claim: String,
@@ -325,6 +347,78 @@ pub struct Jwt {
     /// With `consumer_claim`: consumers by id, username and custom_id (the first one wins, as
     /// in [`crate::identity::find_consumer`]), their credential left to the request.
     consumers_by_claim: HashMap<Arc<str>, Identity>,
+}
+
+/// How many verified tokens each worker thread remembers (see the module docs).
+pub const CACHED_TOKENS: usize = 1024;
+/// The longest token remembered, in bytes: longer ones are verified every time.
+pub const MAX_CACHED_TOKEN_BYTES: usize = 2048;
+
+/// Tokens whose signature a `jwt_secrets` credential verified, with the credential and the
+/// time claims checked on every use. Per thread, so that neither a hit nor an insert takes a
+/// lock; direct-mapped by a keyed hash (`RandomState`: a client cannot aim tokens at one
+/// place), so an insert is a store and nothing is ever scanned. Hand-written: the cache
+/// crates of the field lock or count on every hit, which would cost what this saves.
+struct TokenCache {
+    hasher: RandomState,
+    threads: ThreadLocal<RefCell<Vec<Option<CachedToken>>>>,
+}
+
+struct CachedToken {
+    token: Box<str>,
+    /// The verifying credential, an index into [`Jwt::credentials`].
+    credential: usize,
+    times: TimeClaims,
+}
+
+/// A token's `exp` and `nbf`, each `None` when absent or not a number.
+#[derive(Clone, Copy)]
+struct TimeClaims {
+    exp: Option<f64>,
+    nbf: Option<f64>,
+}
+
+impl TimeClaims {
+    fn of(claims: &Map<String, Value>) -> Self {
+        TimeClaims { exp: claims.get("exp").and_then(Value::as_f64), nbf: claims.get("nbf").and_then(Value::as_f64) }
+    }
+
+    fn get(self, claim: RegisteredClaim) -> Option<f64> {
+        match claim {
+            RegisteredClaim::Exp => self.exp,
+            RegisteredClaim::Nbf => self.nbf,
+        }
+    }
+}
+
+impl TokenCache {
+    fn new() -> Self {
+        TokenCache { hasher: RandomState::new(), threads: ThreadLocal::new() }
+    }
+
+    fn place(&self, token: &str) -> usize {
+        (self.hasher.hash_one(token) as usize) % CACHED_TOKENS
+    }
+
+    /// The credential and time claims of `token` if it verified before on this thread. The
+    /// token is compared in constant time: it is a bearer secret.
+    fn get(&self, token: &str) -> Option<(usize, TimeClaims)> {
+        let slots = self.threads.get()?.borrow();
+        let cached = slots.get(self.place(token))?.as_ref()?;
+        bool::from(cached.token.as_bytes().ct_eq(token.as_bytes())).then_some((cached.credential, cached.times))
+    }
+
+    fn insert(&self, token: &str, credential: usize, times: TimeClaims) {
+        if token.len() > MAX_CACHED_TOKEN_BYTES {
+            return;
+        }
+        let mut slots = self.threads.get_or(|| RefCell::new(Vec::new())).borrow_mut();
+        if slots.is_empty() {
+            slots.resize_with(CACHED_TOKENS, || None);
+        }
+        let place = self.place(token);
+        slots[place] = Some(CachedToken { token: token.into(), credential, times });
+    }
 }
 
 /// What verified a token.
@@ -927,6 +1021,7 @@ impl Jwt {
         }
 
         let mut secrets = HashMap::new();
+        let mut credentials = Vec::new();
         for (consumer, raw) in build.credentials("jwt_secrets") {
             let context = |e: &dyn std::fmt::Display| format!("jwt_secrets of consumer `{}`: {e}", consumer.id);
             let cred: Credential = serde_json::from_value(raw.clone()).map_err(|e| context(&e))?;
@@ -940,9 +1035,10 @@ impl Jwt {
                 .map_err(|e| context(&format!("credential `{}`: {e}", cred.key)))?;
             let credential: Arc<str> = cred.id.as_deref().unwrap_or(&cred.key).into();
             let secret = Secret { who: Identity::new(consumer.clone(), Some(credential)), algorithm, key };
-            if secrets.insert(cred.key.clone(), secret).is_some() {
+            if secrets.insert(cred.key.clone(), credentials.len()).is_some() {
                 return Err(context(&format!("key `{}` is not unique", cred.key)));
             }
+            credentials.push(secret);
         }
         let anonymous = anonymous_consumer(build, config.anonymous.as_deref())?;
         let www_authenticate = www_authenticate("Bearer", config.realm.as_deref())?;
@@ -988,6 +1084,8 @@ impl Jwt {
             header_names,
             claims_to_verify,
             secrets,
+            credentials,
+            verified: TokenCache::new(),
             anonymous,
             www_authenticate,
             jwks,
@@ -1061,8 +1159,16 @@ impl Jwt {
 
     /// Kong's checks, in Kong's order: decode, credential (a JWK set's key by `kid`, else a
     /// `jwt_secrets` credential), algorithm, signature, claims.
-    fn authenticate(&self, token: &str) -> Result<Verified<'_>, Refusal> {
-        let token = decode(token)?;
+    /// Without `jwks`, a token verified before is taken from the cache: only its time claims
+    /// are checked again.
+    fn authenticate(&self, text: &str) -> Result<Verified<'_>, Refusal> {
+        if self.jwks.is_none()
+            && let Some((credential, times)) = self.verified.get(text)
+        {
+            self.check_times(times, false)?;
+            return Ok(Verified::Secret(&self.credentials[credential]));
+        }
+        let token = decode(text)?;
         let mut unknown_kid = false;
         if let Some(jwks) = &self.jwks
             && let Some(kid) = token.header.get("kid").and_then(Value::as_str)
@@ -1073,12 +1179,19 @@ impl Jwt {
             }
             unknown_kid = true;
         }
-        self.verify_with_secret(&token, unknown_kid).map(Verified::Secret)
+        let credential = self.verify_with_secret(&token, unknown_kid)?;
+        let times = TimeClaims::of(&token.claims);
+        if self.jwks.is_none() {
+            self.verified.insert(text, credential, times);
+        }
+        self.check_times(times, false)?;
+        Ok(Verified::Secret(&self.credentials[credential]))
     }
 
-    /// The `jwt_secrets` path (Kong's). `unknown_kid`: the token named a `kid` the JWK set does
-    /// not hold, which is what a missing credential is reported as.
-    fn verify_with_secret(&self, token: &Token<'_>, unknown_kid: bool) -> Result<&Secret, Refusal> {
+    /// The `jwt_secrets` path (Kong's) up to the signature: the verifying credential, as an
+    /// index into `credentials`; the caller checks the claims. `unknown_kid`: the token named
+    /// a `kid` the JWK set does not hold, which is what a missing credential is reported as.
+    fn verify_with_secret(&self, token: &Token<'_>, unknown_kid: bool) -> Result<usize, Refusal> {
         let no_credential = |message: &String| {
             Refusal::Message(if unknown_kid { NO_CREDENTIALS_FOR_KID.to_string() } else { message.clone() })
         };
@@ -1088,7 +1201,8 @@ impl Jwt {
             Some(Value::String(s)) if !s.is_empty() => s,
             Some(_) => return Err(no_credential(&self.invalid_key_claim)),
         };
-        let secret = self.secrets.get(key).ok_or_else(|| no_credential(&self.no_credentials))?;
+        let index = *self.secrets.get(key).ok_or_else(|| no_credential(&self.no_credentials))?;
+        let secret = &self.credentials[index];
         if token.algorithm != secret.algorithm {
             return Err("Invalid algorithm".into());
         }
@@ -1096,8 +1210,7 @@ impl Jwt {
             Ok(true) => {}
             Ok(false) | Err(_) => return Err("Invalid signature".into()),
         }
-        self.check_claims(&token.claims, false)?;
-        Ok(secret)
+        Ok(index)
     }
 
     /// The JWK set path: the key's algorithms, the signature, the registered claims (an `exp`
@@ -1110,7 +1223,7 @@ impl Jwt {
             Ok(true) => {}
             Ok(false) | Err(_) => return Err("Invalid signature".into()),
         }
-        self.check_claims(&token.claims, true)?;
+        self.check_times(TimeClaims::of(&token.claims), token.claims.contains_key("exp"))?;
         if !self.issuers.is_empty() {
             match token.claims.get("iss") {
                 None | Some(Value::Null) => return Err("No mandatory 'iss' in claims".into()),
@@ -1149,16 +1262,15 @@ impl Jwt {
         Ok(Verified::Jwks { who, credential, credential_value })
     }
 
-    /// `claims_to_verify` and `maximum_expiration`; `always_exp`: an `exp` present is checked
-    /// even when not listed.
-    fn check_claims(&self, claims: &Map<String, Value>, always_exp: bool) -> Result<(), Refusal> {
+    /// `claims_to_verify` and `maximum_expiration`; `exp_present`: the token has an `exp`,
+    /// to be checked even when not listed (the JWK set path).
+    fn check_times(&self, times: TimeClaims, exp_present: bool) -> Result<(), Refusal> {
         let now = now();
         let mut errors = Map::new();
         let unlisted_exp =
-            (always_exp && claims.contains_key("exp") && !self.claims_to_verify.contains(&RegisteredClaim::Exp))
-                .then_some(RegisteredClaim::Exp);
+            (exp_present && !self.claims_to_verify.contains(&RegisteredClaim::Exp)).then_some(RegisteredClaim::Exp);
         for claim in self.claims_to_verify.iter().copied().chain(unlisted_exp) {
-            let message = match claims.get(claim.name()).and_then(Value::as_f64) {
+            let message = match times.get(claim) {
                 None => "must be a number",
                 Some(exp) if claim == RegisteredClaim::Exp && exp <= now => "token expired",
                 Some(nbf) if claim == RegisteredClaim::Nbf && nbf > now => "token not valid yet",
@@ -1170,7 +1282,7 @@ impl Jwt {
             return Err(Refusal::Claims(errors));
         }
         if self.config.maximum_expiration > 0.0 {
-            let exp = claims.get("exp").and_then(Value::as_f64);
+            let exp = times.exp;
             if exp.is_none_or(|exp| exp - now > self.config.maximum_expiration) {
                 errors.insert("exp".into(), "exceeds maximum allowed expiration".into());
                 return Err(Refusal::Claims(errors));
@@ -1193,7 +1305,6 @@ impl Plugin for Jwt {
         if self.skip(ctx, req) {
             return ControlFlow::Continue(());
         }
-        strip_identity_headers(req);
         match self.find_token(req) {
             Lookup::Missing => self.refuse(ctx, req, "Unauthorized".into()),
             Lookup::Multiple => self.refuse(ctx, req, "Multiple tokens provided".into()),
@@ -1206,7 +1317,10 @@ impl Plugin for Jwt {
                     match who {
                         // The identity carries no credential: the key's is set below.
                         Some(who) => set_consumer(ctx, req, who, false),
-                        None => ctx.consumer = None,
+                        None => {
+                            strip_identity_headers(req);
+                            ctx.consumer = None;
+                        }
                     }
                     req.headers_mut().insert(CREDENTIAL_IDENTIFIER.clone(), credential_value);
                     ctx.credential = Some(credential);
@@ -1232,5 +1346,41 @@ impl Plugin for Jwt {
             }
             self.access(ctx, req)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn times(exp: f64) -> TimeClaims {
+        TimeClaims { exp: Some(exp), nbf: None }
+    }
+
+    #[test]
+    fn the_token_cache_answers_only_for_the_exact_token() {
+        let cache = TokenCache::new();
+        assert!(cache.get("a.b.c").is_none(), "nothing is remembered before an insert");
+        cache.insert("a.b.c", 3, times(7.0));
+        let (credential, t) = cache.get("a.b.c").expect("remembered");
+        assert_eq!((credential, t.exp, t.nbf), (3, Some(7.0), None));
+        // A token that lands on the same place is not the remembered one...
+        let other = (0..100_000)
+            .map(|i| format!("a.b.{i}"))
+            .find(|t| cache.place(t) == cache.place("a.b.c"))
+            .expect("1,024 places: a collision within 100,000 tokens");
+        assert!(cache.get(&other).is_none());
+        // ...and replaces it.
+        cache.insert(&other, 1, times(9.0));
+        assert_eq!(cache.get(&other).map(|(c, _)| c), Some(1));
+        assert!(cache.get("a.b.c").is_none());
+        // Too long to remember.
+        let long = "x".repeat(MAX_CACHED_TOKEN_BYTES + 1);
+        cache.insert(&long, 0, times(1.0));
+        assert!(cache.get(&long).is_none());
+        // Another thread remembers nothing of this one's.
+        std::thread::scope(|s| {
+            s.spawn(|| assert!(cache.get(&other).is_none()));
+        });
     }
 }

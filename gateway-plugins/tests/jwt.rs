@@ -1020,3 +1020,60 @@ async fn refusals_announce_the_realm() {
     assert_eq!(resp.headers["www-authenticate"], "Bearer realm=\"api\"");
     gw.shutdown().await;
 }
+
+/// A token's signature is checked once per worker thread and remembered: the consumer is the
+/// same on every request, a token differing only in its signature is still refused, `exp` is
+/// checked against the clock on every request, and a reload forgets what was verified.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verified_tokens_are_remembered_but_expiry_and_reloads_still_apply() {
+    let up = echo_upstream().await;
+    let gw = start(up.addr, json!({"claims_to_verify": ["exp"]})).await;
+    let expires = now() + 2;
+    let short = alice(&json!({"iss": "alice-iss", "exp": expires}));
+    let long = alice(&json!({"iss": "alice-iss", "exp": now() + 600}));
+    // Several times each, so that every worker thread has verified and remembered them.
+    for _ in 0..6 {
+        for token in [&short, &long] {
+            let echo = accepted(&gw, token).await;
+            assert_eq!(echo.header("x-consumer-username"), Some("alice"));
+            assert_eq!(echo.header("x-credential-identifier"), Some("cred-alice"));
+        }
+    }
+    // The same header and claims with another signature.
+    let (signed, signature) = long.rsplit_once('.').unwrap();
+    let mut forged = signature.as_bytes().to_vec();
+    forged[10] = if forged[10] == b'A' { b'B' } else { b'A' };
+    let forged = format!("{signed}.{}", String::from_utf8(forged).unwrap());
+    for _ in 0..4 {
+        refused(&gw, &forged, "Invalid signature").await;
+    }
+
+    // Expired since it was remembered.
+    while now() <= expires {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for _ in 0..4 {
+        let resp = send(bearer(&gw, "/", &short)).await;
+        assert_eq!(resp.status, StatusCode::UNAUTHORIZED);
+        assert_eq!(resp.json(), json!({"exp": "token expired"}));
+    }
+
+    // A reload that changes alice's secret: the remembered token no longer verifies.
+    let mut changed = consumers();
+    changed[0]["jwt_secrets"][0]["secret"] = json!("a-new-secret");
+    let config = json!({
+        "_format_version": "3.0",
+        "consumers": changed,
+        "services": [{
+            "name": "s",
+            "url": format!("http://{}", up.addr),
+            "routes": [{"name": "r", "paths": ["/"]}],
+            "plugins": [{"name": "jwt", "config": {"claims_to_verify": ["exp"]}}],
+        }],
+    });
+    gw.gateway.reload(&Config::from_yaml(&config.to_string()).unwrap()).unwrap();
+    for _ in 0..4 {
+        refused(&gw, &long, "Invalid signature").await;
+    }
+    gw.shutdown().await;
+}
