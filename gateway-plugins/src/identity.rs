@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use gateway_core::body::ProxyBody;
 use gateway_core::plugin::{Answer, BuildContext, ConsumerInfo, RequestContext};
-use http::{HeaderName, HeaderValue, Request};
+use http::{HeaderMap, HeaderName, HeaderValue, Request};
 
 /// `X-Consumer-ID`
 pub static CONSUMER_ID: HeaderName = HeaderName::from_static("x-consumer-id");
@@ -20,26 +20,42 @@ pub static ANONYMOUS_CONSUMER: HeaderName = HeaderName::from_static("x-anonymous
 /// `X-Consumer-Groups`
 pub static CONSUMER_GROUPS: HeaderName = HeaderName::from_static("x-consumer-groups");
 
-fn is_identity_header(name: &str) -> bool {
-    name.starts_with("x-consumer-") || name == "x-credential-identifier" || name == "x-anonymous-consumer"
-}
-
-/// Removes every identity header a client could have sent to impersonate a consumer.
-pub fn strip_identity_headers(req: &mut Request<ProxyBody>) {
-    // One pass over the names first: clients rarely send any, and removes hash.
-    if !req.headers().keys().any(|k| is_identity_header(k.as_str())) {
-        return;
-    }
-    let h = req.headers_mut();
-    for name in [
+/// The identity headers, in the order of [`present`]'s bits.
+fn identity_headers() -> [&'static HeaderName; 6] {
+    [
         &CONSUMER_ID,
         &CONSUMER_USERNAME,
         &CONSUMER_CUSTOM_ID,
         &CREDENTIAL_IDENTIFIER,
         &ANONYMOUS_CONSUMER,
         &CONSUMER_GROUPS,
-    ] {
-        h.remove(name);
+    ]
+}
+
+/// Which identity headers `h` holds, as bits in [`identity_headers`]' order. One pass over
+/// the names, so that absent headers are not removed one by one: a remove hashes the name
+/// byte by byte even when there is nothing to remove, and most requests carry none.
+fn present(h: &HeaderMap) -> u8 {
+    let mut bits = 0;
+    for name in h.keys() {
+        let name = name.as_str();
+        if (name.starts_with("x-consumer-") || name.starts_with("x-credential-") || name.starts_with("x-anonymous-"))
+            && let Some(i) = identity_headers().iter().position(|n| n.as_str() == name)
+        {
+            bits |= 1 << i;
+        }
+    }
+    bits
+}
+
+/// Removes every identity header a client (or an earlier plugin) set.
+pub fn strip_identity_headers(req: &mut Request<ProxyBody>) {
+    let h = req.headers_mut();
+    let bits = present(h);
+    for (i, name) in identity_headers().into_iter().enumerate() {
+        if bits & (1 << i) != 0 {
+            h.remove(name);
+        }
     }
 }
 
@@ -72,22 +88,31 @@ impl Identity {
     }
 }
 
-/// Records an authenticated consumer and sets the headers the upstream receives.
+/// Records an authenticated consumer and sets the headers the upstream receives; every other
+/// identity header, whether a client or an earlier plugin set it, is removed. A header both
+/// present and set is replaced in one insert.
 pub fn set_consumer(ctx: &mut RequestContext, req: &mut Request<ProxyBody>, who: &Identity, anonymous: bool) {
-    strip_identity_headers(req);
     let h = req.headers_mut();
-    for (name, value) in
-        [(&CONSUMER_ID, &who.id), (&CONSUMER_USERNAME, &who.username), (&CONSUMER_CUSTOM_ID, &who.custom_id)]
-    {
-        if let Some(v) = value {
-            h.insert(name.clone(), v.clone());
+    let bits = present(h);
+    let anonymous_value = HeaderValue::from_static("true");
+    let values = [
+        who.id.as_ref(),
+        who.username.as_ref(),
+        who.custom_id.as_ref(),
+        who.credential_value.as_ref().filter(|_| !anonymous),
+        Some(&anonymous_value).filter(|_| anonymous),
+        None,
+    ];
+    for (i, (name, value)) in identity_headers().into_iter().zip(values).enumerate() {
+        match value {
+            Some(v) => {
+                h.insert(name.clone(), v.clone());
+            }
+            None if bits & (1 << i) != 0 => {
+                h.remove(name);
+            }
+            None => {}
         }
-    }
-    if let (false, Some(v)) = (anonymous, &who.credential_value) {
-        h.insert(CREDENTIAL_IDENTIFIER.clone(), v.clone());
-    }
-    if anonymous {
-        h.insert(ANONYMOUS_CONSUMER.clone(), HeaderValue::from_static("true"));
     }
     ctx.consumer = Some(who.consumer.clone());
     ctx.credential = if anonymous { None } else { who.credential.clone() };

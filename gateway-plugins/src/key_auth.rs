@@ -25,9 +25,7 @@ use http::{HeaderName, HeaderValue, Request, StatusCode, header};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
-use crate::identity::{
-    Identity, anonymous_consumer, anonymous_or, set_consumer, steps_aside, strip_identity_headers, www_authenticate,
-};
+use crate::identity::{Identity, anonymous_consumer, anonymous_or, set_consumer, steps_aside, www_authenticate};
 use crate::transform::set_query;
 
 /// Kong's priority for key-auth.
@@ -306,7 +304,6 @@ impl Plugin for KeyAuth {
         if self.skip(ctx, req) {
             return ControlFlow::Continue(());
         }
-        strip_identity_headers(req);
         let lookup = self.find_in_head(req);
         self.decide(ctx, req, lookup)
     }
@@ -324,7 +321,6 @@ impl Plugin for KeyAuth {
             if self.skip(ctx, req) {
                 return ControlFlow::Continue(());
             }
-            strip_identity_headers(req);
             let mut lookup = self.find_in_head(req);
             if matches!(lookup, Lookup::Missing) {
                 lookup = match self.find_in_body(req).await {

@@ -208,3 +208,55 @@ services: [{name: s, url: "http://127.0.0.1:9", routes: [{name: r, paths: ["/"]}
         "{err}"
     );
 }
+
+/// Two authentication plugins on one route (jwt runs first, by Kong's priorities): the last to
+/// identify a consumer wins, and the upstream sees only its identity. Headers the first one
+/// set and the second does not (alice's custom id) are gone, as are those a client sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_later_plugins_identity_replaces_an_earlier_ones_entirely() {
+    let up = echo_upstream().await;
+    let yaml = format!(
+        r#"_format_version: "3.0"
+consumers:
+- username: alice
+  custom_id: cust-1
+  jwt_secrets: [{{key: alice-iss, secret: alice-secret, id: cred-alice}}]
+- username: bob
+  keyauth_credentials: [{{key: bob-key, id: cred-bob}}]
+services:
+- name: s
+  url: http://{}
+  routes: [{{name: r, paths: ["/"]}}]
+  plugins: [{{name: key-auth}}, {{name: jwt}}]
+"#,
+        up.addr
+    );
+    let gateway =
+        Gateway::builder().plugins(gateway_plugins::registry()).build(&Config::from_yaml(&yaml).unwrap()).unwrap();
+    let gw = start_running(gateway, ServerSettings::default()).await;
+    let token = jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &std::collections::BTreeMap::from([("iss", "alice-iss")]),
+        &jsonwebtoken::EncodingKey::from_secret(b"alice-secret"),
+    )
+    .unwrap();
+    let resp = send(
+        req(&gw, "/")
+            .header("apikey", "bob-key")
+            .header("authorization", format!("Bearer {token}"))
+            .header("x-anonymous-consumer", "true")
+            .header("x-consumer-groups", "admins")
+            .body(full(""))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(resp.status, StatusCode::OK, "{}", String::from_utf8_lossy(&resp.body));
+    let echo = resp.echo();
+    assert_eq!(echo.headers["x-consumer-username"], vec!["bob"]);
+    assert_eq!(echo.headers["x-consumer-id"], vec!["bob"]);
+    assert_eq!(echo.headers["x-credential-identifier"], vec!["cred-bob"]);
+    for gone in ["x-consumer-custom-id", "x-anonymous-consumer", "x-consumer-groups"] {
+        assert_eq!(echo.header(gone), None, "{gone}");
+    }
+    gw.shutdown().await;
+}
