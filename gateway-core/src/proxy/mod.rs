@@ -45,7 +45,7 @@ use crate::observe::{ConsumerMetrics, Exchange, LogLine, RouteMetrics, TraceCont
 use crate::plugin::RequestContext;
 use crate::proxy::client::TargetClient;
 use crate::router::{RouteInput, split_host};
-use crate::snapshot::{ServiceRuntime, Snapshot};
+use crate::snapshot::{RouteRuntime, ServiceRuntime, Snapshot};
 
 /// Facts about the connection a request arrived on.
 ///
@@ -567,17 +567,99 @@ fn prepare(
     Request::from_parts(parts, body)
 }
 
+/// What the head of a request decided, before the first await: routing, the protocol checks
+/// and, for a route without plugins, the upstream request itself.
+///
+/// Computed by a plain function ([`route_head`]) on purpose: an `async fn` keeps every local
+/// that was ever borrowed in its state across the awaits that follow, and the per-request
+/// future is allocated, written and moved for every request. With the head work inline, the
+/// request's parts, the path, the host and their copies sat beside the upstream call in a
+/// 7 KB future.
+enum Step<'s> {
+    /// Answered before routing (a bad `X-Forwarded-For`): neither logged nor counted.
+    Bare(Response<ResponseBody>),
+    /// The gateway's own answer (no route, wrong protocol, a route without a service).
+    Answer(Response<ResponseBody>),
+    /// A route without plugins: the upstream request, ready to send.
+    Upstream {
+        route: &'s RouteRuntime,
+        service: &'s ServiceRuntime,
+        up: Request<ProxyBody>,
+        /// `Set-Cookie` for `hash_on: cookie` when the key was made up.
+        cookie: Option<HeaderValue>,
+        client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    },
+    /// A route with plugins. Boxed, and run in a future of its own: the plugin context is
+    /// large, and a variant this size would grow every request's future, plugins or not.
+    Plugins(Box<PluginRun<'s>>),
+}
+
+/// A request on a route with plugins, as routing left it.
+struct PluginRun<'s> {
+    route: &'s RouteRuntime,
+    service: &'s ServiceRuntime,
+    req: Request<ProxyBody>,
+    fwd: Forwarding,
+    ctx: RequestContext,
+    values: ConnValues,
+    /// The id the upstream and the client get (the context's is the plugins' to read).
+    request_id: HeaderValue,
+    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    /// The path the router saw, kept only when the service hashes requests to targets (the
+    /// key is taken after the plugins, which may identify a consumer).
+    path: Option<Box<str>>,
+}
+
 /// Handles one request against one snapshot. Never fails: every error is an HTTP answer (a
 /// gRPC answer when the client speaks gRPC). The `Result` is the service's: the callers box
 /// this future as it is, since wrapping it in another `async` block to add the `Ok` would
-/// move all of its several kilobytes once more per request.
+/// move it once more per request.
 pub(crate) async fn handle(
     snapshot: Arc<Snapshot>,
     req: Request<ProxyBody>,
-    mut conn: ConnInfo,
-    mut values: ConnValues,
+    conn: ConnInfo,
+    values: ConnValues,
 ) -> Result<Response<GatewayBody>, std::convert::Infallible> {
     let start = Instant::now();
+    let mut facts = Facts::default();
+    let (step, seen, grpc, bytes_in) = route_head(&snapshot, req, conn, values, start, &mut facts);
+    let mut resp = match step {
+        Step::Bare(resp) => return Ok(resp.map(|b| GatewayBody::new(b, None, None))),
+        Step::Answer(resp) => resp,
+        Step::Upstream { route, service, up, cookie, client_upgrade } => {
+            let sent = Instant::now();
+            let (mut resp, target) = call_upstream(service, route.preserve_host, up).await;
+            facts.upstream_latency = Some(sent.elapsed());
+            facts.upstream = target;
+            if let Some(c) = cookie {
+                resp.headers_mut().append(header::SET_COOKIE, c);
+            }
+            finish_upgrade(&mut resp, client_upgrade, &route.name);
+            resp
+        }
+        Step::Plugins(run) => Box::pin(run_plugins(&snapshot, *run, &mut facts)).await,
+    };
+    // The gateway's own answers (not the upstream's) become gRPC statuses for gRPC clients,
+    // which do not read HTTP statuses or JSON bodies.
+    if grpc && resp.status() != StatusCode::OK && matches!(resp.body(), ResponseBody::Full(_)) {
+        resp = grpc_answer(resp).await;
+    }
+    finish(&snapshot, resp, facts, seen, start, bytes_in)
+}
+
+/// The access log's view of a request: method, `Host`, URI and client address.
+type Seen = (http::Method, Option<HeaderValue>, Uri, HeaderValue);
+
+/// The head of [`handle`]: the client as trusted proxies tell it, what the log and metrics
+/// need from the request, and the routing decision ([`Step`]).
+fn route_head<'s>(
+    snapshot: &'s Snapshot,
+    req: Request<ProxyBody>,
+    mut conn: ConnInfo,
+    mut values: ConnValues,
+    start: Instant,
+    facts: &mut Facts,
+) -> (Step<'s>, Option<Seen>, bool, u64) {
     if let Some(trusted) = &values.trusted {
         match forwarded_client(req.headers(), trusted) {
             Ok(None) => {}
@@ -591,7 +673,7 @@ pub(crate) async fn handle(
             }
             Err(()) => {
                 let resp = error_response(StatusCode::BAD_REQUEST, "invalid X-Forwarded-For", &next_request_id());
-                return Ok(resp.map(|b| GatewayBody::new(b, None, None)));
+                return (Step::Bare(resp), None, false, 0);
             }
         }
         // The scheme the client used to reach the trusted proxy, as Kong reads it: a load
@@ -606,9 +688,7 @@ pub(crate) async fn handle(
             }
         }
     }
-    let (metrics_on, access_log, latency_headers) =
-        (snapshot.observe.metrics, snapshot.observe.access_log, snapshot.observe.latency_headers);
-    let hook = snapshot.observe.on_finish.clone();
+    let hooked = snapshot.observe.on_finish.is_some();
     let grpc = req.headers().get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
     let bytes_in = req
         .headers()
@@ -619,17 +699,25 @@ pub(crate) async fn handle(
     // The access log's view of the request, taken before it moves on (only when logging or
     // hooked): cheap copies that share the request's buffers. The URI carries the HTTP/2
     // authority; the Host header is kept for HTTP/1.
-    let seen = (access_log || hook.is_some()).then(|| {
+    let seen = (snapshot.observe.access_log || hooked).then(|| {
         let host = req.headers().get(header::HOST).cloned();
         (req.method().clone(), host, req.uri().clone(), values.client_ip.clone())
     });
-    let mut facts = Facts::default();
-    let mut resp = handle_http(snapshot, req, conn, values, start, &mut facts).await;
-    // The gateway's own answers (not the upstream's) become gRPC statuses for gRPC clients,
-    // which do not read HTTP statuses or JSON bodies.
-    if grpc && resp.status() != StatusCode::OK && matches!(resp.body(), ResponseBody::Full(_)) {
-        resp = grpc_answer(resp).await;
-    }
+    (route_http(snapshot, req, conn, values, start, facts), seen, grpc, bytes_in)
+}
+
+/// The end of [`handle`]: latency headers, and the log line and metrics the body finishes.
+fn finish(
+    snapshot: &Snapshot,
+    mut resp: Response<ResponseBody>,
+    facts: Facts,
+    seen: Option<Seen>,
+    start: Instant,
+    bytes_in: u64,
+) -> Result<Response<GatewayBody>, std::convert::Infallible> {
+    let (metrics_on, access_log, latency_headers) =
+        (snapshot.observe.metrics, snapshot.observe.access_log, snapshot.observe.latency_headers);
+    let hook = snapshot.observe.on_finish.clone();
     let head = start.elapsed();
     if latency_headers {
         let ms = |d: Duration| HeaderValue::from(u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
@@ -753,14 +841,17 @@ fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade
     });
 }
 
-async fn handle_http(
-    snapshot: Arc<Snapshot>,
+/// Routing and the request head's checks; for a route without plugins, the upstream request
+/// too. See [`Step`] for why this is not async.
+fn route_http<'s>(
+    snapshot: &'s Snapshot,
     req: Request<ProxyBody>,
     conn: ConnInfo,
     values: ConnValues,
     start: Instant,
     facts: &mut Facts,
-) -> Response<ResponseBody> {
+) -> Step<'s> {
+    let answer = |resp| Step::Answer(resp);
     let request_id = next_request_id();
     let (mut parts, mut body) = req.into_parts();
     let upgrade = upgrade_request(&parts);
@@ -772,7 +863,7 @@ async fn handle_http(
     let normalized = path::normalize(original_pq.path());
     let path: &str = &normalized;
     if path::refused(original_pq.path(), path) {
-        return error_response(StatusCode::BAD_REQUEST, "invalid request path", &request_id);
+        return answer(error_response(StatusCode::BAD_REQUEST, "invalid request path", &request_id));
     }
 
     // Host: HTTP/2 carries it in :authority, HTTP/1 in the Host header.
@@ -796,7 +887,7 @@ async fn handle_http(
         if named {
             facts.metrics = Some(snapshot.unmatched.clone());
         }
-        return error_response(StatusCode::NOT_FOUND, "no Route matched with those values", &request_id);
+        return answer(error_response(StatusCode::NOT_FOUND, "no Route matched with those values", &request_id));
     };
     let route = &snapshot.routes[found.route];
     if named {
@@ -804,7 +895,7 @@ async fn handle_http(
     }
 
     if (conn.tls && !route.allow_https) || (!conn.tls && !route.allow_http) {
-        return protocol_mismatch(route.redirect_status, conn.tls, raw_host, &original_pq, &request_id);
+        return answer(protocol_mismatch(route.redirect_status, conn.tls, raw_host, &original_pq, &request_id));
     }
     if let Some(failure) = &route.chain.failure {
         tracing::error!(
@@ -812,10 +903,14 @@ async fn handle_http(
             problem = &**failure,
             "route refused: its plugin configuration is invalid"
         );
-        return error_response(StatusCode::INTERNAL_SERVER_ERROR, "An unexpected error occurred", &request_id);
+        return answer(error_response(StatusCode::INTERNAL_SERVER_ERROR, "An unexpected error occurred", &request_id));
     }
     let Some(service) = route.service.as_deref() else {
-        return error_response(StatusCode::SERVICE_UNAVAILABLE, "no Service found with those values", &request_id);
+        return answer(error_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no Service found with those values",
+            &request_id,
+        ));
     };
     if service.version == Version::HTTP_2 {
         // A gRPC service (the only HTTP/2 upstreams): a client stream lasts as long as its
@@ -844,7 +939,7 @@ async fn handle_http(
         PathAndQuery::from_maybe_shared(shared_bytes(p.as_bytes()))
     });
     let Ok(pq) = pq else {
-        return error_response(StatusCode::BAD_REQUEST, "invalid request path", &request_id);
+        return answer(error_response(StatusCode::BAD_REQUEST, "invalid request path", &request_id));
     };
     let fwd = Forwarding {
         pq,
@@ -886,18 +981,10 @@ async fn handle_http(
         let cookie = attach_balance_key(service, &mut req, None, &values, path, route_regex.map(|r| &**r));
         let mut up = prepare(req, fwd, &conn, &values, &request_id, service.version);
         facts.trace = Some(propagate_trace(up.headers_mut(), sample_new));
-        let sent = Instant::now();
-        let (mut resp, target) = call_upstream(service, route.preserve_host, up).await;
-        facts.upstream_latency = Some(sent.elapsed());
-        facts.upstream = target;
-        if let Some(c) = cookie {
-            resp.headers_mut().append(header::SET_COOKIE, c);
-        }
-        finish_upgrade(&mut resp, client_upgrade, &route.name);
-        return resp;
+        return Step::Upstream { route, service, up, cookie, client_upgrade };
     }
 
-    let mut ctx = RequestContext {
+    let ctx = RequestContext {
         conn,
         route: route.name.clone(),
         service: Some(service.name.clone()),
@@ -908,8 +995,17 @@ async fn handle_http(
         extensions: http::Extensions::new(),
         route_regex: route_regex.map(|re| (re.clone(), Box::from(path))),
     };
+    let path = service.balancer.hash_spec().map(|_| Box::from(path));
+    Step::Plugins(Box::new(PluginRun { route, service, req, fwd, ctx, values, request_id, client_upgrade, path }))
+}
+
+/// Runs a route's plugins around the upstream call: access (which may answer), the call,
+/// then response and log.
+async fn run_plugins(snapshot: &Snapshot, run: PluginRun<'_>, facts: &mut Facts) -> Response<ResponseBody> {
+    let PluginRun { route, service, mut req, fwd, mut ctx, values, request_id, client_upgrade, path } = run;
+    let slots = &route.chain.slots;
+    let sample_new = snapshot.observe.on_finish.is_some();
     let consumer = |ctx: &RequestContext| ctx.consumer.as_ref().map(|c| c.index);
-    let mut req = req;
     let mut answered = None;
     for slot in slots.iter() {
         let Some(p) = slot.pick(consumer(&ctx)) else { continue };
@@ -923,14 +1019,15 @@ async fn handle_http(
     let mut resp = match answered {
         Some(mut answer) => {
             answer.headers_mut().insert(X_REQUEST_ID.clone(), request_id);
-            if metrics_on {
+            if snapshot.observe.metrics {
                 route.metrics.plugin_answered(answer.status());
             }
             answer
         }
         None => {
             let consumer_id = ctx.consumer.as_ref().map(|c| &*c.id);
-            cookie = attach_balance_key(service, &mut req, consumer_id, &values, path, route_regex.map(|r| &**r));
+            let regex = ctx.route_regex.as_ref().map(|(re, _)| &**re);
+            cookie = attach_balance_key(service, &mut req, consumer_id, &values, path.as_deref().unwrap_or(""), regex);
             let mut up = prepare(req, fwd, &ctx.conn, &values, &request_id, service.version);
             facts.trace = Some(propagate_trace(up.headers_mut(), sample_new));
             for slot in slots.iter() {
