@@ -637,7 +637,7 @@ pub(crate) async fn handle(
             finish_upgrade(&mut resp, client_upgrade, &route.name);
             resp
         }
-        Step::Plugins(run) => Box::pin(run_plugins(&snapshot, *run, &mut facts)).await,
+        Step::Plugins(run) => Box::pin(run_plugins(&snapshot, run, &mut facts)).await,
     };
     // The gateway's own answers (not the upstream's) become gRPC statuses for gRPC clients,
     // which do not read HTTP statuses or JSON bodies.
@@ -1001,15 +1001,22 @@ fn route_http<'s>(
 
 /// Runs a route's plugins around the upstream call: access (which may answer), the call,
 /// then response and log.
-async fn run_plugins(snapshot: &Snapshot, run: PluginRun<'_>, facts: &mut Facts) -> Response<ResponseBody> {
-    let PluginRun { route, service, mut req, fwd, mut ctx, values, request_id, client_upgrade, path } = run;
+///
+/// The run stays in its box, used in place: moving its fields out would copy them into this
+/// future's state.
+async fn run_plugins(snapshot: &Snapshot, mut run: Box<PluginRun<'_>>, facts: &mut Facts) -> Response<ResponseBody> {
+    let (route, service) = (run.route, run.service);
     let slots = &route.chain.slots;
     let sample_new = snapshot.observe.on_finish.is_some();
     let consumer = |ctx: &RequestContext| ctx.consumer.as_ref().map(|c| c.index);
     let mut answered = None;
     for slot in slots.iter() {
-        let Some(p) = slot.pick(consumer(&ctx)) else { continue };
-        let flow = if p.is_async() { p.access_async(&mut ctx, &mut req).await } else { p.access(&mut ctx, &mut req) };
+        let Some(p) = slot.pick(consumer(&run.ctx)) else { continue };
+        let flow = if p.is_async() {
+            p.access_async(&mut run.ctx, &mut run.req).await
+        } else {
+            p.access(&mut run.ctx, &mut run.req)
+        };
         if let ControlFlow::Break(answer) = flow {
             answered = Some(answer);
             break;
@@ -1018,21 +1025,22 @@ async fn run_plugins(snapshot: &Snapshot, run: PluginRun<'_>, facts: &mut Facts)
     let mut cookie = None;
     let mut resp = match answered {
         Some(mut answer) => {
-            answer.headers_mut().insert(X_REQUEST_ID.clone(), request_id);
+            answer.headers_mut().insert(X_REQUEST_ID.clone(), run.request_id);
             if snapshot.observe.metrics {
                 route.metrics.plugin_answered(answer.status());
             }
             answer
         }
         None => {
-            let consumer_id = ctx.consumer.as_ref().map(|c| &*c.id);
-            let regex = ctx.route_regex.as_ref().map(|(re, _)| &**re);
-            cookie = attach_balance_key(service, &mut req, consumer_id, &values, path.as_deref().unwrap_or(""), regex);
-            let mut up = prepare(req, fwd, &ctx.conn, &values, &request_id, service.version);
+            let consumer_id = run.ctx.consumer.as_ref().map(|c| &*c.id);
+            let regex = run.ctx.route_regex.as_ref().map(|(re, _)| &**re);
+            let path = run.path.as_deref().unwrap_or("");
+            cookie = attach_balance_key(service, &mut run.req, consumer_id, &run.values, path, regex);
+            let mut up = prepare(run.req, run.fwd, &run.ctx.conn, &run.values, &run.request_id, service.version);
             facts.trace = Some(propagate_trace(up.headers_mut(), sample_new));
             for slot in slots.iter() {
-                if let Some(p) = slot.pick(consumer(&ctx)) {
-                    p.before_upstream(&mut ctx, &mut up);
+                if let Some(p) = slot.pick(consumer(&run.ctx)) {
+                    p.before_upstream(&mut run.ctx, &mut up);
                 }
             }
             let sent = Instant::now();
@@ -1055,16 +1063,17 @@ async fn run_plugins(snapshot: &Snapshot, run: PluginRun<'_>, facts: &mut Facts)
     if let Some(c) = cookie {
         resp.headers_mut().append(header::SET_COOKIE, c);
     }
-    finish_upgrade(&mut resp, client_upgrade, &route.name);
+    finish_upgrade(&mut resp, run.client_upgrade.take(), &route.name);
+    let ctx = &mut run.ctx;
     for slot in slots.iter().rev() {
-        if let Some(p) = slot.pick(consumer(&ctx)) {
-            p.response(&mut ctx, &mut resp);
+        if let Some(p) = slot.pick(consumer(ctx)) {
+            p.response(ctx, &mut resp);
         }
     }
     let status = resp.status();
     for slot in slots.iter() {
-        if let Some(p) = slot.pick(consumer(&ctx)) {
-            p.log(&ctx, status);
+        if let Some(p) = slot.pick(consumer(ctx)) {
+            p.log(ctx, status);
         }
     }
     facts.consumer = ctx.consumer.as_ref().map(|c| c.username.clone().unwrap_or_else(|| c.id.clone()));
