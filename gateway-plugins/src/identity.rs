@@ -32,6 +32,12 @@ fn identity_headers() -> [&'static HeaderName; 6] {
     ]
 }
 
+/// Whether `name` is an identity header: the gateway sets them, so no plugin may read a
+/// credential from one (`key_names`, jwt's `header_names`); the plugin's build refuses it.
+pub fn is_identity_header(name: &HeaderName) -> bool {
+    identity_headers().contains(&name)
+}
+
 /// Which identity headers `h` holds, as bits in [`identity_headers`]' order. One pass over
 /// the names, so that absent headers are not removed one by one: a remove hashes the name
 /// byte by byte even when there is nothing to remove, and most requests carry none.

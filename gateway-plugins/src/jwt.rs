@@ -27,8 +27,6 @@
 //! every key type.
 //!
 //! Where this differs from Kong, on purpose:
-//! - like this crate's key-auth, `anonymous` stands in only when the request carries no token;
-//!   a token that fails to authenticate is refused even when `anonymous` is set;
 //! - a token found in two places (query and header, say) must be the same token, or the
 //!   request is refused with `Multiple tokens provided` (Kong takes the first place it looks);
 //! - `X-Credential-Identifier` is the credential's `id`, or its `key` when it has none;
@@ -104,8 +102,11 @@
 //! is refused as before. The memory is per worker thread (no lock on the request path),
 //! holds [`CACHED_TOKENS`] tokens of at most [`MAX_CACHED_TOKEN_BYTES`] each (a token that
 //! lands on an occupied place replaces the one there), and only tokens that verified get in:
-//! a client cannot fill it with made-up tokens. A reload builds a new plugin, and so starts
-//! with nothing remembered, and a credential removed by it verifies nothing more.
+//! a client without a credential cannot fill it with made-up tokens. A consumer holding an
+//! HMAC secret can mint tokens and push others' out, which costs them a verification, not
+//! access. At most about 2 MiB per worker thread and jwt plugin entry, allocated on first
+//! use. A reload builds a new plugin, and so starts with nothing remembered, and a credential
+//! removed by it verifies nothing more.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -130,7 +131,7 @@ use thread_local::ThreadLocal;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::identity::{
-    CREDENTIAL_IDENTIFIER, Identity, anonymous_consumer, anonymous_or, set_consumer, steps_aside,
+    CREDENTIAL_IDENTIFIER, Identity, anonymous_consumer, anonymous_or, is_identity_header, set_consumer, steps_aside,
     strip_identity_headers, www_authenticate,
 };
 
@@ -169,7 +170,8 @@ pub struct JwtConfig {
     /// Cookies to look for the token in.
     #[serde(default)]
     pub cookie_names: Vec<String>,
-    /// Headers to look for `Bearer <token>` in.
+    /// Headers to look for `Bearer <token>` in; not an identity header (`X-Consumer-*`,
+    /// `X-Credential-Identifier`, `X-Anonymous-Consumer`), which the build refuses.
     #[serde(default = "default_header_names")]
     pub header_names: Vec<String>,
     /// Registered claims to check: `exp` and/or `nbf`.
@@ -999,8 +1001,12 @@ impl Jwt {
             .header_names
             .iter()
             .map(|n| {
-                HeaderName::from_bytes(n.as_bytes())
-                    .map_err(|_| format!("`header_names`: `{n}` is not a valid header name"))
+                let name = HeaderName::from_bytes(n.as_bytes())
+                    .map_err(|_| format!("`header_names`: `{n}` is not a valid header name"))?;
+                if is_identity_header(&name) {
+                    return Err(format!("`header_names`: `{n}` is a header the gateway sets for the upstream"));
+                }
+                Ok(name)
             })
             .collect::<Result<_, _>>()?;
         if config.key_claim_name.is_empty() {

@@ -25,7 +25,9 @@ use http::{HeaderName, HeaderValue, Request, StatusCode, header};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
-use crate::identity::{Identity, anonymous_consumer, anonymous_or, set_consumer, steps_aside, www_authenticate};
+use crate::identity::{
+    Identity, anonymous_consumer, anonymous_or, is_identity_header, set_consumer, steps_aside, www_authenticate,
+};
 use crate::transform::set_query;
 
 /// Kong's priority for key-auth.
@@ -37,7 +39,9 @@ const BODY_LIMIT: usize = 1 << 20;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KeyAuthConfig {
-    /// Where to look for the key: header names, query parameters, body fields.
+    /// Where to look for the key: header names, query parameters, body fields. Not an identity
+    /// header (`X-Consumer-*`, `X-Credential-Identifier`, `X-Anonymous-Consumer`): the build
+    /// refuses it.
     #[serde(default = "default_key_names")]
     pub key_names: Vec<String>,
     /// Remove the key before proxying.
@@ -134,8 +138,12 @@ impl KeyAuth {
             .key_names
             .iter()
             .map(|n| {
-                HeaderName::from_bytes(n.as_bytes())
-                    .map_err(|_| format!("`key_names`: `{n}` is not a valid header name"))
+                let name = HeaderName::from_bytes(n.as_bytes())
+                    .map_err(|_| format!("`key_names`: `{n}` is not a valid header name"))?;
+                if is_identity_header(&name) {
+                    return Err(format!("`key_names`: `{n}` is a header the gateway sets for the upstream"));
+                }
+                Ok(name)
             })
             .collect::<Result<_, _>>()?;
         let mut keys = HashMap::new();

@@ -157,7 +157,12 @@ async fn anonymous_realm_and_preflight() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_credentials_and_configs_fail_their_route_not_the_gateway() {
     let up = echo_upstream().await;
-    for (credential, config) in [("{key: k, colour: red}", "{}"), ("{key: k}", "{key_names: []}")] {
+    for (credential, config) in [
+        ("{key: k, colour: red}", "{}"),
+        ("{key: k}", "{key_names: []}"),
+        // The gateway sets it for the upstream: never read from a client.
+        ("{key: k}", "{key_names: [x-credential-identifier]}"),
+    ] {
         let yaml = format!(
             r#"_format_version: "3.0"
 consumers: [{{username: a, keyauth_credentials: [{credential}]}}]

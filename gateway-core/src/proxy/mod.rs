@@ -578,7 +578,8 @@ fn prepare(
 enum Step<'s> {
     /// Answered before routing (a bad `X-Forwarded-For`): neither logged nor counted.
     Bare(Response<ResponseBody>),
-    /// The gateway's own answer (no route, wrong protocol, a route without a service).
+    /// The gateway's own answer: an invalid path, no route, the wrong protocol, a route whose
+    /// plugins failed to build, a route without a service.
     Answer(Response<ResponseBody>),
     /// A route without plugins: the upstream request, ready to send.
     Upstream {
