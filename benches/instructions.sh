@@ -15,9 +15,10 @@
 # count is the cost of one request. The upstream and the nginx settings are benches/compare's
 # (no plugins, access log off, a keep-alive upstream pool); the request is a plain GET, without
 # compare's credential headers, except for gateway-plugins: compare's key-auth + rate-limiting
-# + jwt route, sent compare's `apikey` and `Authorization: Bearer` (HS256) headers. Needs valgrind, wrk, nginx, curl, python3 and the benchmark
-# upstream (`cargo build --release -p gateway-benches --bin compare`). The callgrind files and
-# logs stay in the directory the script prints, for callgrind_annotate.
+# + jwt route, sent compare's `apikey` and `Authorization: Bearer` (HS256) headers. Needs
+# valgrind, wrk, nginx, curl, python3 and the benchmark upstream (`cargo build --release -p
+# gateway-benches --bin compare`). The callgrind files and logs stay in the directory the
+# script prints, for callgrind_annotate.
 set -euo pipefail
 
 gateway=${1:-target/release/gateway}
@@ -71,8 +72,8 @@ sig = b64(hmac.new(b"bench-secret", head + b"." + body, hashlib.sha256).digest()
 print((head + b"." + body + b"." + sig).decode())')
 credentials=(-H "apikey: bench-key" -H "Authorization: Bearer $token")
 
-# Starts proxy $1 ("gateway", "gateway-plugins", "hyper-proxy" or "nginx") under callgrind on port $2, writing
-# $3; sets $pid.
+# Starts proxy $1 ("gateway", "gateway-plugins", "hyper-proxy" or "nginx") under callgrind on
+# port $2, writing $3; sets $pid.
 start() {
     local what=$1 port=$2 out=$3
     if [ "$what" = hyper-proxy ]; then
@@ -134,11 +135,9 @@ for what in ${TARGETS:-gateway gateway-plugins hyper-proxy nginx}; do
     stop "$what" "$pid"
     port=$(free_port)
     start "$what" "$port" "$dir/$what.load"
-    if [ "$what" = gateway-plugins ]; then
-        wrk -t1 -c10 -d10s "${credentials[@]}" "http://127.0.0.1:$port/" > "$dir/$what.wrk"
-    else
-        wrk -t1 -c10 -d10s "http://127.0.0.1:$port/" > "$dir/$what.wrk"
-    fi
+    sent=()
+    [ "$what" = gateway-plugins ] && sent=("${credentials[@]}")
+    wrk -t1 -c10 -d10s "${sent[@]}" "http://127.0.0.1:$port/" > "$dir/$what.wrk"
     requests=$(awk '/requests in/ { print $1 }' "$dir/$what.wrk")
     if [ -z "$requests" ] || grep -q "Non-2xx\|Socket errors" "$dir/$what.wrk"; then
         echo "$what: wrk failed or got errors; see $dir/$what.wrk" >&2

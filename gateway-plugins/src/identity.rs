@@ -54,15 +54,26 @@ fn present(h: &HeaderMap) -> u8 {
     bits
 }
 
-/// Removes every identity header a client (or an earlier plugin) set.
-pub fn strip_identity_headers(req: &mut Request<ProxyBody>) {
-    let h = req.headers_mut();
+/// Sets the identity headers to `values` (in [`identity_headers`]' order): a header with a
+/// value is inserted (an insert replaces), one without is removed when present.
+fn set_identity_headers(h: &mut HeaderMap, values: [Option<&HeaderValue>; 6]) {
     let bits = present(h);
-    for (i, name) in identity_headers().into_iter().enumerate() {
-        if bits & (1 << i) != 0 {
-            h.remove(name);
+    for (i, (name, value)) in identity_headers().into_iter().zip(values).enumerate() {
+        match value {
+            Some(v) => {
+                h.insert(name.clone(), v.clone());
+            }
+            None if bits & (1 << i) != 0 => {
+                h.remove(name);
+            }
+            None => {}
         }
     }
+}
+
+/// Removes every identity header a client (or an earlier plugin) set.
+pub fn strip_identity_headers(req: &mut Request<ProxyBody>) {
+    set_identity_headers(req.headers_mut(), [None; 6]);
 }
 
 /// A consumer and credential with the header values the upstream receives, computed once
@@ -98,8 +109,6 @@ impl Identity {
 /// identity header, whether a client or an earlier plugin set it, is removed. A header both
 /// present and set is replaced in one insert.
 pub fn set_consumer(ctx: &mut RequestContext, req: &mut Request<ProxyBody>, who: &Identity, anonymous: bool) {
-    let h = req.headers_mut();
-    let bits = present(h);
     let anonymous_value = HeaderValue::from_static("true");
     let values = [
         who.id.as_ref(),
@@ -109,17 +118,7 @@ pub fn set_consumer(ctx: &mut RequestContext, req: &mut Request<ProxyBody>, who:
         Some(&anonymous_value).filter(|_| anonymous),
         None,
     ];
-    for (i, (name, value)) in identity_headers().into_iter().zip(values).enumerate() {
-        match value {
-            Some(v) => {
-                h.insert(name.clone(), v.clone());
-            }
-            None if bits & (1 << i) != 0 => {
-                h.remove(name);
-            }
-            None => {}
-        }
-    }
+    set_identity_headers(req.headers_mut(), values);
     ctx.consumer = Some(who.consumer.clone());
     ctx.credential = if anonymous { None } else { who.credential.clone() };
 }

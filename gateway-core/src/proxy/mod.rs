@@ -852,7 +852,6 @@ fn route_http<'s>(
     start: Instant,
     facts: &mut Facts,
 ) -> Step<'s> {
-    let answer = |resp| Step::Answer(resp);
     let request_id = next_request_id();
     let (mut parts, mut body) = req.into_parts();
     let upgrade = upgrade_request(&parts);
@@ -864,7 +863,7 @@ fn route_http<'s>(
     let normalized = path::normalize(original_pq.path());
     let path: &str = &normalized;
     if path::refused(original_pq.path(), path) {
-        return answer(error_response(StatusCode::BAD_REQUEST, "invalid request path", &request_id));
+        return Step::Answer(error_response(StatusCode::BAD_REQUEST, "invalid request path", &request_id));
     }
 
     // Host: HTTP/2 carries it in :authority, HTTP/1 in the Host header.
@@ -888,7 +887,7 @@ fn route_http<'s>(
         if named {
             facts.metrics = Some(snapshot.unmatched.clone());
         }
-        return answer(error_response(StatusCode::NOT_FOUND, "no Route matched with those values", &request_id));
+        return Step::Answer(error_response(StatusCode::NOT_FOUND, "no Route matched with those values", &request_id));
     };
     let route = &snapshot.routes[found.route];
     if named {
@@ -896,7 +895,7 @@ fn route_http<'s>(
     }
 
     if (conn.tls && !route.allow_https) || (!conn.tls && !route.allow_http) {
-        return answer(protocol_mismatch(route.redirect_status, conn.tls, raw_host, &original_pq, &request_id));
+        return Step::Answer(protocol_mismatch(route.redirect_status, conn.tls, raw_host, &original_pq, &request_id));
     }
     if let Some(failure) = &route.chain.failure {
         tracing::error!(
@@ -904,10 +903,14 @@ fn route_http<'s>(
             problem = &**failure,
             "route refused: its plugin configuration is invalid"
         );
-        return answer(error_response(StatusCode::INTERNAL_SERVER_ERROR, "An unexpected error occurred", &request_id));
+        return Step::Answer(error_response(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "An unexpected error occurred",
+            &request_id,
+        ));
     }
     let Some(service) = route.service.as_deref() else {
-        return answer(error_response(
+        return Step::Answer(error_response(
             StatusCode::SERVICE_UNAVAILABLE,
             "no Service found with those values",
             &request_id,
@@ -940,7 +943,7 @@ fn route_http<'s>(
         PathAndQuery::from_maybe_shared(shared_bytes(p.as_bytes()))
     });
     let Ok(pq) = pq else {
-        return answer(error_response(StatusCode::BAD_REQUEST, "invalid request path", &request_id));
+        return Step::Answer(error_response(StatusCode::BAD_REQUEST, "invalid request path", &request_id));
     };
     let fwd = Forwarding {
         pq,
