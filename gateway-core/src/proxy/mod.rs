@@ -1211,39 +1211,44 @@ fn is_idempotent(m: &http::Method) -> bool {
 
 /// Sends a prepared request to one of the service's targets, retrying connection-level
 /// failures on another target; answers failures as JSON errors.
-async fn call_upstream(
+///
+/// Takes the request apart before the future starts: an `async fn` would keep the request
+/// twice in its state, as the argument and as the local it moves into.
+fn call_upstream(
     service: &ServiceRuntime,
     preserve_host: bool,
     req: Request<ProxyBody>,
-) -> (Response<ResponseBody>, Option<Arc<str>>) {
+) -> impl Future<Output = (Response<ResponseBody>, Option<Arc<str>>)> + Send + '_ {
     let request_id = req.headers().get(&X_REQUEST_ID).cloned().unwrap_or_else(next_request_id);
     let (mut parts, body) = req.into_parts();
     let pq = parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
-    let mut target_label = None;
-    let result = send_with_retries(service, &mut parts, body, pq, preserve_host, &mut target_label).await;
-    let resp = match result {
-        Ok(resp) => {
-            let (mut rparts, rbody) = resp.into_parts();
-            let switching = (rparts.status == StatusCode::SWITCHING_PROTOCOLS)
-                .then(|| rparts.headers.get(header::UPGRADE).cloned())
-                .flatten();
-            remove_hop_by_hop_from_response(&mut rparts.headers);
-            if let Some(protocol) = switching {
-                rparts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-                rparts.headers.insert(header::UPGRADE, protocol);
+    async move {
+        let mut target_label = None;
+        let result = send_with_retries(service, &mut parts, body, pq, preserve_host, &mut target_label).await;
+        let resp = match result {
+            Ok(resp) => {
+                let (mut rparts, rbody) = resp.into_parts();
+                let switching = (rparts.status == StatusCode::SWITCHING_PROTOCOLS)
+                    .then(|| rparts.headers.get(header::UPGRADE).cloned())
+                    .flatten();
+                remove_hop_by_hop_from_response(&mut rparts.headers);
+                if let Some(protocol) = switching {
+                    rparts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+                    rparts.headers.insert(header::UPGRADE, protocol);
+                }
+                append_via(&mut rparts.headers, rparts.version);
+                rparts.headers.insert(X_REQUEST_ID.clone(), request_id);
+                rparts.version = Version::HTTP_11;
+                Response::from_parts(rparts, ResponseBody::Upstream(rbody))
             }
-            append_via(&mut rparts.headers, rparts.version);
-            rparts.headers.insert(X_REQUEST_ID.clone(), request_id);
-            rparts.version = Version::HTTP_11;
-            Response::from_parts(rparts, ResponseBody::Upstream(rbody))
-        }
-        Err((status, message, kind)) => {
-            let mut resp = error_response(status, message, &request_id);
-            resp.extensions_mut().insert(kind);
-            resp
-        }
-    };
-    (resp, target_label)
+            Err((status, message, kind)) => {
+                let mut resp = error_response(status, message, &request_id);
+                resp.extensions_mut().insert(kind);
+                resp
+            }
+        };
+        (resp, target_label)
+    }
 }
 
 /// RFC 9113 8.2.3: HTTP/2 may split `cookie` into several fields; HTTP/1.1 needs one.
@@ -1380,6 +1385,38 @@ impl HeadersCopy {
     }
 }
 
+/// One attempt's request to `target`.
+#[allow(clippy::too_many_arguments)] // two call sites, in the same function
+fn attempt_request(
+    parts: &mut http::request::Parts,
+    copy: Option<&HeadersCopy>,
+    attempt: u32,
+    body: ProxyBody,
+    service: &ServiceRuntime,
+    target: &TargetRuntime,
+    preserve_host: bool,
+    uri: Uri,
+) -> Request<ProxyBody> {
+    let mut req = Request::new(body);
+    *req.method_mut() = parts.method.clone();
+    *req.version_mut() = service.version;
+    *req.uri_mut() = uri;
+    // The headers themselves go upstream first: a map keeps its capacity as hyper passes it on
+    // (a request's map becomes the connection's next response map, and that the next
+    // request's), while a new map would grow again with every request's added headers. A
+    // retry reads the copy back.
+    *req.headers_mut() = match (copy, attempt) {
+        (Some(copy), 1..) => copy.restore(),
+        _ => std::mem::take(&mut parts.headers),
+    };
+    // The client's `Host` when preserved (an HTTP/2 client's `:authority` is in it by now);
+    // the target's otherwise.
+    if !preserve_host || !req.headers().contains_key(header::HOST) {
+        req.headers_mut().insert(header::HOST, target.host_header.clone());
+    }
+    req
+}
+
 async fn send_with_retries(
     service: &ServiceRuntime,
     parts: &mut http::request::Parts,
@@ -1414,35 +1451,22 @@ async fn send_with_retries(
         };
         *target_label = Some(target.label.clone());
         let last = attempt >= service.retries;
-        let mut req = Request::new(body);
-        *req.method_mut() = parts.method.clone();
-        *req.version_mut() = service.version;
-        // The headers themselves go upstream first: a map keeps its capacity as hyper passes
-        // it on (a request's map becomes the connection's next response map, and that the
-        // next request's), while a new map would grow again with every request's added
-        // headers. A retry reads the copy back.
-        *req.headers_mut() = match (&copy, attempt) {
-            (Some(copy), 1..) => copy.restore(),
-            _ => std::mem::take(&mut parts.headers),
-        };
-        // The client's `Host` when preserved (an HTTP/2 client's `:authority` is in it by
-        // now); the target's otherwise.
-        if !preserve_host || !req.headers().contains_key(header::HOST) {
-            req.headers_mut().insert(header::HOST, target.host_header.clone());
-        }
         let in_flight = service.balancer.begin(target);
+        // Each branch builds its request inside the call that takes it: a request held in a
+        // local would keep its 272 bytes in this future's state across the await.
         let sent = match &target.client {
             TargetClient::Pool(pool) => {
                 // HTTP/1.1 to the target itself: origin form (authority form for CONNECT).
-                *req.uri_mut() = if parts.method == http::Method::CONNECT {
+                let uri = if parts.method == http::Method::CONNECT {
                     Uri::from(target.authority.clone())
                 } else {
                     Uri::from(pq.clone())
                 };
-                pool.send(req).await
+                pool.send(attempt_request(parts, copy.as_ref(), attempt, body, service, target, preserve_host, uri))
+                    .await
             }
             TargetClient::Shared(client) => {
-                *req.uri_mut() = Uri::from_parts({
+                let uri = Uri::from_parts({
                     let mut p = http::uri::Parts::default();
                     p.scheme = Some(service.scheme.clone());
                     p.authority = Some(target.authority.clone());
@@ -1450,6 +1474,7 @@ async fn send_with_retries(
                     p
                 })
                 .expect("scheme, authority and path make a URI");
+                let mut req = attempt_request(parts, copy.as_ref(), attempt, body, service, target, preserve_host, uri);
                 // After a DNS change, find out which address this request's shared connection
                 // goes to, and retire it if the answer dropped that address (see `crate::dns`);
                 // rare, so the capture's allocation is paid only then.

@@ -127,36 +127,42 @@ impl TargetPool {
     }
 
     /// Sends `req` (origin-form URI, `Host` set) on an idle connection, or a new one.
-    pub(crate) async fn send(
+    ///
+    /// Not an `async fn`: that would move the request from its argument into a local, and keep
+    /// both in the future's state.
+    #[allow(clippy::manual_async_fn)] // on purpose, as said above
+    pub(crate) fn send(
         self: &Arc<Self>,
         mut req: Request<ProxyBody>,
-    ) -> Result<Response<UpstreamBody>, SendError> {
-        // A 2xx answer to CONNECT turns the connection into a tunnel, as a 101 does.
-        let connect = req.method() == http::Method::CONNECT;
-        loop {
-            let (mut conn, reused) = match self.checkout() {
-                Some(conn) => (conn, true),
-                // Boxed: a connection's set-up (TLS state included) would otherwise make every
-                // request's future, which is moved into a box per request, kilobytes larger.
-                None => (Box::pin(self.connect()).await?, false),
-            };
-            match conn.sender.try_send_request(req).await {
-                Ok(resp) => {
-                    // An upgraded connection is the tunnel's now; it never comes back.
-                    let upgraded = resp.status() == http::StatusCode::SWITCHING_PROTOCOLS
-                        || (connect && resp.status().is_success());
-                    let release = (!upgraded).then(|| Release { conn, pool: self.clone() });
-                    return Ok(resp.map(|body| UpstreamBody { body, release }));
-                }
-                Err(mut err) => match err.take_message() {
-                    // It never reached the connection, which had closed meanwhile: another
-                    // one gets it. A new connection that fails this way is a real failure.
-                    Some(back) if reused => {
-                        tracing::debug!(upstream = %self.uri, error = %err.error(), "pooled connection was closed; trying another");
-                        req = back;
+    ) -> impl Future<Output = Result<Response<UpstreamBody>, SendError>> + Send + '_ {
+        async move {
+            // A 2xx answer to CONNECT turns the connection into a tunnel, as a 101 does.
+            let connect = req.method() == http::Method::CONNECT;
+            loop {
+                let (mut conn, reused) = match self.checkout() {
+                    Some(conn) => (conn, true),
+                    // Boxed: a connection's set-up (TLS state included) would otherwise make every
+                    // request's future, which is moved into a box per request, kilobytes larger.
+                    None => (Box::pin(self.connect()).await?, false),
+                };
+                match conn.sender.try_send_request(req).await {
+                    Ok(resp) => {
+                        // An upgraded connection is the tunnel's now; it never comes back.
+                        let upgraded = resp.status() == http::StatusCode::SWITCHING_PROTOCOLS
+                            || (connect && resp.status().is_success());
+                        let release = (!upgraded).then(|| Release { conn, pool: self.clone() });
+                        return Ok(resp.map(|body| UpstreamBody { body, release }));
                     }
-                    _ => return Err(SendError::Send(err.into_error())),
-                },
+                    Err(mut err) => match err.take_message() {
+                        // It never reached the connection, which had closed meanwhile: another
+                        // one gets it. A new connection that fails this way is a real failure.
+                        Some(back) if reused => {
+                            tracing::debug!(upstream = %self.uri, error = %err.error(), "pooled connection was closed; trying another");
+                            req = back;
+                        }
+                        _ => return Err(SendError::Send(err.into_error())),
+                    },
+                }
             }
         }
     }
