@@ -169,6 +169,7 @@ impl AdminService {
             "server": {
                 "connections_active": stats.connections_active.load(Ordering::Relaxed),
                 "connections_accepted": stats.connections_accepted.load(Ordering::Relaxed),
+                "connections_idle_released": stats.connections_idle_released.load(Ordering::Relaxed),
                 "total_requests": stats.requests.load(Ordering::Relaxed),
             },
             "configuration_hash": format!("{:016x}", hasher.finish()),

@@ -24,6 +24,7 @@ use http_body_util::combinators::UnsyncBoxBody;
 use hyper::body::Incoming;
 
 pub use crate::proxy::pool::UpstreamBody;
+use crate::server::ConnHold;
 
 /// Errors that may cross a body.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -52,17 +53,25 @@ impl ProxyBody {
     /// `deadline` in all (see [`TimedIncoming`]); `None` for no deadline. A body already
     /// complete (no body, or `Content-Length: 0`) needs no timer.
     pub fn incoming(body: Incoming, deadline: Option<Duration>) -> ProxyBody {
-        match deadline {
-            Some(limit) if !body.is_end_stream() => ProxyBody::Timed(Box::pin(TimedIncoming {
-                body,
-                deadline: tokio::time::sleep(limit),
-                limit,
-                waited: Duration::ZERO,
-                waiting_since: None,
-                armed: true,
-            })),
-            _ => ProxyBody::Incoming(body),
+        ProxyBody::incoming_held(body, deadline, None)
+    }
+
+    /// [`ProxyBody::incoming`], keeping `hold` (the server's mark that its connection is busy)
+    /// until the body is read to its end or dropped. Only a body still to come has one.
+    pub(crate) fn incoming_held(body: Incoming, deadline: Option<Duration>, hold: Option<ConnHold>) -> ProxyBody {
+        if body.is_end_stream() || (deadline.is_none() && hold.is_none()) {
+            return ProxyBody::Incoming(body);
         }
+        ProxyBody::Timed(Box::pin(TimedIncoming {
+            body,
+            // No deadline: a timer that is never armed (and never registered).
+            deadline: tokio::time::sleep(deadline.unwrap_or(Duration::MAX)),
+            limit: deadline.unwrap_or(Duration::MAX),
+            waited: Duration::ZERO,
+            waiting_since: None,
+            armed: deadline.is_some(),
+            _hold: hold,
+        }))
     }
 
     /// Wraps any body; hyper's `Incoming` is recognised and kept unboxed.
@@ -141,6 +150,7 @@ pin_project_lite::pin_project! {
         // When the current wait for the client began.
         waiting_since: Option<tokio::time::Instant>,
         armed: bool,
+        _hold: Option<ConnHold>,
     }
 }
 
@@ -466,6 +476,8 @@ pub struct GatewayBody {
     exchange: Option<crate::observe::Exchange>,
     /// Counts the request as in flight to its target until the body is gone.
     _in_flight: Option<std::sync::Arc<crate::balance::InFlight>>,
+    /// Marks the client connection busy until the body is gone.
+    hold: Option<ConnHold>,
 }
 
 impl std::fmt::Debug for GatewayBody {
@@ -480,7 +492,12 @@ impl GatewayBody {
         exchange: Option<crate::observe::Exchange>,
         in_flight: Option<std::sync::Arc<crate::balance::InFlight>>,
     ) -> Self {
-        GatewayBody { inner, exchange, _in_flight: in_flight }
+        GatewayBody { inner, exchange, _in_flight: in_flight, hold: None }
+    }
+
+    /// Keeps the connection's busy mark until the body is gone.
+    pub(crate) fn hold(&mut self, hold: ConnHold) {
+        self.hold = Some(hold);
     }
 
     /// Collects the whole body (for tests and small bodies).

@@ -181,6 +181,9 @@ pub(crate) struct Shared {
 pub(crate) struct Stats {
     pub(crate) connections_active: AtomicU64,
     pub(crate) connections_accepted: AtomicU64,
+    /// Idle keep-alive connections holding only their socket (see
+    /// [`server::ServerSettings::release_idle_after`]).
+    pub(crate) connections_idle_released: AtomicU64,
     pub(crate) requests: AtomicU64,
     pub(crate) reloads_ok: AtomicU64,
     pub(crate) reloads_failed: AtomicU64,

@@ -589,6 +589,13 @@ impl Collector for GatewayCollector {
         )?;
         family(
             &mut enc,
+            "gateway_connections_idle_released",
+            "Idle keep-alive client connections holding only their socket, their buffers released.",
+            MetricType::Gauge,
+            [(NO_LABELS, stats.connections_idle_released.load(Ordering::Relaxed) as f64)],
+        )?;
+        family(
+            &mut enc,
             "gateway_connections_accepted",
             "Client connections accepted.",
             MetricType::Counter,

@@ -196,3 +196,138 @@ async fn a_body_trickle_is_cut_off_by_the_whole_body_deadline() {
     assert_eq!(get(&gw.url("/")).await.status, http::StatusCode::OK);
     gw.shutdown().await;
 }
+
+/// Reads one HTTP/1.1 response with a `Content-Length` body: its head and its body.
+async fn read_response(s: &mut TcpStream) -> (String, Vec<u8>) {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&got[..end]).to_string();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse().unwrap()))
+                .expect("a content-length");
+            if got.len() >= end + 4 + len {
+                return (head, got[end + 4..end + 4 + len].to_vec());
+            }
+        }
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await.expect("an answer").unwrap();
+        assert!(n > 0, "closed after {:?}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+}
+
+/// Idle keep-alive connections whose buffers are released, from the admin API's `/status`.
+async fn idle_released(gw: &RunningGateway) -> u64 {
+    use tower::ServiceExt;
+    let admin = gw.gateway.admin(gateway_core::admin::AdminSettings::default());
+    let req = http::Request::get("/status").body(http_body_util::Empty::<bytes::Bytes>::new()).unwrap();
+    let resp = admin.oneshot(req).await.unwrap();
+    let body = http_body_util::BodyExt::collect(resp.into_body()).await.unwrap().to_bytes();
+    let status: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    status["server"]["connections_idle_released"].as_u64().expect("connections_idle_released")
+}
+
+fn releasing(after_ms: u64) -> ServerSettings {
+    ServerSettings { release_idle_after: Some(Duration::from_millis(after_ms)), ..Default::default() }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_connection_is_released_and_serves_its_next_requests() {
+    let up = echo_upstream().await;
+    let gw = start_gateway_with(&config(up.addr), releasing(100)).await;
+    let mut s = TcpStream::connect(gw.addr).await.unwrap();
+    s.write_all(b"GET /first HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
+    let (head, _) = read_response(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert_eq!(idle_released(&gw).await, 0, "busy a moment ago");
+    // Idle through two checks: released, the socket still open.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(idle_released(&gw).await, 1);
+    // The next requests on the same socket are served as before, bodies and all.
+    s.write_all(b"POST /second HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\n\r\nhello").await.unwrap();
+    let (head, body) = read_response(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let echo: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(echo["uri"], "/second");
+    assert_eq!(echo["body_len"], 5);
+    assert_eq!(idle_released(&gw).await, 0, "in use again");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(idle_released(&gw).await, 1, "released again");
+    s.write_all(b"GET /third HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
+    let (head, body) = read_response(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert_eq!(serde_json::from_slice::<serde_json::Value>(&body).unwrap()["uri"], "/third");
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_is_not_released_while_a_request_is_in_flight() {
+    let up = echo_upstream().await;
+    let gw = start_gateway_with(&config(up.addr), releasing(50)).await;
+    let mut s = TcpStream::connect(gw.addr).await.unwrap();
+    // The upstream takes many periods to answer, and the client's body comes slowly: nothing
+    // is read from the client for several periods at a time, and nothing may be lost.
+    s.write_all(b"POST /slow/600 HTTP/1.1\r\nhost: x\r\ncontent-length: 10\r\n\r\nhello").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(idle_released(&gw).await, 0);
+    s.write_all(b"world").await.unwrap();
+    let (head, body) = read_response(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert_eq!(serde_json::from_slice::<serde_json::Value>(&body).unwrap()["body_len"], 10);
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_head_split_by_a_pause_is_served_whole() {
+    let up = echo_upstream().await;
+    let gw = start_gateway_with(&config(up.addr), releasing(50)).await;
+    let mut s = TcpStream::connect(gw.addr).await.unwrap();
+    s.write_all(b"GET /a HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
+    read_response(&mut s).await;
+    // Half a head, then a pause of several periods: the connection is taken apart with the
+    // half in hyper's buffer, which must reach the next hyper connection.
+    s.write_all(b"GET /split HTTP/1.1\r\nhost: x\r\nx-part").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    s.write_all(b": two\r\n\r\n").await.unwrap();
+    let (head, body) = read_response(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let echo: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(echo["uri"], "/split");
+    assert_eq!(echo["headers"]["x-part"][0], "two");
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_released_connection_is_closed_after_the_keep_alive_time_and_at_shutdown() {
+    let up = echo_upstream().await;
+    let settings = ServerSettings { header_read_timeout: Duration::from_millis(800), ..releasing(50) };
+    let mut gw = start_gateway_with(&config(up.addr), settings).await;
+    let mut s = TcpStream::connect(gw.addr).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
+    read_response(&mut s).await;
+    let idle_since = Instant::now();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(idle_released(&gw).await, 1);
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest)).await;
+    assert!(read.is_ok(), "a released connection still open after 5 s");
+    let waited = idle_since.elapsed();
+    assert!(waited >= Duration::from_millis(700), "closed before the keep-alive time: {waited:?}");
+    assert!(waited < Duration::from_millis(2000), "closed only after {waited:?}");
+    assert_eq!(idle_released(&gw).await, 0);
+
+    // A released connection ends at once when shutdown begins: it has nothing in flight.
+    let mut s = TcpStream::connect(gw.addr).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
+    read_response(&mut s).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(idle_released(&gw).await, 1);
+    let stopping = Instant::now();
+    let server = gw.begin_shutdown();
+    let read = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest)).await;
+    assert!(read.is_ok(), "a released connection still open at shutdown");
+    server.await.unwrap().unwrap();
+    assert!(stopping.elapsed() < Duration::from_secs(2), "shutdown took {:?}", stopping.elapsed());
+}
