@@ -177,9 +177,9 @@ struct ServeArgs {
     #[arg(long, env = "GATEWAY_MAX_HEADERS", default_value_t = 100)]
     max_headers: usize,
     /// An HTTP/1.1 keep-alive connection idle this long gives back its buffers and keeps only
-    /// its socket until the client sends again (about 2 KiB instead of 14 KiB a connection);
+    /// its socket until the client sends again (about 3 KiB instead of 14 KiB a connection);
     /// `off` to keep them.
-    #[arg(long, env = "GATEWAY_RELEASE_IDLE_AFTER", default_value = "250ms", value_parser = parse_duration_or_off)]
+    #[arg(long, env = "GATEWAY_RELEASE_IDLE_AFTER", default_value = "100ms", value_parser = parse_duration_or_off)]
     release_idle_after: DurationOrOff,
     /// How long in-flight requests may take to finish after SIGTERM/SIGINT.
     #[arg(long, env = "GATEWAY_SHUTDOWN_GRACE", default_value = "30s", value_parser = parse_duration)]
