@@ -39,7 +39,9 @@ pub enum ProxyBody {
     Incoming(Incoming),
     /// A body read from a hyper connection whose client may keep the gateway waiting only so
     /// long in all (the server's
-    /// [`body_read_timeout`](crate::server::ServerSettings::body_read_timeout)).
+    /// [`body_read_timeout`](crate::server::ServerSettings::body_read_timeout)), or which
+    /// keeps its connection marked busy until it ends (then with no deadline when the server
+    /// sets none), so that an idle-connection release never cuts a body still to come.
     Timed(Pin<Box<TimedIncoming>>),
     /// Any other body (boxed once per request; used when embedding behind another server).
     Boxed(UnsyncBoxBody<Bytes, BoxError>),
