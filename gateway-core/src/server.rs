@@ -19,10 +19,11 @@ use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll, Waker, ready};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::task::AtomicWaker;
 use http::Response;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
@@ -195,38 +196,60 @@ async fn serve_connection<I, S>(
     S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     S::Future: Send + 'static,
 {
-    // Hand-written rather than hyper-util's `GracefulShutdown`: its watcher takes hyper-util's
-    // auto connections and hyper's plain HTTP/1 ones, not hyper's HTTP/1 connection with
-    // upgrades, which WebSocket tunnels need.
-    macro_rules! drive {
-        ($conn:expr) => {{
-            let conn = $conn;
-            tokio::pin!(conn);
-            let result = tokio::select! {
-                r = conn.as_mut() => r,
-                _ = reached(&mut shutdown, Phase::Draining) => {
-                    conn.as_mut().graceful_shutdown();
-                    tokio::select! {
-                        r = conn.as_mut() => r,
-                        // Dropping the connection closes it, requests in flight or not.
-                        _ = reached(&mut shutdown, Phase::Closing) => {
-                            tracing::debug!(%client, "closed at the end of the shutdown grace period");
-                            Ok(())
-                        }
-                    }
-                }
-            };
-            if let Err(e) = result {
-                tracing::debug!(%client, error = %e, "connection ended with an error");
-            }
-        }};
-    }
     if h2 {
         // Boxed: HTTP/2's connection state is several times HTTP/1's, and the larger branch
         // would size the task of every HTTP/1 connection.
-        Box::pin(async move { drive!(builders.h2.serve_connection(io, svc)) }).await
+        let conn = builders.h2.serve_connection(io, svc);
+        Box::pin(drive(conn, |c| c.graceful_shutdown(), &mut shutdown, client)).await
     } else {
-        drive!(builders.h1.serve_connection(io, svc).with_upgrades())
+        let conn = builders.h1.serve_connection(io, svc).with_upgrades();
+        drive(conn, |c| c.graceful_shutdown(), &mut shutdown, client).await
+    }
+}
+
+/// Drives a connection to its end, or until shutdown begins; then [`drain`]s it.
+///
+/// Hand-written rather than hyper-util's `GracefulShutdown`: its watcher takes hyper-util's
+/// auto connections and hyper's plain HTTP/1 ones, not hyper's HTTP/1 connection with
+/// upgrades, which WebSocket tunnels need.
+async fn drive<C>(
+    conn: C,
+    graceful: fn(Pin<&mut C>),
+    shutdown: &mut tokio::sync::watch::Receiver<Phase>,
+    client: std::net::SocketAddr,
+) where
+    C: Future<Output = Result<(), hyper::Error>>,
+{
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => ended(r, client),
+        _ = reached(shutdown, Phase::Draining) => drain(conn, graceful, shutdown, client).await,
+    }
+}
+
+/// Tells a connection to finish gracefully (in-flight requests complete, keep-alive ends)
+/// and waits for it, or closes it when the grace period is over.
+async fn drain<C>(
+    mut conn: Pin<&mut C>,
+    graceful: fn(Pin<&mut C>),
+    shutdown: &mut tokio::sync::watch::Receiver<Phase>,
+    client: std::net::SocketAddr,
+) where
+    C: Future<Output = Result<(), hyper::Error>>,
+{
+    graceful(conn.as_mut());
+    tokio::select! {
+        r = conn.as_mut() => ended(r, client),
+        // Dropping the connection closes it, requests in flight or not.
+        _ = reached(shutdown, Phase::Closing) => {
+            tracing::debug!(%client, "closed at the end of the shutdown grace period");
+        }
+    }
+}
+
+fn ended(result: Result<(), hyper::Error>, client: std::net::SocketAddr) {
+    if let Err(e) = result {
+        tracing::debug!(%client, error = %e, "connection ended with an error");
     }
 }
 
@@ -340,23 +363,54 @@ impl AsyncWrite for Watched {
     }
 }
 
+/// The waker of a connection's release timer: notes that the timer fired, then wakes the
+/// connection's task. The task wakes several times a request for its socket and its requests,
+/// and polling tokio's timer on each of those (its entry's state, the waker registered again)
+/// cost about 240 instructions a request; with this the task polls the timer only after it
+/// fired, and otherwise reads one flag.
+struct TimerWake {
+    fired: AtomicBool,
+    task: AtomicWaker,
+}
+
+impl std::task::Wake for TimerWake {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.fired.store(true, Ordering::Release);
+        self.task.wake();
+    }
+}
+
 /// Resolves once a connection has been idle through a whole `period`: nothing read, nothing
 /// held, no write waiting. One timer, reset once a period while the connection is busy.
 async fn idle(activity: &Activity, period: Duration) {
+    // `fired` starts set: the first poll registers the timer.
+    let timer = Arc::new(TimerWake { fired: AtomicBool::new(true), task: AtomicWaker::new() });
+    let waker = Waker::from(timer.clone());
     let sleep = tokio::time::sleep(period);
     tokio::pin!(sleep);
-    loop {
-        sleep.as_mut().await;
-        let read = activity.read.swap(false, Ordering::Relaxed);
-        if !read
-            && activity.held.load(Ordering::Relaxed) == 0
-            && !activity.write_blocked.load(Ordering::Relaxed)
-            && !activity.replayed.load(Ordering::Relaxed)
-        {
-            return;
+    std::future::poll_fn(|cx| {
+        while timer.fired.swap(false, Ordering::Acquire) {
+            timer.task.register(cx.waker());
+            // A poll without coop budget left wakes `waker` at once, so it is polled again.
+            ready!(sleep.as_mut().poll(&mut Context::from_waker(&waker)));
+            let read = activity.read.swap(false, Ordering::Relaxed);
+            if !read
+                && activity.held.load(Ordering::Relaxed) == 0
+                && !activity.write_blocked.load(Ordering::Relaxed)
+                && !activity.replayed.load(Ordering::Relaxed)
+            {
+                return Poll::Ready(());
+            }
+            sleep.as_mut().reset(tokio::time::Instant::now() + period);
+            timer.fired.store(true, Ordering::Relaxed);
         }
-        sleep.as_mut().reset(tokio::time::Instant::now() + period);
-    }
+        Poll::Pending
+    })
+    .await
 }
 
 /// How a connection's serving ended, or why it paused.
@@ -396,22 +450,9 @@ async fn serve_plain_http1<S>(
             _ = idle(&activity, release_after) => Next::Idle,
         };
         match next {
-            Next::Ended(Err(e)) => {
-                tracing::debug!(%client, error = %e, "connection ended with an error");
-                return;
-            }
-            Next::Ended(Ok(())) => return,
+            Next::Ended(r) => return ended(r, client),
             Next::Draining => {
-                Pin::new(&mut conn).graceful_shutdown();
-                tokio::select! {
-                    r = &mut conn => if let Err(e) = r {
-                        tracing::debug!(%client, error = %e, "connection ended with an error");
-                    },
-                    _ = reached(&mut shutdown, Phase::Closing) => {
-                        tracing::debug!(%client, "closed at the end of the shutdown grace period");
-                    }
-                }
-                return;
+                return drain(Pin::new(&mut conn), |c| c.graceful_shutdown(), &mut shutdown, client).await;
             }
             Next::Idle => {}
         }
@@ -510,23 +551,31 @@ pub(crate) async fn serve(
                 tokio::spawn(async move {
                     let _open = open;
                     let values = ConnValues::new(&conn_info, &shared.trusted_ips);
-                    let activity = Arc::new(Activity::default());
-                    let conn_activity = activity.clone();
                     let conn_shared = shared.clone();
-                    let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                        shared.stats.requests.fetch_add(1, Ordering::Relaxed);
-                        activity.replayed.store(false, Ordering::Relaxed);
-                        let hold = ConnHold::new(&activity);
-                        let body_hold =
-                            (!hyper::body::Body::is_end_stream(req.body())).then(|| ConnHold::new(&activity));
-                        let snapshot = shared.snapshot.load_full();
-                        let req = req.map(|body| ProxyBody::incoming_held(body, body_timeout, body_hold));
-                        let values = values.clone();
-                        // Boxed: hyper keeps a slot the size of this future in every
-                        // connection, idle or not; a box keeps that slot one pointer wide and
-                        // the request's state allocated only while the request is in flight.
-                        Holding { fut: Box::pin(handle(snapshot, req, conn_info, values)), hold: Some(hold) }
-                    });
+                    // `activity` only where the connection can be released (plain HTTP/1.1):
+                    // elsewhere nothing reads the busy marks, and each costs atomic counts.
+                    let make_svc = move |activity: Option<Arc<Activity>>| {
+                        service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                            shared.stats.requests.fetch_add(1, Ordering::Relaxed);
+                            let (hold, body_hold) = match &activity {
+                                Some(activity) => {
+                                    activity.replayed.store(false, Ordering::Relaxed);
+                                    let body_hold = (!hyper::body::Body::is_end_stream(req.body()))
+                                        .then(|| ConnHold::new(activity));
+                                    (Some(ConnHold::new(activity)), body_hold)
+                                }
+                                None => (None, None),
+                            };
+                            let snapshot = shared.snapshot.load_full();
+                            let req = req.map(|body| ProxyBody::incoming_held(body, body_timeout, body_hold));
+                            let values = values.clone();
+                            // Boxed: hyper keeps a slot the size of this future in every
+                            // connection, idle or not; a box keeps that slot one pointer wide
+                            // and the request's state allocated only while the request is in
+                            // flight.
+                            Holding { fut: Box::pin(handle(snapshot, req, conn_info, values)), hold }
+                        })
+                    };
                     let Some(acceptor) = tls else {
                         // The first bytes tell HTTP/2's preface from HTTP/1; bound that wait
                         // by the header timeout, or a client trickling `P`, `R`, `I` holds the
@@ -547,20 +596,25 @@ pub(crate) async fn serve(
                         };
                         match release_after {
                             Some(after) if !h2 && !after.is_zero() => {
+                                let activity = Arc::new(Activity::default());
+                                let svc = make_svc(Some(activity.clone()));
                                 serve_plain_http1(
                                     &builders,
                                     stream,
                                     svc,
                                     watcher,
                                     client,
-                                    conn_activity,
+                                    activity,
                                     after,
                                     header_timeout,
                                     &conn_shared,
                                 )
                                 .await
                             }
-                            _ => serve_connection(&builders, h2, TokioIo::new(stream), svc, watcher, client).await,
+                            _ => {
+                                let svc = make_svc(None);
+                                serve_connection(&builders, h2, TokioIo::new(stream), svc, watcher, client).await
+                            }
                         }
                         return;
                     };
@@ -585,7 +639,7 @@ pub(crate) async fn serve(
                             }
                         };
                         let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
-                        serve_connection(&builders, h2, TokioIo::new(stream), svc, watcher, client).await;
+                        serve_connection(&builders, h2, TokioIo::new(stream), make_svc(None), watcher, client).await;
                     })
                     .await;
                 });
