@@ -282,12 +282,22 @@ fn shared_value(s: &str) -> Option<HeaderValue> {
     HeaderValue::from_maybe_shared(shared_bytes(s.as_bytes())).ok()
 }
 
-/// Lower-case hex of `bytes` into `out` (twice as long).
+/// Lower-case hex of `bytes` into `out` (twice as long), a byte's two digits at a time from a
+/// table: half the work of a digit at a time, and no bounds check per digit.
 fn hex_into(out: &mut [u8], bytes: &[u8]) {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    for (i, byte) in bytes.iter().enumerate() {
-        out[2 * i] = HEX[(byte >> 4) as usize];
-        out[2 * i + 1] = HEX[(byte & 15) as usize];
+    const PAIRS: [[u8; 2]; 256] = {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut t = [[0u8; 2]; 256];
+        let mut i = 0;
+        while i < 256 {
+            t[i] = [HEX[i >> 4], HEX[i & 15]];
+            i += 1;
+        }
+        t
+    };
+    debug_assert_eq!(out.len(), 2 * bytes.len());
+    for (pair, byte) in out.chunks_exact_mut(2).zip(bytes) {
+        pair.copy_from_slice(&PAIRS[usize::from(*byte)]);
     }
 }
 
@@ -298,8 +308,10 @@ static TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
 /// client's trace continues with a new parent id for the gateway's hop (its flags and
 /// `tracestate` kept); a request without a valid `traceparent` starts a new trace (flags 00:
 /// unless a finish hook exports spans (`sample_new`)) and any `tracestate` is dropped, as the
-/// spec requires. Returns what was sent, for the access log and the hook.
-fn propagate_trace(h: &mut HeaderMap, sample_new: bool) -> TraceContext {
+/// spec requires. Returns what was sent, for the access log and the hook. `tracestate_sent`:
+/// whether the request has a `tracestate` to drop (removing an absent one still hashes its
+/// name; the caller's scan of the names already knows).
+fn propagate_trace(h: &mut HeaderMap, sample_new: bool, tracestate_sent: bool) -> TraceContext {
     // One hashed lookup reads and replaces `traceparent`.
     let (context, fresh) = match h.entry(&TRACEPARENT) {
         header::Entry::Occupied(mut o) => {
@@ -314,7 +326,7 @@ fn propagate_trace(h: &mut HeaderMap, sample_new: bool) -> TraceContext {
             (context, true)
         }
     };
-    if fresh {
+    if fresh && tracestate_sent {
         h.remove(&TRACESTATE);
     }
     context
@@ -516,7 +528,9 @@ struct Forwarding {
     upgrade: Option<HeaderValue>,
 }
 
-/// Turns the client's request into the upstream's: path, forwarding headers, framing.
+/// Turns the client's request into the upstream's: path, forwarding headers, trace context
+/// (returned: what was sent), framing.
+#[allow(clippy::too_many_arguments)] // two call sites, which hold these apart
 fn prepare(
     req: Request<ProxyBody>,
     fwd: Forwarding,
@@ -524,9 +538,20 @@ fn prepare(
     values: &ConnValues,
     request_id: &HeaderValue,
     upstream_version: Version,
-) -> Request<ProxyBody> {
+    sample_new: bool,
+) -> (Request<ProxyBody>, TraceContext) {
     let (mut parts, body) = req.into_parts();
-    set_forwarding_headers(&mut parts.headers, conn, values, fwd.host, fwd.path, fwd.prefix, request_id, parts.version);
+    let tracestate_sent = set_forwarding_headers(
+        &mut parts.headers,
+        conn,
+        values,
+        fwd.host,
+        fwd.path,
+        fwd.prefix,
+        request_id,
+        parts.version,
+    );
+    let trace = propagate_trace(&mut parts.headers, sample_new, tracestate_sent);
     if upstream_version == Version::HTTP_2 {
         // gRPC servers may insist on it; it is the one `TE` HTTP/2 allows.
         parts.headers.insert(header::TE, HeaderValue::from_static("trailers"));
@@ -564,7 +589,7 @@ fn prepare(
         PathAndQuery::from_maybe_shared(Bytes::from(s)).unwrap_or(fwd.pq)
     };
     parts.uri = Uri::from(pq);
-    Request::from_parts(parts, body)
+    (Request::from_parts(parts, body), trace)
 }
 
 /// What the head of a request decided, before the first await: routing, the protocol checks
@@ -983,8 +1008,8 @@ fn route_http<'s>(
     if slots.is_empty() {
         let mut req = req;
         let cookie = attach_balance_key(service, &mut req, None, &values, path, route_regex.map(|r| &**r));
-        let mut up = prepare(req, fwd, &conn, &values, &request_id, service.version);
-        facts.trace = Some(propagate_trace(up.headers_mut(), sample_new));
+        let (up, trace) = prepare(req, fwd, &conn, &values, &request_id, service.version, sample_new);
+        facts.trace = Some(trace);
         return Step::Upstream { route, service, up, cookie, client_upgrade };
     }
 
@@ -1040,8 +1065,9 @@ async fn run_plugins(snapshot: &Snapshot, mut run: Box<PluginRun<'_>>, facts: &m
             let regex = run.ctx.route_regex.as_ref().map(|(re, _)| &**re);
             let path = run.path.as_deref().unwrap_or("");
             cookie = attach_balance_key(service, &mut run.req, consumer_id, &run.values, path, regex);
-            let mut up = prepare(run.req, run.fwd, &run.ctx.conn, &run.values, &run.request_id, service.version);
-            facts.trace = Some(propagate_trace(up.headers_mut(), sample_new));
+            let (mut up, trace) =
+                prepare(run.req, run.fwd, &run.ctx.conn, &run.values, &run.request_id, service.version, sample_new);
+            facts.trace = Some(trace);
             for slot in slots.iter() {
                 if let Some(p) = slot.pick(consumer(&run.ctx)) {
                     p.before_upstream(&mut run.ctx, &mut up);
@@ -1270,6 +1296,7 @@ fn join_cookies(h: &mut HeaderMap) {
 }
 
 #[allow(clippy::too_many_arguments)] // one call site; the values are computed at different times
+/// Returns whether the client sent a `tracestate` (found by the same scan of the names).
 fn set_forwarding_headers(
     h: &mut HeaderMap,
     conn: &ConnInfo,
@@ -1279,14 +1306,15 @@ fn set_forwarding_headers(
     prefix: Option<HeaderValue>,
     request_id: &HeaderValue,
     version: Version,
-) {
+) -> bool {
     // One pass over the names finds what there is to strip: removing an absent header still
     // hashes its name (a custom name byte by byte), and most requests carry none of these.
-    let (mut hop_by_hop, mut forwarded, mut prefix_sent) = (false, false, false);
+    let (mut hop_by_hop, mut forwarded, mut prefix_sent, mut tracestate_sent) = (false, false, false, false);
     for name in h.keys() {
         hop_by_hop |= is_hop_by_hop(name);
         forwarded |= name == header::FORWARDED;
         prefix_sent |= name == X_FORWARDED_PREFIX;
+        tracestate_sent |= name == TRACESTATE;
     }
     if hop_by_hop {
         remove_hop_by_hop_present(h, true);
@@ -1332,6 +1360,7 @@ fn set_forwarding_headers(
     }
     h.insert(X_REQUEST_ID.clone(), request_id.clone());
     append_via(h, version);
+    tracestate_sent
 }
 
 /// A request's headers kept for a retry, as one flat byte string: each name, its value and
@@ -1345,14 +1374,16 @@ fn set_forwarding_headers(
 /// clone allocates to share it. Measured (callgrind): a kept clone and its drop cost about 600
 /// instructions per custom client header, this copy about 130; for the gateway's own
 /// headers (static names, shared values) the two cost about the same, some 1,400 for ten.
-struct HeadersCopy(Bytes);
+struct HeadersCopy(Vec<u8>);
 
 impl HeadersCopy {
     fn of(headers: &HeaderMap) -> Self {
-        let len: usize = headers.iter().map(|(k, v)| 7 + k.as_str().len() + v.len()).sum();
+        // One pass: a guess at the size (most headers are shorter; a long cookie or token
+        // grows it once) costs less than a first pass over the map to add up the lengths.
         // A `Vec`, not `BytesMut`: its fixed-size writes compile to plain stores, where each
-        // `BufMut::put_*` is a `memcpy` call.
-        let mut b = Vec::with_capacity(len);
+        // `BufMut::put_*` is a `memcpy` call; and not frozen into `Bytes`, which allocates
+        // again for a `Vec` not filled to its capacity.
+        let mut b = Vec::with_capacity(headers.len() * 96);
         for (k, v) in headers {
             let name = k.as_str().as_bytes();
             // A name is at most 64 KiB (`http` refuses longer ones); a value can be longer.
@@ -1362,22 +1393,24 @@ impl HeadersCopy {
             b.extend_from_slice(&(v.len() as u32).to_be_bytes());
             b.extend_from_slice(v.as_bytes());
         }
-        HeadersCopy(Bytes::from(b))
+        HeadersCopy(b)
     }
 
     /// The headers as they were copied: the same names, values, order and sensitivity.
     fn restore(&self) -> HeaderMap {
         use bytes::Buf;
-        let mut rest = self.0.clone();
+        let mut rest = &self.0[..];
         let mut headers = HeaderMap::new();
         while rest.remaining() >= 2 {
             let n = usize::from(rest.get_u16());
-            let name = rest.split_to(n);
+            let (name, tail) = rest.split_at(n);
+            rest = tail;
             let sensitive = rest.get_u8() == 1;
             let len = rest.get_u32() as usize;
-            let value = rest.split_to(len);
+            let (value, tail) = rest.split_at(len);
+            rest = tail;
             // Neither can fail: both were a valid name and value when copied.
-            if let (Ok(name), Ok(mut value)) = (HeaderName::from_bytes(&name), HeaderValue::from_maybe_shared(value)) {
+            if let (Ok(name), Ok(mut value)) = (HeaderName::from_bytes(name), HeaderValue::from_bytes(value)) {
                 value.set_sensitive(sensitive);
                 headers.append(name, value);
             }
