@@ -839,10 +839,14 @@ fn upgrade_request(parts: &http::request::Parts) -> Option<HeaderValue> {
         .get_all(header::CONNECTION)
         .iter()
         .any(|v| v.to_str().is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade"))));
+    if !wants {
+        // Most requests: no second lookup.
+        return None;
+    }
     // `h2c` is not passed on: an upstream that took the upgrade would serve HTTP/2 requests
     // for any path through the tunnel, past the router and every plugin (h2c smuggling).
     // The request goes on as a plain HTTP/1.1 one.
-    let upgrade = parts.headers.get(header::UPGRADE).filter(|_| wants)?;
+    let upgrade = parts.headers.get(header::UPGRADE)?;
     let h2c = upgrade.to_str().map_or(true, |v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("h2c")));
     if h2c { None } else { Some(upgrade.clone()) }
 }

@@ -292,3 +292,28 @@ fn many_routes_use_the_host_index() {
         ],
     );
 }
+
+#[test]
+fn split_host_separates_host_and_port() {
+    use std::borrow::Cow;
+    let cases: &[(&str, &str, Option<u16>)] = &[
+        ("a.com", "a.com", None),
+        ("a.com:8080", "a.com", Some(8080)),
+        ("A.Com:8080", "a.com", Some(8080)),
+        ("a.com.", "a.com", None),
+        ("a.com.:443", "a.com", Some(443)),
+        ("a.com:", "a.com", None),
+        ("a.com:http", "a.com", None),
+        ("a.com:99999", "a.com", None),
+        ("[::1]", "[::1]", None),
+        ("[::1]:8443", "[::1]", Some(8443)),
+        ("[FE80::1]", "[fe80::1]", None),
+        ("127.0.0.1:36647", "127.0.0.1", Some(36647)),
+        ("", "", None),
+    ];
+    for &(raw, host, port) in cases {
+        let (h, p) = split_host(raw);
+        assert_eq!((&*h, p), (host, port), "{raw:?}");
+        assert_eq!(matches!(h, Cow::Borrowed(_)), raw == raw.to_ascii_lowercase(), "{raw:?} allocated needlessly");
+    }
+}
