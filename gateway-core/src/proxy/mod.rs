@@ -599,8 +599,9 @@ fn prepare(
 /// that was ever borrowed in its state across the awaits that follow, and the per-request
 /// future is allocated, written and moved for every request. With the head work inline, the
 /// request's parts, the path, the host and their copies sat beside the upstream call in a
-/// 7 KB future.
-enum Step<'s> {
+/// 7 KB future. It names the route by its index in the snapshot, not by reference, so that
+/// [`handle`] can route before it builds its future (see there).
+enum Step {
     /// Answered before routing (a bad `X-Forwarded-For`): neither logged nor counted.
     Bare(Response<ResponseBody>),
     /// The gateway's own answer: an invalid path, no route, the wrong protocol, a route whose
@@ -608,8 +609,8 @@ enum Step<'s> {
     Answer(Response<ResponseBody>),
     /// A route without plugins: the upstream request, ready to send.
     Upstream {
-        route: &'s RouteRuntime,
-        service: &'s ServiceRuntime,
+        /// The route's index in the snapshot; it has a service.
+        route: usize,
         up: Request<ProxyBody>,
         /// `Set-Cookie` for `hash_on: cookie` when the key was made up.
         cookie: Option<HeaderValue>,
@@ -617,13 +618,20 @@ enum Step<'s> {
     },
     /// A route with plugins. Boxed, and run in a future of its own: the plugin context is
     /// large, and a variant this size would grow every request's future, plugins or not.
-    Plugins(Box<PluginRun<'s>>),
+    Plugins(Box<PluginRun>),
+}
+
+/// The route at `index` in `snapshot` and its service: a [`Step`] names only routes that
+/// have one.
+fn routed(snapshot: &Snapshot, index: usize) -> (&RouteRuntime, &ServiceRuntime) {
+    let route = &snapshot.routes[index];
+    (route, route.service.as_deref().expect("routing hands on only routes with a service"))
 }
 
 /// A request on a route with plugins, as routing left it.
-struct PluginRun<'s> {
-    route: &'s RouteRuntime,
-    service: &'s ServiceRuntime,
+struct PluginRun {
+    /// The route's index in the snapshot; it has a service.
+    route: usize,
     req: Request<ProxyBody>,
     fwd: Forwarding,
     ctx: RequestContext,
@@ -640,37 +648,45 @@ struct PluginRun<'s> {
 /// gRPC answer when the client speaks gRPC). The `Result` is the service's: the callers box
 /// this future as it is, since wrapping it in another `async` block to add the `Ok` would
 /// move it once more per request.
-pub(crate) async fn handle(
+///
+/// Routes at once, then builds the future of the rest: the arguments of an `async fn` stay in
+/// its state for the whole request, and the request, the connection's values and its address
+/// (476 bytes, with as much again of padding around them) would be moved into the box and
+/// carried to the end for nothing.
+pub(crate) fn handle(
     snapshot: Arc<Snapshot>,
     req: Request<ProxyBody>,
     conn: ConnInfo,
     values: ConnValues,
-) -> Result<Response<GatewayBody>, std::convert::Infallible> {
+) -> impl Future<Output = Result<Response<GatewayBody>, std::convert::Infallible>> + Send + 'static {
     let start = Instant::now();
     let mut facts = Facts::default();
     let (step, seen, grpc, bytes_in) = route_head(&snapshot, req, conn, values, start, &mut facts);
-    let mut resp = match step {
-        Step::Bare(resp) => return Ok(resp.map(|b| GatewayBody::new(b, None, None))),
-        Step::Answer(resp) => resp,
-        Step::Upstream { route, service, up, cookie, client_upgrade } => {
-            let sent = Instant::now();
-            let (mut resp, target) = call_upstream(service, route.preserve_host, up).await;
-            facts.upstream_latency = Some(sent.elapsed());
-            facts.upstream = target;
-            if let Some(c) = cookie {
-                resp.headers_mut().append(header::SET_COOKIE, c);
+    async move {
+        let mut resp = match step {
+            Step::Bare(resp) => return Ok(resp.map(|b| GatewayBody::new(b, None, None))),
+            Step::Answer(resp) => resp,
+            Step::Upstream { route, up, cookie, client_upgrade } => {
+                let (route, service) = routed(&snapshot, route);
+                let sent = Instant::now();
+                let (mut resp, target) = call_upstream(service, route.preserve_host, up).await;
+                facts.upstream_latency = Some(sent.elapsed());
+                facts.upstream = target;
+                if let Some(c) = cookie {
+                    resp.headers_mut().append(header::SET_COOKIE, c);
+                }
+                finish_upgrade(&mut resp, client_upgrade, &route.name);
+                resp
             }
-            finish_upgrade(&mut resp, client_upgrade, &route.name);
-            resp
+            Step::Plugins(run) => Box::pin(run_plugins(&snapshot, run, &mut facts)).await,
+        };
+        // The gateway's own answers (not the upstream's) become gRPC statuses for gRPC
+        // clients, which do not read HTTP statuses or JSON bodies.
+        if grpc && resp.status() != StatusCode::OK && matches!(resp.body(), ResponseBody::Full(_)) {
+            resp = grpc_answer(resp).await;
         }
-        Step::Plugins(run) => Box::pin(run_plugins(&snapshot, run, &mut facts)).await,
-    };
-    // The gateway's own answers (not the upstream's) become gRPC statuses for gRPC clients,
-    // which do not read HTTP statuses or JSON bodies.
-    if grpc && resp.status() != StatusCode::OK && matches!(resp.body(), ResponseBody::Full(_)) {
-        resp = grpc_answer(resp).await;
+        finish(&snapshot, resp, facts, seen, start, bytes_in)
     }
-    finish(&snapshot, resp, facts, seen, start, bytes_in)
 }
 
 /// The access log's view of a request: method, `Host`, URI and client address.
@@ -678,14 +694,14 @@ type Seen = (http::Method, Option<HeaderValue>, Uri, HeaderValue);
 
 /// The head of [`handle`]: the client as trusted proxies tell it, what the log and metrics
 /// need from the request, and the routing decision ([`Step`]).
-fn route_head<'s>(
-    snapshot: &'s Snapshot,
+fn route_head(
+    snapshot: &Snapshot,
     req: Request<ProxyBody>,
     mut conn: ConnInfo,
     mut values: ConnValues,
     start: Instant,
     facts: &mut Facts,
-) -> (Step<'s>, Option<Seen>, bool, u64) {
+) -> (Step, Option<Seen>, bool, u64) {
     if let Some(trusted) = &values.trusted {
         match forwarded_client(req.headers(), trusted) {
             Ok(None) => {}
@@ -873,14 +889,14 @@ fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade
 
 /// Routing and the request head's checks; for a route without plugins, the upstream request
 /// too. See [`Step`] for why this is not async.
-fn route_http<'s>(
-    snapshot: &'s Snapshot,
+fn route_http(
+    snapshot: &Snapshot,
     req: Request<ProxyBody>,
     conn: ConnInfo,
     values: ConnValues,
     start: Instant,
     facts: &mut Facts,
-) -> Step<'s> {
+) -> Step {
     let request_id = next_request_id();
     let (mut parts, mut body) = req.into_parts();
     let upgrade = upgrade_request(&parts);
@@ -1014,7 +1030,7 @@ fn route_http<'s>(
         let cookie = attach_balance_key(service, &mut req, None, &values, path, route_regex.map(|r| &**r));
         let (up, trace) = prepare(req, fwd, &conn, &values, &request_id, service.version, sample_new);
         facts.trace = Some(trace);
-        return Step::Upstream { route, service, up, cookie, client_upgrade };
+        return Step::Upstream { route: found.route, up, cookie, client_upgrade };
     }
 
     let ctx = RequestContext {
@@ -1029,7 +1045,7 @@ fn route_http<'s>(
         route_regex: route_regex.map(|re| (re.clone(), Box::from(path))),
     };
     let path = service.balancer.hash_spec().map(|_| Box::from(path));
-    Step::Plugins(Box::new(PluginRun { route, service, req, fwd, ctx, values, request_id, client_upgrade, path }))
+    Step::Plugins(Box::new(PluginRun { route: found.route, req, fwd, ctx, values, request_id, client_upgrade, path }))
 }
 
 /// Runs a route's plugins around the upstream call: access (which may answer), the call,
@@ -1037,8 +1053,8 @@ fn route_http<'s>(
 ///
 /// The run stays in its box, used in place: moving its fields out would copy them into this
 /// future's state.
-async fn run_plugins(snapshot: &Snapshot, mut run: Box<PluginRun<'_>>, facts: &mut Facts) -> Response<ResponseBody> {
-    let (route, service) = (run.route, run.service);
+async fn run_plugins(snapshot: &Snapshot, mut run: Box<PluginRun>, facts: &mut Facts) -> Response<ResponseBody> {
+    let (route, service) = routed(snapshot, run.route);
     let slots = &route.chain.slots;
     let sample_new = snapshot.observe.on_finish.is_some();
     let consumer = |ctx: &RequestContext| ctx.consumer.as_ref().map(|c| c.index);
