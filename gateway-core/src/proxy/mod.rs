@@ -1315,8 +1315,10 @@ fn join_cookies(h: &mut HeaderMap) {
     }
 }
 
-#[allow(clippy::too_many_arguments)] // one call site; the values are computed at different times
+/// The forwarding headers of the upstream request (`X-Forwarded-*`, `X-Real-IP`,
+/// `X-Request-Id`, `Via`), with hop-by-hop headers and a client's `Forwarded` stripped.
 /// Returns whether the client sent a `tracestate` (found by the same scan of the names).
+#[allow(clippy::too_many_arguments)] // one call site; the values are computed at different times
 fn set_forwarding_headers(
     h: &mut HeaderMap,
     conn: &ConnInfo,
