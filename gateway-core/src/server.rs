@@ -39,9 +39,12 @@ use crate::proxy::{ConnInfo, ConnValues, handle};
 #[derive(Debug, Clone)]
 pub struct ServerSettings {
     /// Time a client has to send a complete request head, counted from the moment the
-    /// connection is open or idle after a response. On HTTP/1.1 this is also the keep-alive
-    /// idle timeout: an idle connection that sends nothing for this long is closed (hyper
-    /// starts the header timer when a connection goes idle). Default 10 s.
+    /// connection is open or idle after a response; a connection whose head is late is closed
+    /// without an answer. On plain HTTP/1.1 connections released when idle (the default) the
+    /// first head's time includes the wait for the connection's first bytes; elsewhere that
+    /// wait (or the TLS handshake) has a header timeout of its own. On HTTP/1.1 this is also
+    /// the keep-alive idle timeout: an idle connection that sends nothing for this long is
+    /// closed. Default 10 s.
     pub header_read_timeout: Duration,
     /// How long in all a client may keep the gateway waiting for its request body (`None`: no
     /// limit): the waits for its bytes summed over the whole body, from the first read, so a
@@ -66,9 +69,10 @@ pub struct ServerSettings {
     /// request or response in flight, nothing waiting to be written) gives back its buffers
     /// and request state and keeps only its socket until the client sends again, as nginx does
     /// with its keep-alive connections. An idle connection then costs about 3 KiB of heap instead of
-    /// about 14 KiB. Checked once per period, so a connection is released between one and two
-    /// periods after it went idle; the check is a timer per connection that fires once a period
-    /// while it is open. `None` (or zero): never released. Default 100 ms.
+    /// about 14 KiB. Checked by a timer per connection that fires once a period while it is
+    /// open (or four times per header timeout, if that is more often; the same timer times the
+    /// connection's request heads), so a connection is released between one and two periods
+    /// after it went idle. `None` (or zero): never released. Default 100 ms.
     pub release_idle_after: Option<Duration>,
 }
 
@@ -88,10 +92,12 @@ impl Default for ServerSettings {
 }
 
 impl ServerSettings {
-    fn http1(&self) -> http1::Builder {
+    /// `header_timer`: whether hyper times request heads. Plain HTTP/1.1 connections that are
+    /// released when idle time them in [`serve_plain_http1`] instead.
+    fn http1(&self, header_timer: bool) -> http1::Builder {
         let mut b = http1::Builder::new();
         b.timer(TokioTimer::new())
-            .header_read_timeout(self.header_read_timeout)
+            .header_read_timeout(header_timer.then_some(self.header_read_timeout))
             // The exact limit on the head; the buffer bound alone is approximate, as hyper
             // reads into whatever capacity its buffer has grown to.
             .max_header_size(self.max_header_bytes)
@@ -145,6 +151,8 @@ async fn protocol_decidable(stream: &tokio::net::TcpStream) -> Option<bool> {
 /// (HTTP/1.1 or h2c) and by ALPN on TLS listeners.
 struct Builders {
     h1: http1::Builder,
+    /// HTTP/1.1 without hyper's header timer, for the connections [`serve_plain_http1`] serves.
+    h1_released: http1::Builder,
     h2: http2::Builder<TokioExecutor>,
 }
 
@@ -262,11 +270,13 @@ pub(crate) struct Activity {
     held: AtomicUsize,
     /// Bytes came from the client since the task last looked.
     read: AtomicBool,
+    /// A whole request head came (the service was called) since the task last looked.
+    headed: AtomicBool,
     /// The last write to the client had to wait.
     write_blocked: AtomicBool,
     /// The connection was about to be released with part of a request head in hand: not
-    /// again until a whole head has come, so that a client trickling its head cannot restart
-    /// hyper's header timer (which a new hyper connection does) for ever.
+    /// again until a whole head has come (releasing it mid-head would only cost a new hyper
+    /// connection), and the head's time keeps running.
     replayed: AtomicBool,
 }
 
@@ -384,28 +394,65 @@ impl std::task::Wake for TimerWake {
     }
 }
 
-/// Resolves once a connection has been idle through a whole `period`: nothing read, nothing
-/// held, no write waiting. One timer, reset once a period while the connection is busy.
-async fn idle(activity: &Activity, period: Duration) {
+/// What [`watch`] saw on a plain HTTP/1 connection.
+enum Quiet {
+    /// Idle for `release_after`: nothing read, nothing held, no write waiting.
+    Idle,
+    /// A request head has been on its way for the header timeout.
+    HeadTimedOut,
+}
+
+/// Watches a plain HTTP/1 connection from its task, with one timer that fires once a
+/// `tick` (reset then, whatever the connection does), and resolves once the connection has
+/// been idle for `release_after` (at least that, in whole ticks) or a request head has been
+/// coming for `header_timeout` (give or take a tick).
+///
+/// The head's clock is `head_since`, kept by the caller across the hyper connections a
+/// released connection goes through: it runs while bytes come (or wait in hand) and no
+/// request is made of them, from the tick before the first of them (from the connection's
+/// accept for its first head), and stops when a request comes. Timed here rather than by
+/// hyper's header timer, which a hyper connection arms for every request head and drops once
+/// the head is read: a tokio timer registered, polled and deregistered per request, about 700
+/// instructions a request, where this costs nothing per request.
+async fn watch(
+    activity: &Activity,
+    tick: Duration,
+    release_after: Duration,
+    header_timeout: Duration,
+    head_since: &mut Option<tokio::time::Instant>,
+) -> Quiet {
     // `fired` starts set: the first poll registers the timer.
     let timer = Arc::new(TimerWake { fired: AtomicBool::new(true), task: AtomicWaker::new() });
     let waker = Waker::from(timer.clone());
-    let sleep = tokio::time::sleep(period);
+    let mut last = tokio::time::Instant::now();
+    let sleep = tokio::time::sleep_until(last + tick);
     tokio::pin!(sleep);
+    let mut quiet_since = last;
     std::future::poll_fn(|cx| {
         while timer.fired.swap(false, Ordering::Acquire) {
             timer.task.register(cx.waker());
             // A poll without coop budget left wakes `waker` at once, so it is polled again.
             ready!(sleep.as_mut().poll(&mut Context::from_waker(&waker)));
+            let now = tokio::time::Instant::now();
             let read = activity.read.swap(false, Ordering::Relaxed);
-            if !read
-                && activity.held.load(Ordering::Relaxed) == 0
-                && !activity.write_blocked.load(Ordering::Relaxed)
-                && !activity.replayed.load(Ordering::Relaxed)
-            {
-                return Poll::Ready(());
+            let held = activity.held.load(Ordering::Relaxed) != 0;
+            let replayed = activity.replayed.load(Ordering::Relaxed);
+            if activity.headed.swap(false, Ordering::Relaxed) || held {
+                *head_since = None;
+            } else if read || replayed {
+                // Bytes came after the last tick, or part of a head is in hand, and no request
+                // was made of them: a head is on its way.
+                if now.duration_since(*head_since.get_or_insert(last)) >= header_timeout {
+                    return Poll::Ready(Quiet::HeadTimedOut);
+                }
             }
-            sleep.as_mut().reset(tokio::time::Instant::now() + period);
+            if read || held || replayed || activity.write_blocked.load(Ordering::Relaxed) {
+                quiet_since = now;
+            } else if now.duration_since(quiet_since) >= release_after {
+                return Poll::Ready(Quiet::Idle);
+            }
+            last = now;
+            sleep.as_mut().reset(now + tick);
             timer.fired.store(true, Ordering::Relaxed);
         }
         Poll::Pending
@@ -417,7 +464,7 @@ async fn idle(activity: &Activity, period: Duration) {
 enum Next {
     Ended(Result<(), hyper::Error>),
     Draining,
-    Idle,
+    Quiet(Quiet),
 }
 
 /// Serves a plain HTTP/1 connection like [`serve_connection`], and releases it whenever it
@@ -434,7 +481,8 @@ async fn serve_plain_http1<S>(
     client: std::net::SocketAddr,
     activity: Arc<Activity>,
     release_after: Duration,
-    keep_alive: Duration,
+    header_timeout: Duration,
+    accepted: tokio::time::Instant,
     shared: &Shared,
 ) where
     S: hyper::service::HttpService<hyper::body::Incoming, ResBody = GatewayBody> + Unpin,
@@ -442,19 +490,28 @@ async fn serve_plain_http1<S>(
     S::Future: Send + 'static,
 {
     let mut io = Watched { stream, replay: Bytes::new(), activity: activity.clone() };
+    // The first head's time counts from the accept, the wait for its first bytes included.
+    let mut head_since = Some(accepted);
+    // Often enough for the header timeout to be kept within a quarter of itself.
+    let tick = release_after.min(header_timeout / 4).max(Duration::from_millis(1));
     loop {
-        let mut conn = builders.h1.serve_connection(TokioIo::new(io), svc).with_upgrades();
+        let mut conn = builders.h1_released.serve_connection(TokioIo::new(io), svc).with_upgrades();
         let next = tokio::select! {
             r = &mut conn => Next::Ended(r),
             _ = reached(&mut shutdown, Phase::Draining) => Next::Draining,
-            _ = idle(&activity, release_after) => Next::Idle,
+            q = watch(&activity, tick, release_after, header_timeout, &mut head_since) => Next::Quiet(q),
         };
         match next {
             Next::Ended(r) => return ended(r, client),
             Next::Draining => {
                 return drain(Pin::new(&mut conn), |c| c.graceful_shutdown(), &mut shutdown, client).await;
             }
-            Next::Idle => {}
+            Next::Quiet(Quiet::HeadTimedOut) => {
+                // Closed without an answer, as hyper's header timer does.
+                tracing::debug!(%client, "no request head within the header timeout; closing");
+                return;
+            }
+            Next::Quiet(Quiet::Idle) => {}
         }
         // Idle: nothing in flight, so nothing of hyper's state is lost. `None` only after an
         // upgrade, which ends the connection's future first.
@@ -475,7 +532,7 @@ async fn serve_plain_http1<S>(
         let woke = tokio::select! {
             biased;
             _ = reached(&mut shutdown, Phase::Draining) => false,
-            r = tokio::time::timeout(keep_alive.saturating_sub(release_after), io.stream.readable()) => {
+            r = tokio::time::timeout(header_timeout.saturating_sub(release_after), io.stream.readable()) => {
                 matches!(r, Ok(Ok(())))
             }
         };
@@ -496,7 +553,8 @@ pub(crate) async fn serve(
     settings: ServerSettings,
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
-    let builders = Arc::new(Builders { h1: settings.http1(), h2: settings.http2() });
+    let builders =
+        Arc::new(Builders { h1: settings.http1(true), h1_released: settings.http1(false), h2: settings.http2() });
     let acceptor = if tls_listeners.is_empty() {
         None
     } else {
@@ -540,6 +598,7 @@ pub(crate) async fn serve(
                         continue;
                     }
                 };
+                let accepted = tokio::time::Instant::now();
                 let _ = stream.set_nodelay(true);
                 let conn_info = ConnInfo { client, local, tls: tls.is_some() };
                 let shared = shared.clone();
@@ -560,6 +619,7 @@ pub(crate) async fn serve(
                             let (hold, body_hold) = match &activity {
                                 Some(activity) => {
                                     activity.replayed.store(false, Ordering::Relaxed);
+                                    activity.headed.store(true, Ordering::Relaxed);
                                     let body_hold = (!hyper::body::Body::is_end_stream(req.body()))
                                         .then(|| ConnHold::new(activity));
                                     (Some(ConnHold::new(activity)), body_hold)
@@ -607,6 +667,7 @@ pub(crate) async fn serve(
                                     activity,
                                     after,
                                     header_timeout,
+                                    accepted,
                                     &conn_shared,
                                 )
                                 .await

@@ -65,10 +65,22 @@ async fn too_many_headers_get_431() {
     gw.shutdown().await;
 }
 
+/// Plain HTTP/1.1 connections released when idle (the default) time their heads in the
+/// gateway's connection task; the others leave it to hyper. Both must cut a trickle off.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_header_trickle_is_cut_off_by_the_header_timeout() {
+    header_trickle_cut_off(Some(Duration::from_millis(100))).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_header_trickle_is_cut_off_by_the_header_timeout_without_idle_release() {
+    header_trickle_cut_off(None).await;
+}
+
+async fn header_trickle_cut_off(release_idle_after: Option<Duration>) {
     let up = echo_upstream().await;
-    let settings = ServerSettings { header_read_timeout: Duration::from_millis(400), ..Default::default() };
+    let settings =
+        ServerSettings { header_read_timeout: Duration::from_millis(400), release_idle_after, ..Default::default() };
     let gw = start_gateway_with(&config(up.addr), settings).await;
     let mut s = TcpStream::connect(gw.addr).await.unwrap();
     let start = Instant::now();
@@ -296,6 +308,53 @@ async fn a_request_head_split_by_a_pause_is_served_whole() {
     let echo: serde_json::Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(echo["uri"], "/split");
     assert_eq!(echo["headers"]["x-part"][0], "two");
+    gw.shutdown().await;
+}
+
+/// Waits until the server closes `s` (at most 5 s), reading whatever it sends; returns
+/// the time from `since` and what was read.
+async fn closed_after(s: &mut TcpStream, since: Instant) -> (Duration, Vec<u8>) {
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest)).await;
+    assert!(read.is_ok(), "the connection is still open after 5 s");
+    (since.elapsed(), rest)
+}
+
+/// The first head's time counts from the accept, as nginx's `client_header_timeout` does: a
+/// client that waits before its first bytes does not get a fresh timeout from them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_head_is_timed_from_the_accept() {
+    let up = echo_upstream().await;
+    let settings = ServerSettings { header_read_timeout: Duration::from_millis(800), ..Default::default() };
+    let gw = start_gateway_with(&config(up.addr), settings).await;
+    let mut s = TcpStream::connect(gw.addr).await.unwrap();
+    let connected = Instant::now();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n").await.unwrap();
+    let (waited, answer) = closed_after(&mut s, connected).await;
+    assert!(answer.is_empty(), "no answer to a head that never ended: {:?}", String::from_utf8_lossy(&answer));
+    assert!(waited >= Duration::from_millis(750), "closed before the header timeout: {waited:?}");
+    // 800 ms and a tick (200 ms) at most; a fresh timeout from the first bytes would be 1.4 s.
+    assert!(waited < Duration::from_millis(1250), "timed from the first bytes, not the accept: {waited:?}");
+    gw.shutdown().await;
+}
+
+/// Part of a second head sent with the first request and never finished: the connection is
+/// released with it in hand, and the head's time keeps running across the release.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_head_left_unfinished_across_a_release_still_times_out() {
+    let up = echo_upstream().await;
+    let settings = ServerSettings { header_read_timeout: Duration::from_millis(600), ..releasing(50) };
+    let gw = start_gateway_with(&config(up.addr), settings).await;
+    let mut s = TcpStream::connect(gw.addr).await.unwrap();
+    s.write_all(b"GET /a HTTP/1.1\r\nhost: x\r\n\r\nGET /b HTTP/1.1\r\nhost: x\r\n").await.unwrap();
+    let (head, _) = read_response(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let answered = Instant::now();
+    let (waited, answer) = closed_after(&mut s, answered).await;
+    assert!(answer.is_empty(), "no answer to the unfinished head: {:?}", String::from_utf8_lossy(&answer));
+    assert!(waited >= Duration::from_millis(450), "closed before the header timeout: {waited:?}");
+    assert!(waited < Duration::from_millis(1500), "closed only after {waited:?}");
     gw.shutdown().await;
 }
 
