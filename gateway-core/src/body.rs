@@ -479,7 +479,7 @@ pub struct GatewayBody {
     /// Counts the request as in flight to its target until the body is gone.
     _in_flight: Option<std::sync::Arc<crate::balance::InFlight>>,
     /// Marks the client connection busy until the body is gone.
-    hold: Option<ConnHold>,
+    _hold: Option<ConnHold>,
 }
 
 impl std::fmt::Debug for GatewayBody {
@@ -489,17 +489,14 @@ impl std::fmt::Debug for GatewayBody {
 }
 
 impl GatewayBody {
+    /// `hold`: the connection's busy mark, kept until the body is gone.
     pub(crate) fn new(
         inner: ResponseBody,
         exchange: Option<crate::observe::Exchange>,
         in_flight: Option<std::sync::Arc<crate::balance::InFlight>>,
+        hold: Option<ConnHold>,
     ) -> Self {
-        GatewayBody { inner, exchange, _in_flight: in_flight, hold: None }
-    }
-
-    /// Keeps the connection's busy mark until the body is gone.
-    pub(crate) fn hold(&mut self, hold: ConnHold) {
-        self.hold = Some(hold);
+        GatewayBody { inner, exchange, _in_flight: in_flight, _hold: hold }
     }
 
     /// Collects the whole body (for tests and small bodies).

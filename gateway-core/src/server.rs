@@ -24,7 +24,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::task::AtomicWaker;
-use http::Response;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -295,25 +294,6 @@ impl ConnHold {
 impl Drop for ConnHold {
     fn drop(&mut self) {
         self.0.held.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-/// A request's future whose response body takes over the request's [`ConnHold`].
-/// Hand-written rather than an `async` block, which would move the boxed future once more.
-struct Holding {
-    fut: Pin<Box<dyn Future<Output = Result<Response<GatewayBody>, std::convert::Infallible>> + Send>>,
-    hold: Option<ConnHold>,
-}
-
-impl Future for Holding {
-    type Output = Result<Response<GatewayBody>, std::convert::Infallible>;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let Ok(mut resp) = ready!(self.fut.as_mut().poll(cx));
-        if let Some(hold) = self.hold.take() {
-            resp.body_mut().hold(hold);
-        }
-        Poll::Ready(Ok(resp))
     }
 }
 
@@ -629,11 +609,12 @@ pub(crate) async fn serve(
                             let snapshot = shared.snapshot.load_full();
                             let req = req.map(|body| ProxyBody::incoming_held(body, body_timeout, body_hold));
                             let values = values.clone();
-                            // Boxed: hyper keeps a slot the size of this future in every
-                            // connection, idle or not; a box keeps that slot one pointer wide
-                            // and the request's state allocated only while the request is in
-                            // flight.
-                            Holding { fut: Box::pin(handle(snapshot, req, conn_info, values)), hold }
+                            // Not boxed: hyper's HTTP/1 connection keeps one boxed slot for
+                            // its request's future, allocated with the connection, which this
+                            // future is moved into; a box of its own would allocate and free
+                            // again per request. The slot lives as long as hyper's
+                            // connection, which on plain HTTP/1.1 is taken apart when idle.
+                            handle(snapshot, req, conn_info, values, hold)
                         })
                     };
                     let Some(acceptor) = tls else {

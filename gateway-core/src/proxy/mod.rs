@@ -45,6 +45,7 @@ use crate::observe::{ConsumerMetrics, Exchange, LogLine, RouteMetrics, TraceCont
 use crate::plugin::RequestContext;
 use crate::proxy::client::TargetClient;
 use crate::router::{RouteInput, split_host};
+use crate::server::ConnHold;
 use crate::snapshot::{RouteRuntime, ServiceRuntime, Snapshot};
 
 /// Facts about the connection a request arrived on.
@@ -657,9 +658,10 @@ struct PluginRun {
 }
 
 /// Handles one request against one snapshot. Never fails: every error is an HTTP answer (a
-/// gRPC answer when the client speaks gRPC). The `Result` is the service's: the callers box
-/// this future as it is, since wrapping it in another `async` block to add the `Ok` would
-/// move it once more per request.
+/// gRPC answer when the client speaks gRPC). The `Result` is the service's: the callers hand
+/// this future on as it is, since wrapping it in another `async` block to add the `Ok` would
+/// move it once more per request. `hold`: the connection's busy mark, which the response
+/// body keeps until it is gone.
 ///
 /// Routes at once, then builds the future of the rest: the arguments of an `async fn` stay in
 /// its state for the whole request, and the request, the connection's values and its address
@@ -670,13 +672,14 @@ pub(crate) fn handle(
     req: Request<ProxyBody>,
     conn: ConnInfo,
     values: ConnValues,
+    hold: Option<ConnHold>,
 ) -> impl Future<Output = Result<Response<GatewayBody>, std::convert::Infallible>> + Send + 'static {
     let start = Instant::now();
     let mut facts = Facts::default();
     let (step, seen, grpc, bytes_in) = route_head(&snapshot, req, conn, values, start, &mut facts);
     async move {
         let mut resp = match step {
-            Step::Bare(resp) => return Ok(resp.map(|b| GatewayBody::new(b, None, None))),
+            Step::Bare(resp) => return Ok(resp.map(|b| GatewayBody::new(b, None, None, hold))),
             Step::Answer(resp) => resp,
             Step::Upstream { route, up, cookie, client_upgrade } => {
                 let (route, service) = routed(&snapshot, route);
@@ -697,7 +700,7 @@ pub(crate) fn handle(
         if grpc && resp.status() != StatusCode::OK && matches!(resp.body(), ResponseBody::Full(_)) {
             resp = grpc_answer(resp).await;
         }
-        finish(&snapshot, resp, facts, seen, start, bytes_in)
+        finish(&snapshot, resp, facts, seen, start, bytes_in, hold)
     }
 }
 
@@ -768,6 +771,7 @@ fn finish(
     seen: Option<Seen>,
     start: Instant,
     bytes_in: u64,
+    hold: Option<ConnHold>,
 ) -> Result<Response<GatewayBody>, std::convert::Infallible> {
     let (metrics_on, access_log, latency_headers) =
         (snapshot.observe.metrics, snapshot.observe.access_log, snapshot.observe.latency_headers);
@@ -783,7 +787,7 @@ fn finish(
     }
     let in_flight = resp.extensions_mut().remove::<Arc<InFlight>>();
     if !metrics_on && !access_log && hook.is_none() {
-        return Ok(resp.map(|b| GatewayBody::new(b, None, in_flight)));
+        return Ok(resp.map(|b| GatewayBody::new(b, None, in_flight, hold)));
     }
     let log = seen.map(|(method, host, uri, client)| LogLine {
         request_id: resp.headers().get(&X_REQUEST_ID).cloned().unwrap_or_else(|| HeaderValue::from_static("-")),
@@ -809,7 +813,7 @@ fn finish(
         bytes_in,
         bytes_out: 0,
     };
-    Ok(resp.map(|b| GatewayBody::new(b, Some(exchange), in_flight)))
+    Ok(resp.map(|b| GatewayBody::new(b, Some(exchange), in_flight, hold)))
 }
 
 /// Kong's `X-Kong-Upstream-Latency`, under this gateway's name (milliseconds).
