@@ -628,6 +628,8 @@ enum Step {
         /// `Set-Cookie` for `hash_on: cookie` when the key was made up.
         cookie: Option<HeaderValue>,
         client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+        /// The request's id, as `up` carries it.
+        request_id: HeaderValue,
     },
     /// A route with plugins. Boxed, and run in a future of its own: the plugin context is
     /// large, and a variant this size would grow every request's future, plugins or not.
@@ -681,10 +683,10 @@ pub(crate) fn handle(
         let mut resp = match step {
             Step::Bare(resp) => return Ok(resp.map(|b| GatewayBody::new(b, None, None, hold))),
             Step::Answer(resp) => resp,
-            Step::Upstream { route, up, cookie, client_upgrade } => {
+            Step::Upstream { route, up, cookie, client_upgrade, request_id } => {
                 let (route, service) = routed(&snapshot, route);
                 let sent = Instant::now();
-                let (mut resp, target) = call_upstream(service, route.preserve_host, up).await;
+                let (mut resp, target) = call_upstream(service, route.preserve_host, up, Some(request_id)).await;
                 facts.upstream_latency = Some(sent.elapsed());
                 facts.upstream = target;
                 if let Some(c) = cookie {
@@ -1046,7 +1048,7 @@ fn route_http(
         let cookie = attach_balance_key(service, &mut req, None, &values, path, route_regex.map(|r| &**r));
         let (up, trace) = prepare(req, fwd, &conn, &values, &request_id, service.version, sample_new);
         facts.trace = Some(trace);
-        return Step::Upstream { route: found.route, up, cookie, client_upgrade };
+        return Step::Upstream { route: found.route, up, cookie, client_upgrade, request_id };
     }
 
     let ctx = RequestContext {
@@ -1117,7 +1119,7 @@ async fn run_plugins(snapshot: &Snapshot, mut run: Box<PluginRun>, facts: &mut F
                     resp
                 }
                 None => {
-                    let (resp, target) = call_upstream(service, route.preserve_host, up).await;
+                    let (resp, target) = call_upstream(service, route.preserve_host, up, None).await;
                     facts.upstream = target;
                     resp
                 }
@@ -1255,7 +1257,7 @@ impl tower_service::Service<Request<ProxyBody>> for UpstreamCall {
     fn call(&mut self, req: Request<ProxyBody>) -> Self::Future {
         let this = self.clone();
         Box::pin(async move {
-            let (mut resp, target) = call_upstream(&this.service, this.preserve_host, req).await;
+            let (mut resp, target) = call_upstream(&this.service, this.preserve_host, req, None).await;
             if let Some(t) = target {
                 resp.extensions_mut().insert(UpstreamTarget(t));
             }
@@ -1275,13 +1277,16 @@ fn is_idempotent(m: &http::Method) -> bool {
 /// failures on another target; answers failures as JSON errors.
 ///
 /// Takes the request apart before the future starts: an `async fn` would keep the request
-/// twice in its state, as the argument and as the local it moves into.
+/// twice in its state, as the argument and as the local it moves into. `request_id`: the
+/// request's `X-Request-Id` when the caller knows it (a hashed lookup otherwise: plugins and
+/// layers may have set another).
 fn call_upstream(
     service: &ServiceRuntime,
     preserve_host: bool,
     req: Request<ProxyBody>,
+    request_id: Option<HeaderValue>,
 ) -> impl Future<Output = (Response<ResponseBody>, Option<Arc<str>>)> + Send + '_ {
-    let request_id = req.headers().get(&X_REQUEST_ID).cloned().unwrap_or_else(next_request_id);
+    let request_id = request_id.or_else(|| req.headers().get(&X_REQUEST_ID).cloned()).unwrap_or_else(next_request_id);
     let (mut parts, body) = req.into_parts();
     let pq = parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
     async move {
