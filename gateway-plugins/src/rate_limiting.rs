@@ -36,6 +36,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use gateway_core::body::{ProxyBody, ResponseBody};
 use gateway_core::plugin::{Answer, BoxFuture, BuildContext, Plugin, RequestContext, TypedFactory, typed_factory};
+use gateway_core::proxy::decimal_value;
 use http::{HeaderName, HeaderValue, Request, Response, StatusCode, header};
 use serde::Deserialize;
 
@@ -757,19 +758,22 @@ impl RedisPolicy {
 
 impl RateLimiting {
     fn write_headers(&self, h: &mut http::HeaderMap, usage: &Usage) {
-        let mut tightest: Option<(u32, u32)> = None;
+        // Values cut from the gateway's per-request buffer, and shared between the two headers
+        // that carry the same number: `HeaderValue::from(u32)` allocates each one.
+        let mut tightest: Option<(&Limit, u32, HeaderValue)> = None;
         for &(i, left) in &usage.remaining {
             let limit = &self.limits[i];
+            let value = decimal_value(u64::from(left));
             h.insert(limit.limit_header.clone(), limit.limit_value.clone());
-            h.insert(limit.remaining_header.clone(), HeaderValue::from(left));
-            if tightest.is_none_or(|(_, l)| left < l) {
-                tightest = Some((limit.limit, left));
+            h.insert(limit.remaining_header.clone(), value.clone());
+            if tightest.as_ref().is_none_or(|(_, l, _)| left < *l) {
+                tightest = Some((limit, left, value));
             }
         }
-        if let Some((limit, left)) = tightest {
-            h.insert(RATELIMIT_LIMIT.clone(), HeaderValue::from(limit));
-            h.insert(RATELIMIT_REMAINING.clone(), HeaderValue::from(left));
-            h.insert(RATELIMIT_RESET.clone(), HeaderValue::from(usage.reset.max(1)));
+        if let Some((limit, _, left)) = tightest {
+            h.insert(RATELIMIT_LIMIT.clone(), limit.limit_value.clone());
+            h.insert(RATELIMIT_REMAINING.clone(), left);
+            h.insert(RATELIMIT_RESET.clone(), decimal_value(usage.reset.max(1)));
         }
     }
 }
