@@ -228,7 +228,11 @@ async fn drive<C>(
     C: Future<Output = Result<(), hyper::Error>>,
 {
     tokio::pin!(conn);
+    // `biased`: polled in order, the connection first, without the random pick of a first
+    // branch that `select!` makes on each of the task's wake-ups (several per request). The
+    // others are seen whenever the connection waits, which is all they need.
     tokio::select! {
+        biased;
         r = conn.as_mut() => ended(r, client),
         _ = reached(shutdown, Phase::Draining) => drain(conn, graceful, shutdown, client).await,
     }
@@ -476,7 +480,9 @@ async fn serve_plain_http1<S>(
     let tick = release_after.min(header_timeout / 4).max(Duration::from_millis(1));
     loop {
         let mut conn = builders.h1_released.serve_connection(TokioIo::new(io), svc).with_upgrades();
+        // `biased`, as in `drive`.
         let next = tokio::select! {
+            biased;
             r = &mut conn => Next::Ended(r),
             _ = reached(&mut shutdown, Phase::Draining) => Next::Draining,
             q = watch(&activity, tick, release_after, header_timeout, &mut head_since) => Next::Quiet(q),
