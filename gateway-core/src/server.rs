@@ -380,7 +380,8 @@ impl std::task::Wake for TimerWake {
 
 /// What [`watch`] saw on a plain HTTP/1 connection.
 enum Quiet {
-    /// Idle for `release_after`: nothing read, nothing held, no write waiting.
+    /// Idle for `release_after`, or for the header timeout (the keep-alive time) if that is
+    /// shorter: nothing read, nothing held, no write waiting.
     Idle,
     /// A request head has been on its way for the header timeout.
     HeadTimedOut,
@@ -388,8 +389,8 @@ enum Quiet {
 
 /// Watches a plain HTTP/1 connection from its task, with one timer that fires once a
 /// `tick` (reset then, whatever the connection does), and resolves once the connection has
-/// been idle for `release_after` (at least that, in whole ticks) or a request head has been
-/// coming for `header_timeout` (give or take a tick).
+/// been idle for `release_after` or `header_timeout`, whichever is shorter (at least that, in
+/// whole ticks), or a request head has been coming for `header_timeout` (give or take a tick).
 ///
 /// The head's clock is `head_since`, kept by the caller across the hyper connections a
 /// released connection goes through: it runs while bytes come (or wait in hand) and no
@@ -423,16 +424,23 @@ async fn watch(
             let replayed = activity.replayed.load(Ordering::Relaxed);
             if activity.headed.swap(false, Ordering::Relaxed) || held {
                 *head_since = None;
-            } else if read || replayed {
-                // Bytes came after the last tick, or part of a head is in hand, and no request
-                // was made of them: a head is on its way.
-                if now.duration_since(*head_since.get_or_insert(last)) >= header_timeout {
+            } else {
+                if read || replayed {
+                    // Bytes came after the last tick, or part of a head is in hand, and no
+                    // request was made of them: a head is on its way.
+                    head_since.get_or_insert(last);
+                }
+                // Checked on quiet ticks too, so that a head that stopped coming is cut off on
+                // time, not only once the connection has been released and the head replayed.
+                if head_since.is_some_and(|since| now.duration_since(since) >= header_timeout) {
                     return Poll::Ready(Quiet::HeadTimedOut);
                 }
             }
             if read || held || replayed || activity.write_blocked.load(Ordering::Relaxed) {
                 quiet_since = now;
-            } else if now.duration_since(quiet_since) >= release_after {
+            } else if now.duration_since(quiet_since) >= release_after.min(header_timeout) {
+                // Idle for the release, or for the keep-alive time if that comes first (the
+                // caller then closes the connection).
                 return Poll::Ready(Quiet::Idle);
             }
             last = now;

@@ -358,6 +358,34 @@ async fn a_head_left_unfinished_across_a_release_still_times_out() {
     gw.shutdown().await;
 }
 
+/// A head that stops coming is cut off by the header timeout, and an idle connection closed
+/// after it (the keep-alive time), even when the connection would be released only later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_head_or_an_idle_connection_times_out_before_a_later_release() {
+    let up = echo_upstream().await;
+    let settings = ServerSettings { header_read_timeout: Duration::from_millis(400), ..releasing(3000) };
+    let gw = start_gateway_with(&config(up.addr), settings).await;
+    let mut s = TcpStream::connect(gw.addr).await.unwrap();
+    s.write_all(b"GET /a HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
+    let (head, _) = read_response(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    s.write_all(b"GET /b HTTP/1.1\r\nhost: x\r\n").await.unwrap();
+    let stalled = Instant::now();
+    let (waited, answer) = closed_after(&mut s, stalled).await;
+    assert!(answer.is_empty(), "no answer to the unfinished head: {:?}", String::from_utf8_lossy(&answer));
+    assert!(waited >= Duration::from_millis(250), "closed before the header timeout: {waited:?}");
+    assert!(waited < Duration::from_millis(1500), "closed only after {waited:?}, not by the header timeout");
+
+    let mut s = TcpStream::connect(gw.addr).await.unwrap();
+    s.write_all(b"GET /a HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
+    read_response(&mut s).await;
+    let idle = Instant::now();
+    let (waited, _) = closed_after(&mut s, idle).await;
+    assert!(waited >= Duration::from_millis(250), "closed before the keep-alive time: {waited:?}");
+    assert!(waited < Duration::from_millis(1500), "idle connection closed only after {waited:?}");
+    gw.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_released_connection_is_closed_after_the_keep_alive_time_and_at_shutdown() {
     let up = echo_upstream().await;
