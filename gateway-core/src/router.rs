@@ -535,7 +535,7 @@ impl Router {
             let mut buf = String::with_capacity(host.len() + 6);
             buf.push_str(host);
             buf.push(':');
-            buf.push_str(itoa_u16(port, &mut [0u8; 5]));
+            buf.push_str(itoa::Buffer::new().format(port));
             if let Some(t) = self.exact.get(buf.as_str()) {
                 t.find(&self.entries, input, &mut best);
             }
@@ -630,19 +630,6 @@ fn parse_host(host: &str, single_label: bool) -> Result<(HostKind, String), Stri
         ));
     }
     Ok((HostKind::Exact, lower))
-}
-
-fn itoa_u16(mut n: u16, buf: &mut [u8; 5]) -> &str {
-    let mut i = buf.len();
-    loop {
-        i -= 1;
-        buf[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    std::str::from_utf8(&buf[i..]).unwrap_or("0")
 }
 
 /// Splits a `Host` value into a lower-case host and an optional port, allocating only when the
