@@ -793,7 +793,7 @@ fn finish(
     let hook = snapshot.observe.on_finish.clone();
     let head = start.elapsed();
     if latency_headers {
-        let ms = |d: Duration| HeaderValue::from(u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        let ms = |d: Duration| decimal_value(u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
         let h = resp.headers_mut();
         if let Some(up) = facts.upstream_latency {
             h.insert(X_UPSTREAM_LATENCY.clone(), ms(up));
