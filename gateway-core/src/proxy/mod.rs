@@ -211,31 +211,37 @@ fn remove_hop_by_hop_present(headers: &mut HeaderMap, keep_te_trailers: bool) {
     }
 }
 
-fn via_value<'a>(ours: &'static str, previous: impl Iterator<Item = &'a HeaderValue>) -> HeaderValue {
+fn via_value<'a>(ours: &HeaderValue, previous: impl Iterator<Item = &'a HeaderValue>) -> HeaderValue {
     let mut b = BytesMut::with_capacity(64);
     for prev in previous {
         b.put_slice(prev.as_bytes());
         b.put_slice(b", ");
     }
     b.put_slice(ours.as_bytes());
-    HeaderValue::from_maybe_shared(b.freeze()).unwrap_or(HeaderValue::from_static(ours))
+    HeaderValue::from_maybe_shared(b.freeze()).unwrap_or_else(|_| ours.clone())
 }
 
 /// Adds this hop to `Via` (one hashed lookup when there is none yet, the common case).
 fn append_via(headers: &mut HeaderMap, version: Version) {
-    let ours: &'static str = match version {
-        Version::HTTP_10 => "1.0 gateway",
-        Version::HTTP_2 => "2 gateway",
-        Version::HTTP_3 => "3 gateway",
-        _ => "1.1 gateway",
+    // Constants, checked when compiled: `from_static` called at run time on a string picked
+    // by a `match` checks it a byte at a time, twice a request (about 250 instructions).
+    const HTTP_10: HeaderValue = HeaderValue::from_static("1.0 gateway");
+    const HTTP_11: HeaderValue = HeaderValue::from_static("1.1 gateway");
+    const HTTP_2: HeaderValue = HeaderValue::from_static("2 gateway");
+    const HTTP_3: HeaderValue = HeaderValue::from_static("3 gateway");
+    let ours = match version {
+        Version::HTTP_10 => HTTP_10,
+        Version::HTTP_2 => HTTP_2,
+        Version::HTTP_3 => HTTP_3,
+        _ => HTTP_11,
     };
-    debug_assert!(ours.ends_with(VIA_TOKEN));
+    debug_assert!(ours.as_bytes().ends_with(VIA_TOKEN.as_bytes()));
     match headers.entry(header::VIA) {
         header::Entry::Vacant(v) => {
-            v.insert(HeaderValue::from_static(ours));
+            v.insert(ours);
         }
         header::Entry::Occupied(mut o) => {
-            let v = via_value(ours, o.iter());
+            let v = via_value(&ours, o.iter());
             o.insert(v);
         }
     }
