@@ -1,5 +1,6 @@
 //! Upstream faults the client must see plainly: an upstream that closes mid-response gives a
-//! truncated answer and a closed connection, never a hang, and the failure is logged.
+//! truncated answer and a closed connection, never a hang, and the failure is logged; a client
+//! that hangs up ends its upstream call.
 //! (Slow, refusing and vanishing upstreams are in `proxy.rs` and the plugins' `retries.rs`,
 //! Redis stopping in `rate_limiting_redis.rs`, reload storms in `reload_under_load.rs`.)
 
@@ -19,6 +20,26 @@ fn log_lines() -> Vec<serde_json::Value> {
     captured_log().lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
 }
 
+/// One service at `upstream` without retries, routed from `/`; `extra`: more service fields.
+fn service_yaml(upstream: std::net::SocketAddr, extra: &str) -> String {
+    format!(
+        "_format_version: \"3.0\"\nservices:\n- name: s\n  url: http://{upstream}\n  retries: 0\n{extra}  routes: [{{name: r, paths: [\"/\"]}}]\n"
+    )
+}
+
+/// Reads up to the end of a request head; false if the connection ended first.
+async fn read_head(s: &mut TcpStream) -> bool {
+    let mut head = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        match s.read(&mut buf).await {
+            Ok(0) | Err(_) => return false,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+    }
+    true
+}
+
 /// An upstream that reads a request head, writes `answer` and closes the connection.
 async fn cut_off_upstream(answer: &'static [u8]) -> Upstream {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -27,13 +48,8 @@ async fn cut_off_upstream(answer: &'static [u8]) -> Upstream {
         loop {
             let Ok((mut s, _)) = listener.accept().await else { return };
             tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut buf = [0u8; 4096];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match s.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
+                if !read_head(&mut s).await {
+                    return;
                 }
                 let _ = s.write_all(answer).await;
                 // Dropping the socket closes it, mid-response.
@@ -50,11 +66,7 @@ async fn an_upstream_closing_mid_response_gives_a_truncated_answer_and_is_logged
     let chunked =
         cut_off_upstream(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\na\r\n0123456789\r\n64\r\n01234").await;
     for (name, upstream) in [("content-length", &length_framed), ("chunked", &chunked)] {
-        let yaml = format!(
-            "_format_version: \"3.0\"\nservices:\n- name: s\n  url: http://{}\n  retries: 0\n  routes: [{{name: r, paths: [\"/\"]}}]\n",
-            upstream.addr
-        );
-        let gw = start_gateway(&yaml).await;
+        let gw = start_gateway(&service_yaml(upstream.addr, "")).await;
         let mut s = TcpStream::connect(gw.addr).await.unwrap();
         s.write_all(b"GET /cut HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
         let start = Instant::now();
@@ -94,4 +106,45 @@ async fn an_upstream_closing_mid_response_gives_a_truncated_answer_and_is_logged
             "{name}: no warning"
         );
     }
+}
+
+/// nginx's default (`proxy_ignore_client_abort off`): a client that hangs up while its request
+/// waits for the upstream's answer ends the upstream call, so an upstream is not left working
+/// for nobody. hyper notices the hang-up by reading the client's socket while the request is in
+/// flight; serving with `half_close` would skip that read (about 750 instructions a request
+/// less, measured) and leave the upstream call running until its own timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_hanging_up_before_the_answer_ends_the_upstream_call() {
+    // An upstream that reads a request head, never answers, and reports when the gateway
+    // closes the connection.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (closed_tx, mut closed) = tokio::sync::mpsc::unbounded_channel::<Instant>();
+    let task = tokio::spawn(async move {
+        let Ok((mut s, _)) = listener.accept().await else { return };
+        if !read_head(&mut s).await {
+            return;
+        }
+        let mut buf = [0u8; 4096];
+        // Waits for the end of the connection, answering nothing.
+        while let Ok(n) = s.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+        }
+        let _ = closed_tx.send(Instant::now());
+    });
+    let upstream = Upstream::from_task(addr, task);
+    // Long upstream timeouts: only the client's hang-up can end the call within the test.
+    let gw = start_gateway(&service_yaml(upstream.addr, "  read_timeout: 60000\n")).await;
+    let mut client = TcpStream::connect(gw.addr).await.unwrap();
+    client.write_all(b"GET /slow HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
+    // The request reaches the upstream, then the client goes.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let hung_up = Instant::now();
+    drop(client);
+    let ended = tokio::time::timeout(Duration::from_secs(5), closed.recv()).await;
+    let ended = ended.expect("the upstream call outlived the client by 5 s").expect("the upstream saw a request");
+    assert!(ended.duration_since(hung_up) < Duration::from_secs(2), "ended {:?} after", ended - hung_up);
+    gw.shutdown().await;
 }
