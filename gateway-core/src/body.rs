@@ -475,7 +475,10 @@ impl Body for ResponseBody {
 /// record (metrics, access log), finished when the body ends or is dropped.
 pub struct GatewayBody {
     inner: ResponseBody,
-    exchange: Option<crate::observe::Exchange>,
+    /// Boxed: hyper moves the body several times on its way to the connection, and the record
+    /// (430 bytes, most of it the access log's line) would be copied with it on every request,
+    /// logged or not; a box costs an allocation only when there is a record.
+    exchange: Option<Box<crate::observe::Exchange>>,
     /// Counts the request as in flight to its target until the body is gone.
     _in_flight: Option<std::sync::Arc<crate::balance::InFlight>>,
     /// Marks the client connection busy until the body is gone.
@@ -492,7 +495,7 @@ impl GatewayBody {
     /// `hold`: the connection's busy mark, kept until the body is gone.
     pub(crate) fn new(
         inner: ResponseBody,
-        exchange: Option<crate::observe::Exchange>,
+        exchange: Option<Box<crate::observe::Exchange>>,
         in_flight: Option<std::sync::Arc<crate::balance::InFlight>>,
         hold: Option<ConnHold>,
     ) -> Self {

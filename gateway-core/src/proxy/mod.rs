@@ -820,7 +820,7 @@ fn finish(
         consumer: facts.consumer,
         trace: facts.trace,
     });
-    let exchange = Exchange {
+    let exchange = Box::new(Exchange {
         metrics: facts.metrics,
         log,
         access_log,
@@ -833,7 +833,7 @@ fn finish(
         status: resp.status().as_u16(),
         bytes_in,
         bytes_out: 0,
-    };
+    });
     Ok(resp.map(|b| GatewayBody::new(b, Some(exchange), in_flight, hold)))
 }
 
@@ -1295,8 +1295,10 @@ fn is_idempotent(m: &http::Method) -> bool {
 /// Sends a prepared request to one of the service's targets, retrying connection-level
 /// failures on another target; answers failures as JSON errors.
 ///
-/// Takes the request apart before the future starts: an `async fn` would keep the request
-/// twice in its state, as the argument and as the local it moves into. `request_id`: the
+/// One future for the whole call, its state built before it starts: an `async fn` keeps its
+/// arguments twice in its state (as arguments, and as the locals they move into), and a
+/// future nested in another keeps what it was handed beside what its parent still holds; both
+/// are written and copied with the request's future on every request. `request_id`: the
 /// request's `X-Request-Id` when the caller knows it (a hashed lookup otherwise: plugins and
 /// layers may have set another).
 fn call_upstream(
@@ -1308,32 +1310,205 @@ fn call_upstream(
     let request_id = request_id.or_else(|| req.headers().get(&X_REQUEST_ID).cloned()).unwrap_or_else(next_request_id);
     let (mut parts, body) = req.into_parts();
     let pq = parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
+    let (mut body, slot) = if service.retries > 0 && !http_body::Body::is_end_stream(&body) {
+        let (b, s) = body.defer();
+        (b, Some(s))
+    } else {
+        (body, None)
+    };
+    // Only when a retry can be sent: the first attempt takes the headers themselves.
+    let copy = (service.retries > 0).then(|| HeadersCopy::of(&parts.headers));
+    let filter = parts.extensions.get::<TargetFilter>().cloned();
+    let key = parts.extensions.get::<BalanceKey>().map(|k| k.0);
     async move {
         let mut target_label = None;
-        let result = send_with_retries(service, &mut parts, body, pq, preserve_host, &mut target_label).await;
-        let resp = match result {
-            Ok(resp) => {
-                let (mut rparts, rbody) = resp.into_parts();
-                let switching = (rparts.status == StatusCode::SWITCHING_PROTOCOLS)
-                    .then(|| rparts.headers.get(header::UPGRADE).cloned())
-                    .flatten();
-                remove_hop_by_hop_from_response(&mut rparts.headers);
-                if let Some(protocol) = switching {
-                    rparts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-                    rparts.headers.insert(header::UPGRADE, protocol);
+        let mut attempt = 0u32;
+        let mut failed: Option<&TargetRuntime> = None;
+        let result = loop {
+            let picked = match &filter {
+                None => service.balancer.pick(key, failed, &|_| true),
+                Some(f) => service.balancer.pick(key, failed, &|t| (f.0)(&t.label)),
+            };
+            let Some(target) = picked else {
+                break Err((
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "failure to get a peer from the ring-balancer",
+                    UpstreamFailure::NoTarget,
+                ));
+            };
+            target_label = Some(target.label.clone());
+            let last = attempt >= service.retries;
+            let in_flight = service.balancer.begin(target);
+            // Each branch builds its request inside the call that takes it: a request held in
+            // a local would keep its 272 bytes in this future's state across the await.
+            let request = |parts: &mut http::request::Parts, body, uri| {
+                attempt_request(parts, copy.as_ref(), attempt, body, service.version, target, preserve_host, uri)
+            };
+            let sent = match &target.client {
+                TargetClient::Pool(pool) => {
+                    // HTTP/1.1 to the target itself: origin form (authority form for CONNECT).
+                    let uri = if parts.method == http::Method::CONNECT {
+                        Uri::from(target.authority.clone())
+                    } else {
+                        Uri::from(pq.clone())
+                    };
+                    pool.send(request(&mut parts, body, uri)).await
                 }
-                append_via(&mut rparts.headers, rparts.version);
-                rparts.headers.insert(X_REQUEST_ID.clone(), request_id);
-                rparts.version = Version::HTTP_11;
-                Response::from_parts(rparts, ResponseBody::Upstream(rbody))
-            }
-            Err((status, message, kind)) => {
-                let mut resp = error_response(status, message, &request_id);
-                resp.extensions_mut().insert(kind);
-                resp
+                TargetClient::Shared(client) => {
+                    let uri = Uri::from_parts({
+                        let mut p = http::uri::Parts::default();
+                        p.scheme = Some(service.scheme.clone());
+                        p.authority = Some(target.authority.clone());
+                        p.path_and_query = Some(pq.clone());
+                        p
+                    })
+                    .expect("scheme, authority and path make a URI");
+                    let mut req = request(&mut parts, body, uri);
+                    // After a DNS change, find out which address this request's shared
+                    // connection goes to, and retire it if the answer dropped that address (see
+                    // `crate::dns`); rare, so the capture's allocation is paid only then.
+                    let capture = target.dns.as_ref().filter(|e| e.retiring()).map(|_| capture_connection(&mut req));
+                    let sent = client.request(req).await;
+                    if let (Ok(resp), Some(capture), Some(entry)) = (&sent, capture, &target.dns)
+                        && let Some(info) = resp.extensions().get::<HttpInfo>()
+                        && !entry.current(info.remote_addr().ip())
+                        && let Some(conn) = capture.connection_metadata().as_ref()
+                    {
+                        conn.poison();
+                    }
+                    sent.map(|r| r.map(crate::body::UpstreamBody::from)).map_err(pool::SendError::Client)
+                }
+            };
+            match judge(service, target, in_flight, sent, &parts.method, (attempt, last), slot.as_ref()) {
+                Judged::Done(result) => break result,
+                Judged::Retry(b) => {
+                    body = b;
+                    attempt += 1;
+                    failed = Some(target);
+                }
             }
         };
-        (resp, target_label)
+        (answer(result, request_id), target_label)
+    }
+}
+
+/// What became of one attempt.
+enum Judged {
+    /// The call's outcome: an answer, or a failure that is not retried.
+    Done(Result<Response<crate::body::UpstreamBody>, Failure>),
+    /// Failed, and retried with this body.
+    Retry(ProxyBody),
+}
+
+/// Reports an attempt's outcome to the balancer and decides whether it is retried: connection
+/// failures for any method (nothing was sent), other failures only for idempotent methods and
+/// only while the body is still ours, never past the last attempt. `(attempt, last)`: the
+/// attempt's number from 0, and whether it is the last one allowed.
+fn judge(
+    service: &ServiceRuntime,
+    target: &TargetRuntime,
+    in_flight: Option<InFlight>,
+    sent: Result<Response<crate::body::UpstreamBody>, pool::SendError>,
+    method: &http::Method,
+    (attempt, last): (u32, bool),
+    slot: Option<&crate::body::BodySlot>,
+) -> Judged {
+    match sent {
+        Ok(resp)
+            if resp.headers().contains_key(header::TRANSFER_ENCODING)
+                && resp.headers().contains_key(header::CONTENT_LENGTH) =>
+        {
+            // Framed two ways: hyper reads it by Transfer-Encoding, but the Content-Length
+            // passed on would frame it differently downstream. A protocol failure of the
+            // target; the unread body keeps the connection out of the pool.
+            drop(in_flight);
+            service.balancer.report(target, Err(Outcome::TcpFailure));
+            tracing::warn!(
+                service = &*service.name,
+                upstream = &*target.label,
+                "upstream response has both Content-Length and Transfer-Encoding"
+            );
+            Judged::Done(Err((
+                StatusCode::BAD_GATEWAY,
+                "An invalid response was received from the upstream server",
+                UpstreamFailure::Protocol,
+            )))
+        }
+        Ok(mut resp) => {
+            if let Some(f) = in_flight {
+                f.answered();
+                // Still in flight until the body is sent: `GatewayBody` holds it.
+                resp.extensions_mut().insert(Arc::new(f));
+            }
+            service.balancer.report(target, Ok(resp.status()));
+            Judged::Done(Ok(resp))
+        }
+        Err(err) => {
+            drop(in_flight);
+            // The client's body failed (broken, or too slow): its fault, not the target's.
+            if let Some((status, message)) = crate::body::ClientBodyError::find(&err).map(|c| c.answer()) {
+                tracing::info!(service = &*service.name, error = %error_chain(&err), "client request body failed");
+                return Judged::Done(Err((status, message, UpstreamFailure::ClientBody)));
+            }
+            let timeout = is_timeout(&err);
+            service.balancer.report(target, Err(if timeout { Outcome::Timeout } else { Outcome::TcpFailure }));
+            let retryable = err.is_connect() || (!timeout && is_idempotent(method));
+            let retry_body = if retryable && !last {
+                match slot {
+                    None => Some(ProxyBody::Empty),
+                    Some(slot) => slot.reclaim(),
+                }
+            } else {
+                None
+            };
+            tracing::warn!(
+                service = &*service.name,
+                upstream = &*target.label,
+                attempt = attempt + 1,
+                retrying = retry_body.is_some(),
+                error = %error_chain(&err),
+                "upstream request failed"
+            );
+            match retry_body {
+                Some(b) => Judged::Retry(b),
+                None => Judged::Done(Err(if timeout {
+                    (StatusCode::GATEWAY_TIMEOUT, "The upstream server is timing out", UpstreamFailure::Timeout)
+                } else {
+                    let kind = if err.is_connect() { UpstreamFailure::Connect } else { UpstreamFailure::Protocol };
+                    (StatusCode::BAD_GATEWAY, "An invalid response was received from the upstream server", kind)
+                })),
+            }
+        }
+    }
+}
+
+/// The client's answer to an upstream call: the upstream's response made ready to pass on, or
+/// the gateway's JSON error for a failure.
+fn answer(
+    result: Result<Response<crate::body::UpstreamBody>, Failure>,
+    request_id: HeaderValue,
+) -> Response<ResponseBody> {
+    match result {
+        Ok(resp) => {
+            let (mut rparts, rbody) = resp.into_parts();
+            let switching = (rparts.status == StatusCode::SWITCHING_PROTOCOLS)
+                .then(|| rparts.headers.get(header::UPGRADE).cloned())
+                .flatten();
+            remove_hop_by_hop_from_response(&mut rparts.headers);
+            if let Some(protocol) = switching {
+                rparts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+                rparts.headers.insert(header::UPGRADE, protocol);
+            }
+            append_via(&mut rparts.headers, rparts.version);
+            rparts.headers.insert(X_REQUEST_ID.clone(), request_id);
+            rparts.version = Version::HTTP_11;
+            Response::from_parts(rparts, ResponseBody::Upstream(rbody))
+        }
+        Err((status, message, kind)) => {
+            let mut resp = error_response(status, message, &request_id);
+            resp.extensions_mut().insert(kind);
+            resp
+        }
     }
 }
 
@@ -1511,168 +1686,6 @@ fn attempt_request(
         req.headers_mut().insert(header::HOST, target.host_header.clone());
     }
     req
-}
-
-async fn send_with_retries(
-    service: &ServiceRuntime,
-    parts: &mut http::request::Parts,
-    body: ProxyBody,
-    pq: PathAndQuery,
-    preserve_host: bool,
-    target_label: &mut Option<Arc<str>>,
-) -> Result<Response<crate::body::UpstreamBody>, Failure> {
-    let (mut body, slot) = if service.retries > 0 && !http_body::Body::is_end_stream(&body) {
-        let (b, s) = body.defer();
-        (b, Some(s))
-    } else {
-        (body, None)
-    };
-    // Only when a retry can be sent: the first attempt takes the headers themselves.
-    let copy = (service.retries > 0).then(|| HeadersCopy::of(&parts.headers));
-    let mut attempt = 0u32;
-    let mut failed: Option<&TargetRuntime> = None;
-    let filter = parts.extensions.get::<TargetFilter>().cloned();
-    let key = parts.extensions.get::<BalanceKey>().map(|k| k.0);
-    loop {
-        let picked = match &filter {
-            None => service.balancer.pick(key, failed, &|_| true),
-            Some(f) => service.balancer.pick(key, failed, &|t| (f.0)(&t.label)),
-        };
-        let Some(target) = picked else {
-            return Err((
-                StatusCode::SERVICE_UNAVAILABLE,
-                "failure to get a peer from the ring-balancer",
-                UpstreamFailure::NoTarget,
-            ));
-        };
-        *target_label = Some(target.label.clone());
-        let last = attempt >= service.retries;
-        let in_flight = service.balancer.begin(target);
-        // Each branch builds its request inside the call that takes it: a request held in a
-        // local would keep its 272 bytes in this future's state across the await.
-        let sent = match &target.client {
-            TargetClient::Pool(pool) => {
-                // HTTP/1.1 to the target itself: origin form (authority form for CONNECT).
-                let uri = if parts.method == http::Method::CONNECT {
-                    Uri::from(target.authority.clone())
-                } else {
-                    Uri::from(pq.clone())
-                };
-                pool.send(attempt_request(
-                    parts,
-                    copy.as_ref(),
-                    attempt,
-                    body,
-                    service.version,
-                    target,
-                    preserve_host,
-                    uri,
-                ))
-                .await
-            }
-            TargetClient::Shared(client) => {
-                let uri = Uri::from_parts({
-                    let mut p = http::uri::Parts::default();
-                    p.scheme = Some(service.scheme.clone());
-                    p.authority = Some(target.authority.clone());
-                    p.path_and_query = Some(pq.clone());
-                    p
-                })
-                .expect("scheme, authority and path make a URI");
-                let mut req =
-                    attempt_request(parts, copy.as_ref(), attempt, body, service.version, target, preserve_host, uri);
-                // After a DNS change, find out which address this request's shared connection
-                // goes to, and retire it if the answer dropped that address (see `crate::dns`);
-                // rare, so the capture's allocation is paid only then.
-                let capture = target.dns.as_ref().filter(|e| e.retiring()).map(|_| capture_connection(&mut req));
-                let sent = client.request(req).await;
-                if let (Ok(resp), Some(capture), Some(entry)) = (&sent, capture, &target.dns)
-                    && let Some(info) = resp.extensions().get::<HttpInfo>()
-                    && !entry.current(info.remote_addr().ip())
-                    && let Some(conn) = capture.connection_metadata().as_ref()
-                {
-                    conn.poison();
-                }
-                sent.map(|r| r.map(crate::body::UpstreamBody::from)).map_err(pool::SendError::Client)
-            }
-        };
-        match sent {
-            Ok(resp)
-                if resp.headers().contains_key(header::TRANSFER_ENCODING)
-                    && resp.headers().contains_key(header::CONTENT_LENGTH) =>
-            {
-                // Framed two ways: hyper reads it by Transfer-Encoding, but the
-                // Content-Length passed on would frame it differently downstream. A protocol
-                // failure of the target; the unread body keeps the connection out of the pool.
-                drop(in_flight);
-                service.balancer.report(target, Err(Outcome::TcpFailure));
-                tracing::warn!(
-                    service = &*service.name,
-                    upstream = &*target.label,
-                    "upstream response has both Content-Length and Transfer-Encoding"
-                );
-                return Err((
-                    StatusCode::BAD_GATEWAY,
-                    "An invalid response was received from the upstream server",
-                    UpstreamFailure::Protocol,
-                ));
-            }
-            Ok(mut resp) => {
-                if let Some(f) = in_flight {
-                    f.answered();
-                    // Still in flight until the body is sent: `GatewayBody` holds it.
-                    resp.extensions_mut().insert(Arc::new(f));
-                }
-                service.balancer.report(target, Ok(resp.status()));
-                return Ok(resp);
-            }
-            Err(err) => {
-                drop(in_flight);
-                // The client's body failed (broken, or too slow): its fault, not the target's.
-                if let Some((status, message)) = crate::body::ClientBodyError::find(&err).map(|c| c.answer()) {
-                    tracing::info!(service = &*service.name, error = %error_chain(&err), "client request body failed");
-                    return Err((status, message, UpstreamFailure::ClientBody));
-                }
-                let timeout = is_timeout(&err);
-                service.balancer.report(target, Err(if timeout { Outcome::Timeout } else { Outcome::TcpFailure }));
-                // Connection failures are retried for any method (nothing was sent); other
-                // failures only for idempotent methods, and only while the body is still ours.
-                let retryable = err.is_connect() || (!timeout && is_idempotent(&parts.method));
-                let retry_body = if retryable && !last {
-                    match &slot {
-                        None => Some(ProxyBody::Empty),
-                        Some(slot) => slot.reclaim(),
-                    }
-                } else {
-                    None
-                };
-                tracing::warn!(
-                    service = &*service.name,
-                    upstream = &*target.label,
-                    attempt = attempt + 1,
-                    retrying = retry_body.is_some(),
-                    error = %error_chain(&err),
-                    "upstream request failed"
-                );
-                match retry_body {
-                    Some(b) => {
-                        body = b;
-                        attempt += 1;
-                        failed = Some(target);
-                    }
-                    None => {
-                        return Err(if timeout {
-                            (StatusCode::GATEWAY_TIMEOUT, "The upstream server is timing out", UpstreamFailure::Timeout)
-                        } else {
-                            let kind =
-                                if err.is_connect() { UpstreamFailure::Connect } else { UpstreamFailure::Protocol };
-                            (StatusCode::BAD_GATEWAY, "An invalid response was received from the upstream server", kind)
-                        });
-                    }
-                }
-            }
-        }
-    }
 }
 
 fn protocol_mismatch(
