@@ -1600,8 +1600,9 @@ fn set_forwarding_headers(
     tracestate_sent
 }
 
-/// A request's headers kept for a retry, as one flat byte string: each name, its value and
-/// whether the value is sensitive, in the map's order. Taken once before the first attempt,
+/// A request's headers kept for a retry, as one flat byte string: for each header in the
+/// map's order, the lengths of its name and value and whether the value is sensitive (7 bytes,
+/// written at once), then the name and the value. Taken once before the first attempt,
 /// whose request takes the headers themselves, and read back into a map only when a retry is
 /// actually sent.
 ///
@@ -1624,10 +1625,10 @@ impl HeadersCopy {
         for (k, v) in headers {
             let name = k.as_str().as_bytes();
             // A name is at most 64 KiB (`http` refuses longer ones); a value can be longer.
-            b.extend_from_slice(&(name.len() as u16).to_be_bytes());
+            let [n0, n1] = (name.len() as u16).to_be_bytes();
+            let [l0, l1, l2, l3] = (v.len() as u32).to_be_bytes();
+            b.extend_from_slice(&[n0, n1, u8::from(v.is_sensitive()), l0, l1, l2, l3]);
             b.extend_from_slice(name);
-            b.push(u8::from(v.is_sensitive()));
-            b.extend_from_slice(&(v.len() as u32).to_be_bytes());
             b.extend_from_slice(v.as_bytes());
         }
         HeadersCopy(b)
@@ -1638,13 +1639,12 @@ impl HeadersCopy {
         use bytes::Buf;
         let mut rest = &self.0[..];
         let mut headers = HeaderMap::new();
-        while rest.remaining() >= 2 {
+        while rest.remaining() >= 7 {
             let n = usize::from(rest.get_u16());
-            let (name, tail) = rest.split_at(n);
-            rest = tail;
             let sensitive = rest.get_u8() == 1;
             let len = rest.get_u32() as usize;
-            let (value, tail) = rest.split_at(len);
+            let (name, tail) = rest.split_at(n);
+            let (value, tail) = tail.split_at(len);
             rest = tail;
             // Neither can fail: both were a valid name and value when copied.
             if let (Ok(name), Ok(mut value)) = (HeaderName::from_bytes(name), HeaderValue::from_bytes(value)) {
