@@ -1657,7 +1657,7 @@ impl HeadersCopy {
 }
 
 /// One attempt's request to `target`.
-#[allow(clippy::too_many_arguments)] // two call sites, in the same function
+#[allow(clippy::too_many_arguments)] // one call site, the closure in `call_upstream`
 fn attempt_request(
     parts: &mut http::request::Parts,
     copy: Option<&HeadersCopy>,
