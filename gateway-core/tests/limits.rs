@@ -311,13 +311,16 @@ async fn a_request_head_split_by_a_pause_is_served_whole() {
     gw.shutdown().await;
 }
 
-/// Waits until the server closes `s` (at most 5 s), reading whatever it sends; returns
-/// the time from `since` and what was read.
-async fn closed_after(s: &mut TcpStream, since: Instant) -> (Duration, Vec<u8>) {
-    let mut rest = Vec::new();
-    let read = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest)).await;
-    assert!(read.is_ok(), "the connection is still open after 5 s");
-    (since.elapsed(), rest)
+/// Checks that the server closes `s` (waiting at most 5 s) without sending anything, at least
+/// `at_least` and less than `under` after `since`; `what` names the timeout in the messages.
+async fn cut_off_unanswered(s: &mut TcpStream, since: Instant, at_least: Duration, under: Duration, what: &str) {
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut answer)).await;
+    assert!(read.is_ok(), "{what}: the connection is still open after 5 s");
+    let waited = since.elapsed();
+    assert!(answer.is_empty(), "{what}: an answer came: {:?}", String::from_utf8_lossy(&answer));
+    assert!(waited >= at_least, "{what}: closed too early, after {waited:?}");
+    assert!(waited < under, "{what}: closed only after {waited:?}");
 }
 
 /// The first head's time counts from the accept, as nginx's `client_header_timeout` does: a
@@ -331,11 +334,9 @@ async fn the_first_head_is_timed_from_the_accept() {
     let connected = Instant::now();
     tokio::time::sleep(Duration::from_millis(600)).await;
     s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n").await.unwrap();
-    let (waited, answer) = closed_after(&mut s, connected).await;
-    assert!(answer.is_empty(), "no answer to a head that never ended: {:?}", String::from_utf8_lossy(&answer));
-    assert!(waited >= Duration::from_millis(750), "closed before the header timeout: {waited:?}");
     // 800 ms and a tick (200 ms) at most; a fresh timeout from the first bytes would be 1.4 s.
-    assert!(waited < Duration::from_millis(1250), "timed from the first bytes, not the accept: {waited:?}");
+    let (at_least, under) = (Duration::from_millis(750), Duration::from_millis(1250));
+    cut_off_unanswered(&mut s, connected, at_least, under, "the first head's timeout, from the accept").await;
     gw.shutdown().await;
 }
 
@@ -351,10 +352,8 @@ async fn a_head_left_unfinished_across_a_release_still_times_out() {
     let (head, _) = read_response(&mut s).await;
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     let answered = Instant::now();
-    let (waited, answer) = closed_after(&mut s, answered).await;
-    assert!(answer.is_empty(), "no answer to the unfinished head: {:?}", String::from_utf8_lossy(&answer));
-    assert!(waited >= Duration::from_millis(450), "closed before the header timeout: {waited:?}");
-    assert!(waited < Duration::from_millis(1500), "closed only after {waited:?}");
+    let (at_least, under) = (Duration::from_millis(450), Duration::from_millis(1500));
+    cut_off_unanswered(&mut s, answered, at_least, under, "the unfinished head's timeout").await;
     gw.shutdown().await;
 }
 
@@ -371,18 +370,15 @@ async fn a_stalled_head_or_an_idle_connection_times_out_before_a_later_release()
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     s.write_all(b"GET /b HTTP/1.1\r\nhost: x\r\n").await.unwrap();
     let stalled = Instant::now();
-    let (waited, answer) = closed_after(&mut s, stalled).await;
-    assert!(answer.is_empty(), "no answer to the unfinished head: {:?}", String::from_utf8_lossy(&answer));
-    assert!(waited >= Duration::from_millis(250), "closed before the header timeout: {waited:?}");
-    assert!(waited < Duration::from_millis(1500), "closed only after {waited:?}, not by the header timeout");
+    // 400 ms and a tick, well before the release at 3 s.
+    let (at_least, under) = (Duration::from_millis(250), Duration::from_millis(1500));
+    cut_off_unanswered(&mut s, stalled, at_least, under, "the stalled head's timeout").await;
 
     let mut s = TcpStream::connect(gw.addr).await.unwrap();
     s.write_all(b"GET /a HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
     read_response(&mut s).await;
     let idle = Instant::now();
-    let (waited, _) = closed_after(&mut s, idle).await;
-    assert!(waited >= Duration::from_millis(250), "closed before the keep-alive time: {waited:?}");
-    assert!(waited < Duration::from_millis(1500), "idle connection closed only after {waited:?}");
+    cut_off_unanswered(&mut s, idle, at_least, under, "the keep-alive time").await;
     gw.shutdown().await;
 }
 
