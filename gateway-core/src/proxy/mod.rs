@@ -563,15 +563,15 @@ struct Forwarding {
 /// (returned: what was sent), framing.
 #[allow(clippy::too_many_arguments)] // two call sites, which hold these apart
 fn prepare(
-    req: Request<ProxyBody>,
+    parts: &mut http::request::Parts,
+    body: &ProxyBody,
     fwd: Forwarding,
     conn: &ConnInfo,
     values: &ConnValues,
     request_id: &HeaderValue,
     upstream_version: Version,
     sample_new: bool,
-) -> (Request<ProxyBody>, TraceContext) {
-    let (mut parts, body) = req.into_parts();
+) -> TraceContext {
     roomy(&mut parts.headers);
     let tracestate_sent = set_forwarding_headers(
         &mut parts.headers,
@@ -597,8 +597,8 @@ fn prepare(
     // A body of unknown length must be framed explicitly on HTTP/1.1, or hyper sends none
     // for GET/HEAD; HTTP/2 frames bodies itself.
     if upstream_version == Version::HTTP_11
-        && !http_body::Body::is_end_stream(&body)
-        && http_body::Body::size_hint(&body).exact().is_none()
+        && !http_body::Body::is_end_stream(body)
+        && http_body::Body::size_hint(body).exact().is_none()
         && !parts.headers.contains_key(header::CONTENT_LENGTH)
     {
         parts.headers.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
@@ -621,7 +621,7 @@ fn prepare(
         PathAndQuery::from_maybe_shared(Bytes::from(s)).unwrap_or(fwd.pq)
     };
     parts.uri = Uri::from(pq);
-    (Request::from_parts(parts, body), trace)
+    trace
 }
 
 /// What the head of a request decided, before the first await: routing, the protocol checks
@@ -643,7 +643,9 @@ enum Step {
     Upstream {
         /// The route's index in the snapshot; it has a service.
         route: usize,
-        up: Request<ProxyBody>,
+        /// The upstream request, in its two parts: `call_upstream` takes them apart.
+        parts: http::request::Parts,
+        body: ProxyBody,
         /// `Set-Cookie` for `hash_on: cookie` when the key was made up.
         cookie: Option<HeaderValue>,
         client_upgrade: Option<hyper::upgrade::OnUpgrade>,
@@ -684,10 +686,9 @@ struct PluginRun {
 /// move it once more per request. `hold`: the connection's busy mark, which the response
 /// body keeps until it is gone.
 ///
-/// Routes at once, then builds the future of the rest: the arguments of an `async fn` stay in
-/// its state for the whole request, and the request, the connection's values and its address
-/// (476 bytes, with as much again of padding around them) would be moved into the box and
-/// carried to the end for nothing.
+/// Everything up to the upstream call runs here, before the future exists (see [`Handling`]
+/// for why the future is written out by hand): routing, the head's checks, the upstream
+/// request, and the call's own set-up. A gateway answer is ready at once.
 pub(crate) fn handle(
     snapshot: Arc<Snapshot>,
     req: Request<ProxyBody>,
@@ -698,35 +699,124 @@ pub(crate) fn handle(
     let start = Instant::now();
     let mut facts = Facts::default();
     let (step, seen, grpc, bytes_in) = route_head(&snapshot, req, conn, values, start, &mut facts);
-    async move {
-        let mut resp = match step {
-            Step::Bare(resp) => return Ok(resp.map(|b| GatewayBody::new(b, None, None, hold))),
-            Step::Answer(resp) => resp,
-            Step::Upstream { route, up, cookie, client_upgrade, request_id } => {
-                let (route, service) = routed(&snapshot, route);
-                let sent = Instant::now();
-                let (mut resp, target) = call_upstream(service, route.preserve_host, up, Some(request_id)).await;
-                facts.upstream_latency = Some(sent.elapsed());
-                facts.upstream = target;
-                if let Some(c) = cookie {
-                    resp.headers_mut().append(header::SET_COOKIE, c);
-                }
-                finish_upgrade(&mut resp, client_upgrade, &route.name);
-                resp
-            }
-            Step::Plugins(run) => Box::pin(run_plugins(&snapshot, run, &mut facts)).await,
-        };
-        // The gateway's own answers (not the upstream's) become gRPC statuses for gRPC
-        // clients, which do not read HTTP statuses or JSON bodies.
-        if grpc && resp.status() != StatusCode::OK && matches!(resp.body(), ResponseBody::Full(_)) {
-            resp = grpc_answer(resp).await;
+    let record = Record { snapshot, facts, seen, start, bytes_in, hold, grpc };
+    match step {
+        Step::Bare(resp) => {
+            Handling::Ready { resp: Some(Ok(resp.map(|b| GatewayBody::new(b, None, None, record.hold)))) }
         }
-        finish(&snapshot, resp, facts, seen, start, bytes_in, hold)
+        Step::Answer(resp) => Handling::Ready { resp: Some(record.end(resp)) },
+        Step::Upstream { route, parts, body, cookie, client_upgrade, request_id } => {
+            let r = &record.snapshot.routes[route];
+            let service = r.service.clone().expect("routing hands on only routes with a service");
+            let preserve_host = r.preserve_host;
+            let sent = Instant::now();
+            Handling::Upstream {
+                call: call_upstream(service, preserve_host, parts, body, Some(request_id)),
+                record,
+                then: Then { route, cookie, client_upgrade, sent },
+            }
+        }
+        Step::Plugins(run) => Handling::Plugins {
+            run: Box::pin(async move {
+                let mut record = record;
+                let resp = run_plugins(&record.snapshot, run, &mut record.facts).await;
+                record.end(resp)
+            }),
+        },
     }
 }
 
-/// The access log's view of a request: method, `Host`, URI and client address.
-type Seen = (http::Method, Option<HeaderValue>, Uri, HeaderValue);
+/// What the end of a request needs, whichever way it was answered: the log line's and the
+/// metrics' record.
+struct Record {
+    snapshot: Arc<Snapshot>,
+    facts: Facts,
+    seen: Option<Seen>,
+    start: Instant,
+    bytes_in: u64,
+    hold: Option<ConnHold>,
+    /// The client speaks gRPC.
+    grpc: bool,
+}
+
+impl Record {
+    /// The client's response: the gateway's own answers (not the upstream's) become gRPC
+    /// statuses for gRPC clients, which do not read HTTP statuses or JSON bodies; then
+    /// [`finish`].
+    fn end(self, mut resp: Response<ResponseBody>) -> Result<Response<GatewayBody>, std::convert::Infallible> {
+        if self.grpc && resp.status() != StatusCode::OK && matches!(resp.body(), ResponseBody::Full(_)) {
+            resp = grpc_answer(resp);
+        }
+        finish(&self.snapshot, resp, self.facts, self.seen, self.start, self.bytes_in, self.hold)
+    }
+}
+
+/// What a route without plugins does with the upstream's answer.
+struct Then {
+    /// The route's index in the snapshot.
+    route: usize,
+    /// `Set-Cookie` for `hash_on: cookie` when the key was made up.
+    cookie: Option<HeaderValue>,
+    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    sent: Instant,
+}
+
+pin_project_lite::pin_project! {
+    /// The future of one request ([`handle`]).
+    ///
+    /// Written out by hand because an `async` block costs a request dearly here: its
+    /// captured values stay in every state, beside the future it awaits, so the routing
+    /// decision (376 bytes) sat next to the upstream call that had taken its contents, and a
+    /// future it awaits is moved into a slot of its own when first polled. The request's
+    /// future is moved twice more after it is built (out of the service, into hyper's slot),
+    /// so each byte of it is copied three times per request. Here the upstream call is built
+    /// in place and polled where it is, next to only what the end of the request needs.
+    #[project = HandlingProj]
+    #[project_replace = HandlingOwn]
+    enum Handling<C> {
+        /// A route without plugins, waiting for its upstream.
+        Upstream { #[pin] call: C, record: Record, then: Then },
+        /// A route with plugins: their run is a future of its own, boxed (see [`Step::Plugins`]).
+        Plugins { run: crate::plugin::BoxFuture<'static, Result<Response<GatewayBody>, std::convert::Infallible>> },
+        /// Answered without waiting.
+        Ready { resp: Option<Result<Response<GatewayBody>, std::convert::Infallible>> },
+        /// Answered, and the answer handed on.
+        Done,
+    }
+}
+
+impl<C> Future for Handling<C>
+where
+    C: Future<Output = (Response<ResponseBody>, Option<Arc<str>>)>,
+{
+    type Output = Result<Response<GatewayBody>, std::convert::Infallible>;
+
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
+        use std::task::{Poll, ready};
+        match self.as_mut().project() {
+            HandlingProj::Upstream { call, .. } => {
+                let (mut resp, target) = ready!(call.poll(cx));
+                let HandlingOwn::Upstream { mut record, then, .. } = self.project_replace(Handling::Done) else {
+                    unreachable!("the state was Upstream")
+                };
+                record.facts.upstream_latency = Some(then.sent.elapsed());
+                record.facts.upstream = target;
+                if let Some(c) = then.cookie {
+                    resp.headers_mut().append(header::SET_COOKIE, c);
+                }
+                finish_upgrade(&mut resp, then.client_upgrade, &record.snapshot.routes[then.route].name);
+                Poll::Ready(record.end(resp))
+            }
+            HandlingProj::Plugins { run } => run.as_mut().poll(cx),
+            HandlingProj::Ready { resp } => Poll::Ready(resp.take().expect("a request's future polled after it ended")),
+            HandlingProj::Done => panic!("a request's future polled after it ended"),
+        }
+    }
+}
+
+/// The access log's view of a request: method, `Host`, URI and client address. Boxed: only a
+/// logged or hooked request has one, and it would add 192 bytes to every request's future.
+type Seen = Box<(http::Method, Option<HeaderValue>, Uri, HeaderValue)>;
 
 /// The head of [`handle`]: the client as trusted proxies tell it, what the log and metrics
 /// need from the request, and the routing decision ([`Step`]).
@@ -779,7 +869,7 @@ fn route_head(
     // authority; the Host header is kept for HTTP/1.
     let seen = (snapshot.observe.access_log || hooked).then(|| {
         let host = req.headers().get(header::HOST).cloned();
-        (req.method().clone(), host, req.uri().clone(), values.client_ip.clone())
+        Box::new((req.method().clone(), host, req.uri().clone(), values.client_ip.clone()))
     });
     (route_http(snapshot, req, conn, values, start, facts), seen, grpc, bytes_in)
 }
@@ -810,7 +900,7 @@ fn finish(
     if !metrics_on && !access_log && hook.is_none() {
         return Ok(resp.map(|b| GatewayBody::new(b, None, in_flight, hold)));
     }
-    let log = seen.map(|(method, host, uri, client)| LogLine {
+    let log = seen.map(|seen| *seen).map(|(method, host, uri, client)| LogLine {
         request_id: resp.headers().get(&X_REQUEST_ID).cloned().unwrap_or_else(|| HeaderValue::from_static("-")),
         client,
         method,
@@ -844,8 +934,8 @@ static X_PROXY_LATENCY: HeaderName = HeaderName::from_static("x-gateway-proxy-la
 
 /// An HTTP answer turned into a trailers-only gRPC answer: HTTP 200 with `grpc-status` (the
 /// mapping of gRPC's "HTTP to gRPC status code mapping") and `grpc-message` from the body's
-/// `message`.
-async fn grpc_answer(resp: Response<ResponseBody>) -> Response<ResponseBody> {
+/// `message`. The answer is the gateway's own, its body complete (`ResponseBody::Full`).
+fn grpc_answer(resp: Response<ResponseBody>) -> Response<ResponseBody> {
     let (mut parts, body) = resp.into_parts();
     let code = match parts.status.as_u16() {
         400 => 13,                   // INTERNAL
@@ -856,7 +946,10 @@ async fn grpc_answer(resp: Response<ResponseBody>) -> Response<ResponseBody> {
         500 => 13,
         _ => 2, // UNKNOWN
     };
-    let bytes = body.collect_bytes().await.unwrap_or_default();
+    let bytes = match body {
+        ResponseBody::Full(bytes) => bytes.unwrap_or_default(),
+        _ => Bytes::new(),
+    };
     let message = serde_json::from_slice::<serde_json::Value>(&bytes)
         .ok()
         .and_then(|v| v.get("message").and_then(|m| m.as_str()).map(str::to_string))
@@ -1058,17 +1151,15 @@ fn route_http(
             }
         }
     }
-    let req = Request::from_parts(parts, body);
-
     let slots = &route.chain.slots;
     let route_regex = snapshot.router.regex(&found);
     if slots.is_empty() {
-        let mut req = req;
-        let cookie = attach_balance_key(service, &mut req, None, &values, path, route_regex.map(|r| &**r));
-        let (up, trace) = prepare(req, fwd, &conn, &values, &request_id, service.version, sample_new);
+        let cookie = attach_balance_key(service, &mut parts, None, &values, path, route_regex.map(|r| &**r));
+        let trace = prepare(&mut parts, &body, fwd, &conn, &values, &request_id, service.version, sample_new);
         facts.trace = Some(trace);
-        return Step::Upstream { route: found.route, up, cookie, client_upgrade, request_id };
+        return Step::Upstream { route: found.route, parts, body, cookie, client_upgrade, request_id };
     }
+    let req = Request::from_parts(parts, body);
 
     let ctx = RequestContext {
         conn,
@@ -1121,10 +1212,20 @@ async fn run_plugins(snapshot: &Snapshot, mut run: Box<PluginRun>, facts: &mut F
             let consumer_id = run.ctx.consumer.as_ref().map(|c| &*c.id);
             let regex = run.ctx.route_regex.as_ref().map(|(re, _)| &**re);
             let path = run.path.as_deref().unwrap_or("");
-            cookie = attach_balance_key(service, &mut run.req, consumer_id, &run.values, path, regex);
-            let (mut up, trace) =
-                prepare(run.req, run.fwd, &run.ctx.conn, &run.values, &run.request_id, service.version, sample_new);
+            let (mut parts, body) = run.req.into_parts();
+            cookie = attach_balance_key(service, &mut parts, consumer_id, &run.values, path, regex);
+            let trace = prepare(
+                &mut parts,
+                &body,
+                run.fwd,
+                &run.ctx.conn,
+                &run.values,
+                &run.request_id,
+                service.version,
+                sample_new,
+            );
             facts.trace = Some(trace);
+            let mut up = Request::from_parts(parts, body);
             for slot in slots.iter() {
                 if let Some(p) = slot.pick(consumer(&run.ctx)) {
                     p.before_upstream(&mut run.ctx, &mut up);
@@ -1138,7 +1239,8 @@ async fn run_plugins(snapshot: &Snapshot, mut run: Box<PluginRun>, facts: &mut F
                     resp
                 }
                 None => {
-                    let (resp, target) = call_upstream(service, route.preserve_host, up, None).await;
+                    let (parts, body) = up.into_parts();
+                    let (resp, target) = call_upstream(service, route.preserve_host, parts, body, None).await;
                     facts.upstream = target;
                     resp
                 }
@@ -1174,7 +1276,7 @@ async fn run_plugins(snapshot: &Snapshot, mut run: Box<PluginRun>, facts: &mut F
 /// the `Set-Cookie` value when `hash_on: cookie` had to make the key up.
 fn attach_balance_key(
     service: &ServiceRuntime,
-    req: &mut Request<ProxyBody>,
+    req: &mut http::request::Parts,
     consumer: Option<&str>,
     values: &ConnValues,
     path: &str,
@@ -1192,14 +1294,14 @@ fn attach_balance_key(
     let input = KeyInput {
         consumer,
         client_ip: &values.client_ip,
-        headers: req.headers(),
+        headers: &req.headers,
         path,
-        query: req.uri().query(),
+        query: req.uri.query(),
         capture: &capture,
     };
     let (key, cookie) = spec.key(&input);
     if let Some(k) = key {
-        req.extensions_mut().insert(BalanceKey(k));
+        req.extensions.insert(BalanceKey(k));
     }
     cookie
 }
@@ -1276,7 +1378,8 @@ impl tower_service::Service<Request<ProxyBody>> for UpstreamCall {
     fn call(&mut self, req: Request<ProxyBody>) -> Self::Future {
         let this = self.clone();
         Box::pin(async move {
-            let (mut resp, target) = call_upstream(&this.service, this.preserve_host, req, None).await;
+            let (parts, body) = req.into_parts();
+            let (mut resp, target) = call_upstream(&*this.service, this.preserve_host, parts, body, None).await;
             if let Some(t) = target {
                 resp.extensions_mut().insert(UpstreamTarget(t));
             }
@@ -1301,14 +1404,19 @@ fn is_idempotent(m: &http::Method) -> bool {
 /// are written and copied with the request's future on every request. `request_id`: the
 /// request's `X-Request-Id` when the caller knows it (a hashed lookup otherwise: plugins and
 /// layers may have set another).
-fn call_upstream(
-    service: &ServiceRuntime,
+///
+/// `service`: a reference, or an `Arc` when the future must own it ([`handle`]'s).
+fn call_upstream<S>(
+    service: S,
     preserve_host: bool,
-    req: Request<ProxyBody>,
+    parts: http::request::Parts,
+    body: ProxyBody,
     request_id: Option<HeaderValue>,
-) -> impl Future<Output = (Response<ResponseBody>, Option<Arc<str>>)> + Send + '_ {
-    let request_id = request_id.or_else(|| req.headers().get(&X_REQUEST_ID).cloned()).unwrap_or_else(next_request_id);
-    let (mut parts, body) = req.into_parts();
+) -> impl Future<Output = (Response<ResponseBody>, Option<Arc<str>>)> + Send
+where
+    S: std::ops::Deref<Target = ServiceRuntime> + Send,
+{
+    let request_id = request_id.or_else(|| parts.headers.get(&X_REQUEST_ID).cloned()).unwrap_or_else(next_request_id);
     let pq = parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
     let (mut body, slot) = if service.retries > 0 && !http_body::Body::is_end_stream(&body) {
         let (b, s) = body.defer();
@@ -1320,7 +1428,11 @@ fn call_upstream(
     let copy = (service.retries > 0).then(|| HeadersCopy::of(&parts.headers));
     let filter = parts.extensions.get::<TargetFilter>().cloned();
     let key = parts.extensions.get::<BalanceKey>().map(|k| k.0);
+    // What the attempts need of the request's head: not the head itself (224 bytes), which
+    // would stay in the call's future for its whole length.
+    let (method, mut headers) = (parts.method, parts.headers);
     async move {
+        let service: &ServiceRuntime = &service;
         let mut target_label = None;
         let mut attempt = 0u32;
         let mut failed: Option<&TargetRuntime> = None;
@@ -1341,18 +1453,28 @@ fn call_upstream(
             let in_flight = service.balancer.begin(target);
             // Each branch builds its request inside the call that takes it: a request held in
             // a local would keep its 272 bytes in this future's state across the await.
-            let request = |parts: &mut http::request::Parts, body, uri| {
-                attempt_request(parts, copy.as_ref(), attempt, body, service.version, target, preserve_host, uri)
+            let request = |headers: &mut HeaderMap, body, uri| {
+                attempt_request(
+                    &method,
+                    headers,
+                    copy.as_ref(),
+                    attempt,
+                    body,
+                    service.version,
+                    target,
+                    preserve_host,
+                    uri,
+                )
             };
             let sent = match &target.client {
                 TargetClient::Pool(pool) => {
                     // HTTP/1.1 to the target itself: origin form (authority form for CONNECT).
-                    let uri = if parts.method == http::Method::CONNECT {
+                    let uri = if method == http::Method::CONNECT {
                         Uri::from(target.authority.clone())
                     } else {
                         Uri::from(pq.clone())
                     };
-                    pool.send(request(&mut parts, body, uri)).await
+                    pool.send(request(&mut headers, body, uri)).await
                 }
                 TargetClient::Shared(client) => {
                     let uri = Uri::from_parts({
@@ -1363,7 +1485,7 @@ fn call_upstream(
                         p
                     })
                     .expect("scheme, authority and path make a URI");
-                    let mut req = request(&mut parts, body, uri);
+                    let mut req = request(&mut headers, body, uri);
                     // After a DNS change, find out which address this request's shared
                     // connection goes to, and retire it if the answer dropped that address (see
                     // `crate::dns`); rare, so the capture's allocation is paid only then.
@@ -1379,7 +1501,7 @@ fn call_upstream(
                     sent.map(|r| r.map(crate::body::UpstreamBody::from)).map_err(pool::SendError::Client)
                 }
             };
-            match judge(service, target, in_flight, sent, &parts.method, (attempt, last), slot.as_ref()) {
+            match judge(service, target, in_flight, sent, &method, (attempt, last), slot.as_ref()) {
                 Judged::Done(result) => break result,
                 Judged::Retry(b) => {
                     body = b;
@@ -1659,7 +1781,8 @@ impl HeadersCopy {
 /// One attempt's request to `target`.
 #[allow(clippy::too_many_arguments)] // one call site, the closure in `call_upstream`
 fn attempt_request(
-    parts: &mut http::request::Parts,
+    method: &http::Method,
+    headers: &mut HeaderMap,
     copy: Option<&HeadersCopy>,
     attempt: u32,
     body: ProxyBody,
@@ -1669,7 +1792,7 @@ fn attempt_request(
     uri: Uri,
 ) -> Request<ProxyBody> {
     let mut req = Request::new(body);
-    *req.method_mut() = parts.method.clone();
+    *req.method_mut() = method.clone();
     *req.version_mut() = version;
     *req.uri_mut() = uri;
     // The headers themselves go upstream first: a map keeps its capacity as hyper passes it on
@@ -1678,7 +1801,7 @@ fn attempt_request(
     // retry reads the copy back.
     *req.headers_mut() = match (copy, attempt) {
         (Some(copy), 1..) => copy.restore(),
-        _ => std::mem::take(&mut parts.headers),
+        _ => std::mem::take(headers),
     };
     // The client's `Host` when preserved (an HTTP/2 client's `:authority` is in it by now);
     // the target's otherwise.

@@ -21,12 +21,16 @@
 //! which no per-request checkout of this kind would help.
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::net::IpAddr;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use http::{Request, Response, Uri};
 use hyper::body::Incoming;
+use hyper::client::conn::TrySendError;
 use hyper::client::conn::http1::SendRequest;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::{Connection, HttpInfo};
@@ -128,31 +132,45 @@ impl TargetPool {
 
     /// Sends `req` (origin-form URI, `Host` set) on an idle connection, or a new one.
     ///
+    /// On an idle connection the request is handed over at once, and the future waits for
+    /// hyper's answer beside the connection (see [`Sending`]); without one, the future is the
+    /// boxed [`Self::send_looping`].
+    pub(crate) fn send(
+        self: &Arc<Self>,
+        req: Request<ProxyBody>,
+    ) -> impl Future<Output = Result<Response<UpstreamBody>, SendError>> + Send + '_ {
+        // A 2xx answer to CONNECT turns the connection into a tunnel, as a 101 does.
+        let connect = req.method() == http::Method::CONNECT;
+        match self.checkout() {
+            Some(mut conn) => {
+                let answer = conn.sender.try_send_request(req);
+                Sending::Reused { answer, conn: Some(conn), pool: self, connect }
+            }
+            // Boxed: a connection's set-up (TLS state included) would otherwise make every
+            // request's future kilobytes larger.
+            None => Sending::Looping { fut: Box::pin(self.send_looping(req)) },
+        }
+    }
+
+    /// [`Self::send`] the long way: on an idle connection or a new one, and on another when a
+    /// reused one turns out to have closed before the request reached it.
+    ///
     /// Not an `async fn`: that would move the request from its argument into a local, and keep
     /// both in the future's state.
     #[allow(clippy::manual_async_fn)] // on purpose, as said above
-    pub(crate) fn send(
+    fn send_looping(
         self: &Arc<Self>,
         mut req: Request<ProxyBody>,
     ) -> impl Future<Output = Result<Response<UpstreamBody>, SendError>> + Send + '_ {
         async move {
-            // A 2xx answer to CONNECT turns the connection into a tunnel, as a 101 does.
             let connect = req.method() == http::Method::CONNECT;
             loop {
                 let (mut conn, reused) = match self.checkout() {
                     Some(conn) => (conn, true),
-                    // Boxed: a connection's set-up (TLS state included) would otherwise make every
-                    // request's future, which is moved into a box per request, kilobytes larger.
-                    None => (Box::pin(self.connect()).await?, false),
+                    None => (self.connect().await?, false),
                 };
                 match conn.sender.try_send_request(req).await {
-                    Ok(resp) => {
-                        // An upgraded connection is the tunnel's now; it never comes back.
-                        let upgraded = resp.status() == http::StatusCode::SWITCHING_PROTOCOLS
-                            || (connect && resp.status().is_success());
-                        let release = (!upgraded).then(|| Release { conn, pool: self.clone() });
-                        return Ok(resp.map(|body| UpstreamBody { body, release }));
-                    }
+                    Ok(resp) => return Ok(self.answered(resp, conn, connect)),
                     Err(mut err) => match err.take_message() {
                         // It never reached the connection, which had closed meanwhile: another
                         // one gets it. A new connection that fails this way is a real failure.
@@ -165,6 +183,16 @@ impl TargetPool {
                 }
             }
         }
+    }
+
+    /// The upstream's answer on `conn`, whose body gives the connection back when it ends,
+    /// unless the exchange made it a tunnel.
+    fn answered(self: &Arc<Self>, resp: Response<Incoming>, conn: Conn, connect: bool) -> Response<UpstreamBody> {
+        // An upgraded connection is the tunnel's now; it never comes back.
+        let upgraded =
+            resp.status() == http::StatusCode::SWITCHING_PROTOCOLS || (connect && resp.status().is_success());
+        let release = (!upgraded).then(|| Release { conn, pool: self.clone() });
+        resp.map(|body| UpstreamBody { body, release })
     }
 
     fn checkout(&self) -> Option<Conn> {
@@ -231,6 +259,50 @@ impl TargetPool {
             state.reaping = true;
             runtime.spawn(reap(Arc::downgrade(self), self.limits.idle_timeout));
         }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// [`TargetPool::send`]'s future. Written out by hand so that a request on an idle
+    /// connection is handed to it before the future exists: an `async` block would keep the
+    /// request (272 bytes) in its state beside hyper's answer future, which holds a slot for
+    /// it too, and every request's future is copied as it is moved.
+    #[project = SendingProj]
+    enum Sending<'a, F> {
+        /// Sent on a reused connection; hyper's answer pending.
+        Reused { #[pin] answer: F, conn: Option<Conn>, pool: &'a Arc<TargetPool>, connect: bool },
+        /// No idle connection, or the reused one had closed.
+        Looping { fut: Pin<Box<dyn Future<Output = Result<Response<UpstreamBody>, SendError>> + Send + 'a>> },
+    }
+}
+
+impl<F> Future for Sending<'_, F>
+where
+    F: Future<Output = Result<Response<Incoming>, TrySendError<Request<ProxyBody>>>>,
+{
+    type Output = Result<Response<UpstreamBody>, SendError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let (pool, back) = match self.as_mut().project() {
+            SendingProj::Looping { fut } => return fut.as_mut().poll(cx),
+            SendingProj::Reused { answer, conn, pool, connect } => match ready!(answer.poll(cx)) {
+                Ok(resp) => {
+                    let conn = conn.take().expect("Sending polled after it ended");
+                    return Poll::Ready(Ok(pool.answered(resp, conn, *connect)));
+                }
+                Err(mut err) => match err.take_message() {
+                    // It never reached the connection, which had closed meanwhile: another
+                    // one gets it.
+                    Some(back) => {
+                        tracing::debug!(upstream = %pool.uri, error = %err.error(), "pooled connection was closed; trying another");
+                        (*pool, back)
+                    }
+                    None => return Poll::Ready(Err(SendError::Send(err.into_error()))),
+                },
+            },
+        };
+        self.set(Sending::Looping { fut: Box::pin(pool.send_looping(back)) });
+        self.poll(cx)
     }
 }
 
