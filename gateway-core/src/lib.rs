@@ -483,6 +483,6 @@ where
         let snapshot = self.shared.snapshot.load_full();
         let req = req.map(ProxyBody::from_body);
         let values = proxy::ConnValues::new(&conn, &self.shared.trusted_ips);
-        Box::pin(proxy::handle(snapshot, req, conn, values, None))
+        Box::pin(proxy::handle(snapshot, req, conn, &values, None))
     }
 }

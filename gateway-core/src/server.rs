@@ -622,13 +622,12 @@ pub(crate) async fn serve(
                             };
                             let snapshot = shared.snapshot.load_full();
                             let req = req.map(|body| ProxyBody::incoming_held(body, body_timeout, body_hold));
-                            let values = values.clone();
                             // Not boxed: hyper's HTTP/1 connection keeps one boxed slot for
                             // its request's future, allocated with the connection, which this
                             // future is moved into; a box of its own would allocate and free
                             // again per request. The slot lives as long as hyper's
                             // connection, which on plain HTTP/1.1 is taken apart when idle.
-                            handle(snapshot, req, conn_info, values, hold)
+                            handle(snapshot, req, conn_info, &values, hold)
                         })
                     };
                     let Some(acceptor) = tls else {

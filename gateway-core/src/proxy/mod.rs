@@ -683,8 +683,9 @@ struct PluginRun {
 /// Handles one request against one snapshot. Never fails: every error is an HTTP answer (a
 /// gRPC answer when the client speaks gRPC). The `Result` is the service's: the callers hand
 /// this future on as it is, since wrapping it in another `async` block to add the `Ok` would
-/// move it once more per request. `hold`: the connection's busy mark, which the response
-/// body keeps until it is gone.
+/// move it once more per request. `values`: the connection's, borrowed (copied only for a
+/// route with plugins). `hold`: the connection's busy mark, which the response body keeps
+/// until it is gone.
 ///
 /// Everything up to the upstream call runs here, before the future exists (see [`Handling`]
 /// for why the future is written out by hand): routing, the head's checks, the upstream
@@ -693,9 +694,9 @@ pub(crate) fn handle(
     snapshot: Arc<Snapshot>,
     req: Request<ProxyBody>,
     conn: ConnInfo,
-    values: ConnValues,
+    values: &ConnValues,
     hold: Option<ConnHold>,
-) -> impl Future<Output = Result<Response<GatewayBody>, std::convert::Infallible>> + Send + 'static {
+) -> impl Future<Output = Result<Response<GatewayBody>, std::convert::Infallible>> + Send + 'static + use<> {
     let start = Instant::now();
     let mut facts = Facts::default();
     let (step, seen, grpc, bytes_in) = route_head(&snapshot, req, conn, values, start, &mut facts);
@@ -824,10 +825,13 @@ fn route_head(
     snapshot: &Snapshot,
     req: Request<ProxyBody>,
     mut conn: ConnInfo,
-    mut values: ConnValues,
+    values: &ConnValues,
     start: Instant,
     facts: &mut Facts,
 ) -> (Step, Option<Seen>, bool, u64) {
+    // The connection's values, or a copy with the client a trusted proxy forwarded.
+    let forwarded: ConnValues;
+    let mut values = values;
     if let Some(trusted) = &values.trusted {
         match forwarded_client(req.headers(), trusted) {
             Ok(None) => {}
@@ -836,7 +840,8 @@ fn route_head(
                 // access log see the client a trusted proxy forwarded.
                 conn.client = SocketAddr::new(client, conn.client.port());
                 if let Ok(v) = HeaderValue::from_str(&client.to_string()) {
-                    values.client_ip = v;
+                    forwarded = ConnValues { client_ip: v, ..values.clone() };
+                    values = &forwarded;
                 }
             }
             Err(()) => {
@@ -1023,7 +1028,7 @@ fn route_http(
     snapshot: &Snapshot,
     req: Request<ProxyBody>,
     conn: ConnInfo,
-    values: ConnValues,
+    values: &ConnValues,
     start: Instant,
     facts: &mut Facts,
 ) -> Step {
@@ -1154,8 +1159,8 @@ fn route_http(
     let slots = &route.chain.slots;
     let route_regex = snapshot.router.regex(&found);
     if slots.is_empty() {
-        let cookie = attach_balance_key(service, &mut parts, None, &values, path, route_regex.map(|r| &**r));
-        let trace = prepare(&mut parts, &body, fwd, &conn, &values, &request_id, service.version, sample_new);
+        let cookie = attach_balance_key(service, &mut parts, None, values, path, route_regex.map(|r| &**r));
+        let trace = prepare(&mut parts, &body, fwd, &conn, values, &request_id, service.version, sample_new);
         facts.trace = Some(trace);
         return Step::Upstream { route: found.route, parts, body, cookie, client_upgrade, request_id };
     }
@@ -1173,6 +1178,7 @@ fn route_http(
         route_regex: route_regex.map(|re| (re.clone(), Box::from(path))),
     };
     let path = service.balancer.hash_spec().map(|_| Box::from(path));
+    let values = values.clone();
     Step::Plugins(Box::new(PluginRun { route: found.route, req, fwd, ctx, values, request_id, client_upgrade, path }))
 }
 
