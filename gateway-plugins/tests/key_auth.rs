@@ -42,6 +42,10 @@ async fn missing_wrong_and_duplicate_keys_get_kongs_401s() {
     let cases = [
         (req(&gw, "/"), "No API key found in request"),
         (req(&gw, "/").header("apikey", "nope"), "Unauthorized"),
+        // A stored key's prefix, or the key and more, is not the key.
+        (req(&gw, "/").header("apikey", "alice-ke"), "Unauthorized"),
+        (req(&gw, "/").header("apikey", "alice-keyx"), "Unauthorized"),
+        (req(&gw, "/").header("apikey", "alice-kez"), "Unauthorized"),
         (req(&gw, "/?apikey=nope"), "Unauthorized"),
         (req(&gw, "/").header("apikey", "alice-key").header("apikey", "bob-key"), "Duplicate API key found"),
         (req(&gw, "/?apikey=alice-key&apikey=bob-key"), "Duplicate API key found"),
@@ -264,4 +268,26 @@ services:
         assert_eq!(echo.header(gone), None, "{gone}");
     }
     gw.shutdown().await;
+}
+
+#[test]
+fn a_key_two_consumers_share_is_a_config_error_naming_the_second() {
+    let yaml = r#"_format_version: "3.0"
+consumers:
+- username: alice
+  keyauth_credentials: [{key: shared-key}]
+- username: bob
+  keyauth_credentials: [{key: other-key}, {key: shared-key}]
+services:
+- name: s
+  url: http://127.0.0.1:9
+  routes: [{name: r, paths: ["/"]}]
+  plugins: [{name: key-auth}]
+"#;
+    // The plugin is refused (its routes answer 500), and the problem says why.
+    let gateway =
+        Gateway::builder().plugins(gateway_plugins::registry()).build(&Config::from_yaml(yaml).unwrap()).unwrap();
+    let failures = gateway.plugin_failures();
+    assert_eq!(failures.len(), 1, "{failures:?}");
+    assert!(failures[0].message.contains("a key of consumer `bob` is not unique"), "{failures:?}");
 }
