@@ -11,9 +11,9 @@
 //! ```
 //!
 //! Keys are found by a secret-keyed hash and compared in constant time (see `Keys`), so how
-//! long a lookup takes says nothing about the stored keys. Whatever the outcome, identity headers sent by the client
-//! (`X-Consumer-*`, `X-Credential-Identifier`, `X-Anonymous-Consumer`) never reach the
-//! upstream.
+//! long a lookup takes says nothing about the stored keys. Whatever the outcome, identity
+//! headers sent by the client (`X-Consumer-*`, `X-Credential-Identifier`,
+//! `X-Anonymous-Consumer`) never reach the upstream.
 
 use std::collections::HashMap;
 use std::hash::BuildHasher;

@@ -659,9 +659,9 @@ enum Step {
 
 /// The route at `index` in `snapshot` and its service: a [`Step`] names only routes that
 /// have one.
-fn routed(snapshot: &Snapshot, index: usize) -> (&RouteRuntime, &ServiceRuntime) {
+fn routed(snapshot: &Snapshot, index: usize) -> (&RouteRuntime, &Arc<ServiceRuntime>) {
     let route = &snapshot.routes[index];
-    (route, route.service.as_deref().expect("routing hands on only routes with a service"))
+    (route, route.service.as_ref().expect("routing hands on only routes with a service"))
 }
 
 /// A request on a route with plugins, as routing left it.
@@ -707,9 +707,8 @@ pub(crate) fn handle(
         }
         Step::Answer(resp) => Handling::Ready { resp: Some(record.end(resp)) },
         Step::Upstream { route, parts, body, cookie, client_upgrade, request_id } => {
-            let r = &record.snapshot.routes[route];
-            let service = r.service.clone().expect("routing hands on only routes with a service");
-            let preserve_host = r.preserve_host;
+            let (r, service) = routed(&record.snapshot, route);
+            let (service, preserve_host) = (service.clone(), r.preserve_host);
             let sent = Instant::now();
             Handling::Upstream {
                 call: call_upstream(service, preserve_host, parts, body, Some(request_id)),
@@ -1246,7 +1245,7 @@ async fn run_plugins(snapshot: &Snapshot, mut run: Box<PluginRun>, facts: &mut F
                 }
                 None => {
                     let (parts, body) = up.into_parts();
-                    let (resp, target) = call_upstream(service, route.preserve_host, parts, body, None).await;
+                    let (resp, target) = call_upstream(&**service, route.preserve_host, parts, body, None).await;
                     facts.upstream = target;
                     resp
                 }
