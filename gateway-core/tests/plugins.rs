@@ -23,6 +23,8 @@ struct Recorder {
     journal: Journal,
     deny: bool,
     layer: bool,
+    /// Its access hook is async (and yields once before deciding).
+    is_async: bool,
 }
 
 impl Recorder {
@@ -33,12 +35,25 @@ impl Recorder {
 
 impl Plugin for Recorder {
     fn access(&self, ctx: &mut RequestContext, _req: &mut Request<ProxyBody>) -> ControlFlow<Answer> {
-        self.note("access");
+        self.note(if self.is_async { "access-async" } else { "access" });
         if self.deny {
             ControlFlow::Break(ctx.error(StatusCode::UNAUTHORIZED, "denied by test"))
         } else {
             ControlFlow::Continue(())
         }
+    }
+    fn is_async(&self) -> bool {
+        self.is_async
+    }
+    fn access_async<'a>(
+        &'a self,
+        ctx: &'a mut RequestContext,
+        req: &'a mut Request<ProxyBody>,
+    ) -> gateway_core::plugin::BoxFuture<'a, ControlFlow<Answer>> {
+        Box::pin(async move {
+            tokio::task::yield_now().await;
+            self.access(ctx, req)
+        })
     }
     fn before_upstream(&self, _ctx: &mut RequestContext, req: &mut Request<ProxyBody>) {
         self.note("before");
@@ -77,6 +92,8 @@ struct RecorderConfig {
     deny: bool,
     #[serde(default)]
     layer: bool,
+    #[serde(default, rename = "async")]
+    is_async: bool,
 }
 
 /// Identifies the consumer named in `x-user` (a stand-in for an authentication plugin).
@@ -101,10 +118,10 @@ impl Plugin for HeaderAuth {
 
 fn registry(journal: &Journal) -> PluginRegistry {
     let mut r = PluginRegistry::default();
-    for (name, priority) in [("high", 20), ("low", 10), ("also-low", 10)] {
+    for (name, priority) in [("high", 20), ("middle", 15), ("low", 10), ("also-low", 10)] {
         let j = journal.clone();
         r.register(typed_factory(name, priority, move |c: RecorderConfig, _| {
-            Ok(Recorder { tag: c.tag, journal: j.clone(), deny: c.deny, layer: c.layer })
+            Ok(Recorder { tag: c.tag, journal: j.clone(), deny: c.deny, layer: c.layer, is_async: c.is_async })
         }));
     }
     r.register(typed_factory("header-auth", 1000, |_: serde_json::Value, _| Ok(HeaderAuth)));
@@ -118,6 +135,14 @@ async fn start(yaml: &str, journal: &Journal) -> RunningGateway {
 
 fn take(journal: &Journal) -> Vec<String> {
     std::mem::take(&mut *journal.lock().unwrap())
+}
+
+/// The tags the upstream received (`x-tags`, in `before_upstream` order) and the ones the
+/// response collected (`x-seen-by`, in `response` order).
+fn tags_and_seen(resp: &common::Answer) -> (Vec<String>, Vec<String>) {
+    let tags = resp.echo().headers.get("x-tags").cloned().unwrap_or_default();
+    let seen = resp.headers.get_all("x-seen-by").iter().map(|v| v.to_str().unwrap().to_string()).collect();
+    (tags, seen)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -142,9 +167,9 @@ services:
     .await;
     let resp = get(&gw.url("/x")).await;
     assert_eq!(resp.status, StatusCode::OK);
-    assert_eq!(resp.echo().headers.get("x-tags"), Some(&vec!["H".to_string(), "L".to_string()]));
-    let seen: Vec<_> = resp.headers.get_all("x-seen-by").iter().map(|v| v.to_str().unwrap().to_string()).collect();
-    assert_eq!(seen, vec!["L", "H"], "the response unwinds in reverse order");
+    let (tags, seen) = tags_and_seen(&resp);
+    assert_eq!(tags, ["H", "L"]);
+    assert_eq!(seen, ["L", "H"], "the response unwinds in reverse order");
     assert_eq!(
         take(&journal),
         ["access:H", "access:L", "before:H", "before:L", "response:L", "response:H", "log200:H", "log200:L"]
@@ -178,6 +203,70 @@ services:
     assert_eq!(resp.json()["message"], "denied by test");
     assert_eq!(resp.json()["request_id"], resp.headers["x-request-id"].to_str().unwrap());
     assert_eq!(take(&journal), ["access:H", "response:L", "response:H", "log401:H", "log401:L"]);
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_async_access_hook_between_sync_ones_keeps_every_phase_in_order() {
+    let up = echo_upstream().await;
+    let journal = Journal::default();
+    let gw = start(
+        &format!(
+            r#"_format_version: "3.0"
+services:
+- name: s
+  url: http://{}
+  routes:
+  - name: passes
+    paths: ["/pass"]
+    plugins:
+    - {{name: low, config: {{tag: L}}}}
+    - {{name: middle, config: {{tag: M, async: true}}}}
+    - {{name: high, config: {{tag: H}}}}
+  - name: answers
+    paths: ["/deny"]
+    plugins:
+    - {{name: low, config: {{tag: L}}}}
+    - {{name: middle, config: {{tag: M, async: true, deny: true}}}}
+    - {{name: high, config: {{tag: H}}}}
+"#,
+            up.addr
+        ),
+        &journal,
+    )
+    .await;
+    let resp = get(&gw.url("/pass")).await;
+    assert_eq!(resp.status, StatusCode::OK);
+    let (tags, seen) = tags_and_seen(&resp);
+    assert_eq!(tags, ["H", "M", "L"]);
+    assert_eq!(seen, ["L", "M", "H"]);
+    assert_eq!(
+        take(&journal),
+        [
+            "access:H",
+            "access-async:M",
+            "access:L",
+            "before:H",
+            "before:M",
+            "before:L",
+            "response:L",
+            "response:M",
+            "response:H",
+            "log200:H",
+            "log200:M",
+            "log200:L"
+        ]
+    );
+
+    // The async hook answers: the later access hook and the upstream are skipped, the
+    // response and log hooks all run.
+    let resp = get(&gw.url("/deny")).await;
+    assert_eq!(resp.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(resp.json()["request_id"], resp.headers["x-request-id"].to_str().unwrap());
+    assert_eq!(
+        take(&journal),
+        ["access:H", "access-async:M", "response:L", "response:M", "response:H", "log401:H", "log401:M", "log401:L"]
+    );
     gw.shutdown().await;
 }
 

@@ -652,9 +652,10 @@ enum Step {
         /// The request's id, as `up` carries it.
         request_id: HeaderValue,
     },
-    /// A route with plugins. Boxed, and run in a future of its own: the plugin context is
-    /// large, and a variant this size would grow every request's future, plugins or not.
-    Plugins(Box<PluginRun>),
+    /// A route with plugins: the client's request, and the run's state, boxed (the plugin
+    /// context is large, and a variant this size would grow every request's future, plugins
+    /// or not).
+    Plugins { run: Box<PluginRun>, req: Request<ProxyBody> },
 }
 
 /// The route at `index` in `snapshot` and its service: a [`Step`] names only routes that
@@ -664,14 +665,16 @@ fn routed(snapshot: &Snapshot, index: usize) -> (&RouteRuntime, &Arc<ServiceRunt
     (route, route.service.as_ref().expect("routing hands on only routes with a service"))
 }
 
-/// A request on a route with plugins, as routing left it.
+/// The state of a request on a route with plugins, from routing to the log hooks.
 struct PluginRun {
     /// The route's index in the snapshot; it has a service.
     route: usize,
-    req: Request<ProxyBody>,
-    fwd: Forwarding,
+    /// Taken when the upstream request is prepared.
+    fwd: Option<Forwarding>,
     ctx: RequestContext,
-    values: ConnValues,
+    /// The connection's values, copied only for a run that goes on in a future of its own
+    /// (an async access hook, layers around the upstream call): the others borrow them.
+    values: Option<ConnValues>,
     /// The id the upstream and the client get (the context's is the plugins' to read).
     request_id: HeaderValue,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
@@ -713,16 +716,61 @@ pub(crate) fn handle(
             Handling::Upstream {
                 call: call_upstream(service, preserve_host, parts, body, Some(request_id)),
                 record,
-                then: Then { route, cookie, client_upgrade, sent },
+                then: Then { route, cookie, client_upgrade, sent, plugins: None },
             }
         }
-        Step::Plugins(run) => Handling::Plugins {
+        Step::Plugins { run, req } => plugins_step(record, run, req, values, |service, preserve_host, parts, body| {
+            call_upstream(service, preserve_host, parts, body, None)
+        }),
+    }
+}
+
+/// [`handle`] for a route with plugins. The synchronous access hooks run here, and when they
+/// all pass the upstream call is built in place, as for a route without plugins; the first
+/// async hook, or layers around the upstream call, hand the rest to a future of its own.
+///
+/// Out of line, so that the plugin path's moves do not shape the code of the path without
+/// plugins; `call` builds the upstream call (the same future type as `handle`'s other arm).
+#[inline(never)]
+fn plugins_step<C>(
+    mut record: Record,
+    mut run: Box<PluginRun>,
+    mut req: Request<ProxyBody>,
+    values: &ConnValues,
+    call: impl FnOnce(Arc<ServiceRuntime>, bool, http::request::Parts, ProxyBody) -> C,
+) -> Handling<C> {
+    let (route, service) = routed(&record.snapshot, run.route);
+    // A trusted proxy's client, when it forwarded one (see `route_http`).
+    let forwarded = run.values.take();
+    let vals = forwarded.as_ref().unwrap_or(values);
+    let from = match access_sync(&route.chain.slots, 0, &mut run.ctx, &mut req) {
+        Access::Answered(answer) => {
+            let mut resp = plugin_answered(&record.snapshot, route, answer, &mut run);
+            plugins_respond(&record.snapshot, &mut run, &mut resp, None, &mut record.facts);
+            return Handling::Ready { resp: Some(record.end(resp)) };
+        }
+        Access::Async(from) => Some(from),
+        Access::Passed if route.upstream.is_some() => Some(route.chain.slots.len()),
+        Access::Passed => None,
+    };
+    if let Some(from) = from {
+        run.values = Some(forwarded.unwrap_or_else(|| values.clone()));
+        return Handling::Plugins {
             run: Box::pin(async move {
-                let mut record = record;
-                let resp = run_plugins(&record.snapshot, run, &mut record.facts).await;
+                let resp = run_plugins(&record.snapshot, run, req, from, &mut record.facts).await;
                 record.end(resp)
             }),
-        },
+        };
+    }
+    let (up, cookie) = plugins_upstream(&record.snapshot, &mut run, req, vals, &mut record.facts);
+    let (parts, body) = up.into_parts();
+    let (service, preserve_host) = (service.clone(), route.preserve_host);
+    let (route, client_upgrade) = (run.route, run.client_upgrade.take());
+    let sent = Instant::now();
+    Handling::Upstream {
+        call: call(service, preserve_host, parts, body),
+        record,
+        then: Then { route, cookie, client_upgrade, sent, plugins: Some(run) },
     }
 }
 
@@ -759,6 +807,8 @@ struct Then {
     cookie: Option<HeaderValue>,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
     sent: Instant,
+    /// A route with plugins: their response and log hooks are still to run.
+    plugins: Option<Box<PluginRun>>,
 }
 
 pin_project_lite::pin_project! {
@@ -801,10 +851,18 @@ where
                 };
                 record.facts.upstream_latency = Some(then.sent.elapsed());
                 record.facts.upstream = target;
-                if let Some(c) = then.cookie {
-                    resp.headers_mut().append(header::SET_COOKIE, c);
+                match then.plugins {
+                    None => {
+                        if let Some(c) = then.cookie {
+                            resp.headers_mut().append(header::SET_COOKIE, c);
+                        }
+                        finish_upgrade(&mut resp, then.client_upgrade, &record.snapshot.routes[then.route].name);
+                    }
+                    Some(mut run) => {
+                        run.client_upgrade = then.client_upgrade;
+                        plugins_respond(&record.snapshot, &mut run, &mut resp, then.cookie, &mut record.facts);
+                    }
                 }
-                finish_upgrade(&mut resp, then.client_upgrade, &record.snapshot.routes[then.route].name);
                 Poll::Ready(record.end(resp))
             }
             HandlingProj::Plugins { run } => run.as_mut().poll(cx),
@@ -831,6 +889,7 @@ fn route_head(
     // The connection's values, or a copy with the client a trusted proxy forwarded.
     let forwarded: ConnValues;
     let mut values = values;
+    let mut is_forwarded = false;
     if let Some(trusted) = &values.trusted {
         match forwarded_client(req.headers(), trusted) {
             Ok(None) => {}
@@ -841,6 +900,7 @@ fn route_head(
                 if let Ok(v) = HeaderValue::from_str(&client.to_string()) {
                     forwarded = ConnValues { client_ip: v, ..values.clone() };
                     values = &forwarded;
+                    is_forwarded = true;
                 }
             }
             Err(()) => {
@@ -875,7 +935,7 @@ fn route_head(
         let host = req.headers().get(header::HOST).cloned();
         Box::new((req.method().clone(), host, req.uri().clone(), values.client_ip.clone()))
     });
-    (route_http(snapshot, req, conn, values, start, facts), seen, grpc, bytes_in)
+    (route_http(snapshot, req, conn, values, is_forwarded, start, facts), seen, grpc, bytes_in)
 }
 
 /// The end of [`handle`]: latency headers, and the log line and metrics the body finishes.
@@ -1022,12 +1082,14 @@ fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade
 }
 
 /// Routing and the request head's checks; for a route without plugins, the upstream request
-/// too. See [`Step`] for why this is not async.
+/// too. See [`Step`] for why this is not async. `forwarded`: `values` name the client a
+/// trusted proxy forwarded, not the connection's (see [`route_head`]).
 fn route_http(
     snapshot: &Snapshot,
     req: Request<ProxyBody>,
     conn: ConnInfo,
     values: &ConnValues,
+    forwarded: bool,
     start: Instant,
     facts: &mut Facts,
 ) -> Step {
@@ -1177,65 +1239,166 @@ fn route_http(
         route_regex: route_regex.map(|re| (re.clone(), Box::from(path))),
     };
     let path = service.balancer.hash_spec().map(|_| Box::from(path));
-    let values = values.clone();
-    Step::Plugins(Box::new(PluginRun { route: found.route, req, fwd, ctx, values, request_id, client_upgrade, path }))
+    // A trusted proxy's client: the run's own copy of the values (`handle` knows only the
+    // connection's).
+    let values = forwarded.then(|| values.clone());
+    let run = PluginRun { route: found.route, fwd: Some(fwd), ctx, values, request_id, client_upgrade, path };
+    Step::Plugins { run: Box::new(run), req }
 }
 
-/// Runs a route's plugins around the upstream call: access (which may answer), the call,
-/// then response and log.
+/// How far the access hooks got ([`access_sync`]).
+enum Access {
+    /// A plugin answered the request.
+    Answered(Response<ResponseBody>),
+    /// Every hook let the request pass.
+    Passed,
+    /// Stopped before the slot at this index, whose plugin is async.
+    Async(usize),
+}
+
+/// The consumer an authentication plugin identified, by index: what picks a slot's instance.
+fn consumer_index(ctx: &RequestContext) -> Option<usize> {
+    ctx.consumer.as_ref().map(|c| c.index)
+}
+
+/// Runs the access hooks from slot `from` on, in plugin order, up to the first async one.
+fn access_sync(
+    slots: &[crate::chain::Slot],
+    from: usize,
+    ctx: &mut RequestContext,
+    req: &mut Request<ProxyBody>,
+) -> Access {
+    for (i, slot) in slots.iter().enumerate().skip(from) {
+        let Some(p) = slot.pick(consumer_index(ctx)) else { continue };
+        if p.is_async() {
+            return Access::Async(i);
+        }
+        if let ControlFlow::Break(answer) = p.access(ctx, req) {
+            return Access::Answered(answer);
+        }
+    }
+    Access::Passed
+}
+
+/// A plugin's answer, as the client gets it: the request's id, and counted as the plugin's.
+fn plugin_answered(
+    snapshot: &Snapshot,
+    route: &RouteRuntime,
+    mut answer: Response<ResponseBody>,
+    run: &mut PluginRun,
+) -> Response<ResponseBody> {
+    let id = std::mem::replace(&mut run.request_id, HeaderValue::from_static(""));
+    answer.headers_mut().insert(X_REQUEST_ID.clone(), id);
+    if snapshot.observe.metrics {
+        route.metrics.plugin_answered(answer.status());
+    }
+    answer
+}
+
+/// The upstream request of a run whose access hooks all passed: the balancing key, the
+/// forwarding headers and path ([`prepare`]), then the `before_upstream` hooks. Returns the
+/// request and the `Set-Cookie` value of `hash_on: cookie`.
+fn plugins_upstream(
+    snapshot: &Snapshot,
+    run: &mut PluginRun,
+    req: Request<ProxyBody>,
+    values: &ConnValues,
+    facts: &mut Facts,
+) -> (Request<ProxyBody>, Option<HeaderValue>) {
+    let (route, service) = routed(snapshot, run.route);
+    let consumer_id = run.ctx.consumer.as_ref().map(|c| &*c.id);
+    let regex = run.ctx.route_regex.as_ref().map(|(re, _)| &**re);
+    let path = run.path.as_deref().unwrap_or("");
+    let (mut parts, body) = req.into_parts();
+    let cookie = attach_balance_key(service, &mut parts, consumer_id, values, path, regex);
+    let fwd = run.fwd.take().expect("a run's upstream request is prepared once");
+    let sample_new = snapshot.observe.on_finish.is_some();
+    let trace = prepare(&mut parts, &body, fwd, &run.ctx.conn, values, &run.request_id, service.version, sample_new);
+    facts.trace = Some(trace);
+    let mut up = Request::from_parts(parts, body);
+    for slot in route.chain.slots.iter() {
+        if let Some(p) = slot.pick(consumer_index(&run.ctx)) {
+            p.before_upstream(&mut run.ctx, &mut up);
+        }
+    }
+    (up, cookie)
+}
+
+/// The end of a run, on the answer (the upstream's or a plugin's): the balancing cookie, the
+/// upgrade, the response hooks in reverse plugin order, the log hooks, and what the log and
+/// the metrics learn of the consumer.
+fn plugins_respond(
+    snapshot: &Snapshot,
+    run: &mut PluginRun,
+    resp: &mut Response<ResponseBody>,
+    cookie: Option<HeaderValue>,
+    facts: &mut Facts,
+) {
+    let route = &snapshot.routes[run.route];
+    if let Some(c) = cookie {
+        resp.headers_mut().append(header::SET_COOKIE, c);
+    }
+    finish_upgrade(resp, run.client_upgrade.take(), &route.name);
+    let slots = &route.chain.slots;
+    let ctx = &mut run.ctx;
+    for slot in slots.iter().rev() {
+        if let Some(p) = slot.pick(consumer_index(ctx)) {
+            p.response(ctx, resp);
+        }
+    }
+    let status = resp.status();
+    for slot in slots.iter() {
+        if let Some(p) = slot.pick(consumer_index(ctx)) {
+            p.log(ctx, status);
+        }
+    }
+    facts.consumer = ctx.consumer.as_ref().map(|c| c.username.clone().unwrap_or_else(|| c.id.clone()));
+    if let Some(c) = &ctx.consumer {
+        facts.consumer_metrics = snapshot.consumer_metrics.get(c.index).cloned();
+    }
+}
+
+/// The rest of a run that [`handle`] could not finish at once: the access hooks from slot
+/// `from` on (the first async one), the upstream call (through the route's layers, if any),
+/// then the response and log hooks.
 ///
 /// The run stays in its box, used in place: moving its fields out would copy them into this
 /// future's state.
-async fn run_plugins(snapshot: &Snapshot, mut run: Box<PluginRun>, facts: &mut Facts) -> Response<ResponseBody> {
+async fn run_plugins(
+    snapshot: &Snapshot,
+    mut run: Box<PluginRun>,
+    mut req: Request<ProxyBody>,
+    from: usize,
+    facts: &mut Facts,
+) -> Response<ResponseBody> {
     let (route, service) = routed(snapshot, run.route);
     let slots = &route.chain.slots;
-    let sample_new = snapshot.observe.on_finish.is_some();
-    let consumer = |ctx: &RequestContext| ctx.consumer.as_ref().map(|c| c.index);
     let mut answered = None;
-    for slot in slots.iter() {
-        let Some(p) = slot.pick(consumer(&run.ctx)) else { continue };
-        let flow = if p.is_async() {
-            p.access_async(&mut run.ctx, &mut run.req).await
-        } else {
-            p.access(&mut run.ctx, &mut run.req)
-        };
-        if let ControlFlow::Break(answer) = flow {
-            answered = Some(answer);
-            break;
+    let mut from = from;
+    while from < slots.len() {
+        match access_sync(slots, from, &mut run.ctx, &mut req) {
+            Access::Answered(answer) => {
+                answered = Some(answer);
+                break;
+            }
+            Access::Passed => break,
+            Access::Async(i) => {
+                let p = slots[i].pick(consumer_index(&run.ctx)).expect("access_sync stopped at a plugin");
+                if let ControlFlow::Break(answer) = p.access_async(&mut run.ctx, &mut req).await {
+                    answered = Some(answer);
+                    break;
+                }
+                from = i + 1;
+            }
         }
     }
     let mut cookie = None;
     let mut resp = match answered {
-        Some(mut answer) => {
-            answer.headers_mut().insert(X_REQUEST_ID.clone(), run.request_id);
-            if snapshot.observe.metrics {
-                route.metrics.plugin_answered(answer.status());
-            }
-            answer
-        }
+        Some(answer) => plugin_answered(snapshot, route, answer, &mut run),
         None => {
-            let consumer_id = run.ctx.consumer.as_ref().map(|c| &*c.id);
-            let regex = run.ctx.route_regex.as_ref().map(|(re, _)| &**re);
-            let path = run.path.as_deref().unwrap_or("");
-            let (mut parts, body) = run.req.into_parts();
-            cookie = attach_balance_key(service, &mut parts, consumer_id, &run.values, path, regex);
-            let trace = prepare(
-                &mut parts,
-                &body,
-                run.fwd,
-                &run.ctx.conn,
-                &run.values,
-                &run.request_id,
-                service.version,
-                sample_new,
-            );
-            facts.trace = Some(trace);
-            let mut up = Request::from_parts(parts, body);
-            for slot in slots.iter() {
-                if let Some(p) = slot.pick(consumer(&run.ctx)) {
-                    p.before_upstream(&mut run.ctx, &mut up);
-                }
-            }
+            let values = run.values.take().expect("a run in a future of its own has the connection's values");
+            let up;
+            (up, cookie) = plugins_upstream(snapshot, &mut run, req, &values, facts);
             let sent = Instant::now();
             let resp = match &route.upstream {
                 Some(layered) => {
@@ -1254,26 +1417,7 @@ async fn run_plugins(snapshot: &Snapshot, mut run: Box<PluginRun>, facts: &mut F
             resp
         }
     };
-    if let Some(c) = cookie {
-        resp.headers_mut().append(header::SET_COOKIE, c);
-    }
-    finish_upgrade(&mut resp, run.client_upgrade.take(), &route.name);
-    let ctx = &mut run.ctx;
-    for slot in slots.iter().rev() {
-        if let Some(p) = slot.pick(consumer(ctx)) {
-            p.response(ctx, &mut resp);
-        }
-    }
-    let status = resp.status();
-    for slot in slots.iter() {
-        if let Some(p) = slot.pick(consumer(ctx)) {
-            p.log(ctx, status);
-        }
-    }
-    facts.consumer = ctx.consumer.as_ref().map(|c| c.username.clone().unwrap_or_else(|| c.id.clone()));
-    if let Some(c) = &ctx.consumer {
-        facts.consumer_metrics = snapshot.consumer_metrics.get(c.index).cloned();
-    }
+    plugins_respond(snapshot, &mut run, &mut resp, cookie, facts);
     resp
 }
 
@@ -1411,6 +1555,10 @@ fn is_idempotent(m: &http::Method) -> bool {
 /// layers may have set another).
 ///
 /// `service`: a reference, or an `Arc` when the future must own it ([`handle`]'s).
+///
+/// Always inlined: built out of line, the future (hundreds of bytes) is returned through a
+/// temporary and copied into the request's future, once more per request.
+#[inline(always)]
 fn call_upstream<S>(
     service: S,
     preserve_host: bool,
