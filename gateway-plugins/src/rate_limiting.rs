@@ -281,13 +281,14 @@ impl Store {
     }
 
     /// The counters (one per configured period) of `key`, created on first use.
-    fn counters(&self, key: String, periods: usize, is_stale: impl Fn(&[Counter]) -> bool) -> Arc<[Counter]> {
+    /// The key is copied only when it is new.
+    fn counters(&self, key: &str, periods: usize, is_stale: impl Fn(&[Counter]) -> bool) -> Arc<[Counter]> {
         use std::hash::{BuildHasher, Hasher};
         let mut h =
             std::hash::BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default().build_hasher();
         h.write(key.as_bytes());
         let shard = &self.shards[(h.finish() as usize) % SHARDS];
-        if let Some(c) = shard.read().unwrap_or_else(|p| p.into_inner()).get(&key) {
+        if let Some(c) = shard.read().unwrap_or_else(|p| p.into_inner()).get(key) {
             return c.clone();
         }
         let mut map = shard.write().unwrap_or_else(|p| p.into_inner());
@@ -295,7 +296,7 @@ impl Store {
         if map.len() >= 4096 && map.len().is_power_of_two() {
             map.retain(|_, c| !is_stale(c));
         }
-        map.entry(key).or_insert_with(|| (0..periods).map(|_| Counter(AtomicU64::new(0))).collect()).clone()
+        map.entry(key.to_owned()).or_insert_with(|| (0..periods).map(|_| Counter(AtomicU64::new(0))).collect()).clone()
     }
 }
 
@@ -309,10 +310,12 @@ struct Limit {
 }
 
 /// What the response hook needs to write the headers.
-#[derive(Clone)]
+#[derive(Clone, Copy)]
 struct Usage {
-    /// (limit index, remaining) per configured period.
-    remaining: Vec<(usize, u32)>,
+    /// What is left in each configured period, in the order of `limits` (at most six): a
+    /// fixed array, so that counting allocates nothing.
+    remaining: [u32; 6],
+    /// Seconds to the reset of the tightest period.
     reset: u64,
 }
 
@@ -423,10 +426,16 @@ impl RateLimiting {
         })
     }
 
-    /// The counting key: the route, then what `limit_by` counts by, in one string.
+    /// The counting key: what `limit_by` counts by, in one string.
     fn key(&self, ctx: &RequestContext, req: &Request<ProxyBody>) -> String {
-        use std::fmt::Write;
         let mut k = String::with_capacity(64);
+        self.write_key(&mut k, ctx, req);
+        k
+    }
+
+    /// Appends the counting key ([`RateLimiting::key`]) to `k`.
+    fn write_key(&self, k: &mut String, ctx: &RequestContext, req: &Request<ProxyBody>) {
+        use std::fmt::Write;
         // One budget per plugin instance (Kong keys counters on the instance's own scope): a
         // global limit is shared by every route it covers, not multiplied by them. The counter
         // store is per instance; Redis keys carry the instance's config location.
@@ -444,16 +453,16 @@ impl RateLimiting {
                     k.push_str("credential:");
                     k.push_str(cred);
                 }
-                (None, None) => ip(&mut k),
+                (None, None) => ip(k),
             },
             LimitBy::Credential => match &ctx.credential {
                 Some(c) => {
                     k.push_str("credential:");
                     k.push_str(c);
                 }
-                None => ip(&mut k),
+                None => ip(k),
             },
-            LimitBy::Ip => ip(&mut k),
+            LimitBy::Ip => ip(k),
             LimitBy::Service => {
                 k.push_str("service:");
                 k.push_str(ctx.service.as_deref().unwrap_or(""));
@@ -464,7 +473,7 @@ impl RateLimiting {
                         k.push_str("header:");
                         k.push_str(v);
                     }
-                    None => ip(&mut k),
+                    None => ip(k),
                 }
             }
             // Kong's rule: requests to `path` share one budget; any other path counts by IP.
@@ -473,10 +482,9 @@ impl RateLimiting {
                     k.push_str("path:");
                     k.push_str(p);
                 }
-                _ => ip(&mut k),
+                _ => ip(k),
             },
         }
-        k
     }
 }
 
@@ -486,14 +494,14 @@ fn now_secs() -> u64 {
 
 /// What counting decided.
 enum Outcome {
-    /// Allowed: (limit index, remaining) per period, and seconds to the tightest reset.
-    Allowed(Vec<(usize, u32)>, u64),
+    /// Allowed: what is left per period, and seconds to the tightest reset.
+    Allowed(Usage),
     /// Refused: seconds until the refusing window resets.
     Refused(u64),
 }
 
 impl RateLimiting {
-    fn take_local(&self, key: String, now: u64) -> Outcome {
+    fn take_local(&self, key: &str, now: u64) -> Outcome {
         // At most six periods: fixed arrays, no allocation.
         let mut starts = [0u32; 6];
         for (s, l) in starts.iter_mut().zip(&self.limits) {
@@ -526,18 +534,18 @@ impl RateLimiting {
 
     /// Remaining per period and the reset of the tightest one, from the counts after this request.
     fn allowed(&self, counts: &[u32], now: u64) -> Outcome {
-        let mut remaining = Vec::with_capacity(self.limits.len());
+        let mut remaining = [0; 6];
         let (mut tightest, mut reset) = (u32::MAX, u64::MAX);
-        for (i, (limit, count)) in self.limits.iter().zip(counts).enumerate() {
+        for ((limit, count), slot) in self.limits.iter().zip(counts).zip(&mut remaining) {
             let left = limit.limit.saturating_sub(*count);
             let end = limit.period.window(now).1;
-            remaining.push((i, left));
+            *slot = left;
             if left < tightest || (left == tightest && end - now < reset) {
                 tightest = left;
                 reset = end - now;
             }
         }
-        Outcome::Allowed(remaining, reset)
+        Outcome::Allowed(Usage { remaining, reset })
     }
 
     fn finish(&self, ctx: &mut RequestContext, outcome: Outcome) -> ControlFlow<Answer> {
@@ -545,16 +553,14 @@ impl RateLimiting {
             Outcome::Refused(retry_after) => {
                 let mut answer = ctx.error(self.error_code, &self.error_message);
                 if !self.hide_headers {
-                    let usage =
-                        Usage { remaining: (0..self.limits.len()).map(|i| (i, 0)).collect(), reset: retry_after };
-                    self.write_headers(answer.headers_mut(), &usage);
+                    self.write_headers(answer.headers_mut(), &Usage { remaining: [0; 6], reset: retry_after });
                 }
                 answer.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(retry_after.max(1)));
                 ControlFlow::Break(answer)
             }
-            Outcome::Allowed(remaining, reset) => {
+            Outcome::Allowed(usage) => {
                 if !self.hide_headers {
-                    ctx.extensions.insert(Usage { remaining, reset });
+                    ctx.extensions.insert(usage);
                 }
                 ControlFlow::Continue(())
             }
@@ -564,7 +570,15 @@ impl RateLimiting {
 
 impl Plugin for RateLimiting {
     fn access(&self, ctx: &mut RequestContext, req: &mut Request<ProxyBody>) -> ControlFlow<Answer> {
-        let outcome = self.take_local(self.key(ctx, req), now_secs());
+        // The key is built in a buffer kept for the thread: the store copies it only when new.
+        thread_local! {
+            static KEY: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+        }
+        let outcome = KEY.with_borrow_mut(|k| {
+            k.clear();
+            self.write_key(k, ctx, req);
+            self.take_local(k, now_secs())
+        });
         self.finish(ctx, outcome)
     }
 
@@ -761,8 +775,7 @@ impl RateLimiting {
         // Values cut from the gateway's per-request buffer, and shared between the two headers
         // that carry the same number: `HeaderValue::from(u32)` allocates each one.
         let mut tightest: Option<(&Limit, u32, HeaderValue)> = None;
-        for &(i, left) in &usage.remaining {
-            let limit = &self.limits[i];
+        for (limit, &left) in self.limits.iter().zip(&usage.remaining) {
             let value = decimal_value(u64::from(left));
             h.insert(limit.limit_header.clone(), limit.limit_value.clone());
             h.insert(limit.remaining_header.clone(), value.clone());
