@@ -824,9 +824,11 @@ pin_project_lite::pin_project! {
     #[project = HandlingProj]
     #[project_replace = HandlingOwn]
     enum Handling<C> {
-        /// A route without plugins, waiting for its upstream.
+        /// Waiting for the upstream: a route without plugins, or one whose access hooks all
+        /// ran at once (`then` carries its plugin run, whose response and log hooks follow).
         Upstream { #[pin] call: C, record: Record, then: Then },
-        /// A route with plugins: their run is a future of its own, boxed (see [`Step::Plugins`]).
+        /// A route with plugins whose run goes on in a future of its own, boxed: an async
+        /// access hook, or layers around the upstream call (see [`plugins_step`]).
         Plugins { run: crate::plugin::BoxFuture<'static, Result<Response<GatewayBody>, std::convert::Infallible>> },
         /// Answered without waiting.
         Ready { resp: Option<Result<Response<GatewayBody>, std::convert::Infallible>> },
