@@ -9,6 +9,10 @@
 //! benches/compare [--rounds 3] [--duration 10] [--connections 50,256] [--quick]
 //! ```
 //!
+//! `--baseline PATH` adds a second gateway binary (another build, without plugins) as the
+//! target `baseline`, measured in the same rounds: an A/B of two builds that the runner's
+//! drift between separate runs cannot blur.
+//!
 //! Layout, as the reference figures were measured: each proxy alone on core 0 (`taskset`),
 //! the upstream and wrk (1 thread) together on core 1. The runner installs nothing; it says
 //! what is missing (`wrk`, `nginx`, `haproxy`, `taskset`) and leaves those targets out.
@@ -48,13 +52,17 @@ struct Args {
     /// Idle keep-alive connections held open for the memory measurement.
     #[arg(long, default_value_t = 10_000)]
     idle_connections: usize,
-    /// Only these targets (direct, gateway, gateway-plugins, nginx, haproxy, hyper-proxy),
-    /// comma separated.
+    /// Only these targets (direct, gateway, baseline, gateway-plugins, nginx, haproxy,
+    /// hyper-proxy), comma separated.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// The gateway binary.
     #[arg(long, default_value = "target/release/gateway")]
     gateway: PathBuf,
+    /// Another gateway binary (another build), measured without plugins as the target
+    /// `baseline` in the same rounds as the others.
+    #[arg(long)]
+    baseline: Option<PathBuf>,
     /// Where the results go (the section between the compare markers is replaced); `-` for
     /// standard output only.
     #[arg(long, default_value = "BENCHMARKS.md")]
@@ -706,13 +714,17 @@ fn run(args: &Args) -> Result<(), String> {
         });
     }
     type Start<'a> = Box<dyn Fn() -> Result<Target, String> + 'a>;
-    let starts: [(&str, Start<'_>); 5] = [
+    let mut starts: Vec<(&str, Start<'_>)> = vec![
         ("gateway", Box::new(|| start_gateway(&env, &args.gateway, "gateway", false))),
         ("gateway-plugins", Box::new(|| start_gateway(&env, &args.gateway, "gateway-plugins", true))),
         ("nginx", Box::new(|| start_nginx(&env))),
         ("haproxy", Box::new(|| start_haproxy(&env))),
         ("hyper-proxy", Box::new(|| start_hyper_proxy(&env))),
     ];
+    if let Some(baseline) = args.baseline.as_deref() {
+        let env = &env;
+        starts.insert(1, ("baseline", Box::new(move || start_gateway(env, baseline, "baseline", false))));
+    }
     for (name, start) in starts {
         if !wanted(name) || missing.contains(&name) {
             continue;
@@ -785,6 +797,13 @@ fn run(args: &Args) -> Result<(), String> {
          passed on unchanged): the floor of that stack. Medians over the rounds; CPU is \
          user + system time of the proxy's processes from `/proc/PID/stat`.\n"
     );
+    if let Some(baseline) = &args.baseline {
+        let _ = writeln!(
+            md,
+            "`baseline` is another build of the gateway (`{}`), run as `gateway` is, without plugins.\n",
+            baseline.display()
+        );
+    }
     let _ = writeln!(
         md,
         "Versions: {}; {}; {}.\n",
