@@ -746,7 +746,8 @@ fn plugins_step<C>(
     let from = match access_sync(&route.chain.slots, 0, &mut run.ctx, &mut req) {
         Access::Answered(answer) => {
             let mut resp = plugin_answered(&record.snapshot, route, answer, &mut run);
-            plugins_respond(&record.snapshot, &mut run, &mut resp, None, &mut record.facts);
+            deliver(&mut resp, None, run.client_upgrade.take(), &route.name);
+            plugins_respond(&record.snapshot, &mut run, &mut resp, &mut record.facts);
             return Handling::Ready { resp: Some(record.end(resp)) };
         }
         Access::Async(from) => Some(from),
@@ -799,7 +800,7 @@ impl Record {
     }
 }
 
-/// What a route without plugins does with the upstream's answer.
+/// What the end of an upstream call still has to do with its answer.
 struct Then {
     /// The route's index in the snapshot.
     route: usize,
@@ -853,17 +854,10 @@ where
                 };
                 record.facts.upstream_latency = Some(then.sent.elapsed());
                 record.facts.upstream = target;
-                match then.plugins {
-                    None => {
-                        if let Some(c) = then.cookie {
-                            resp.headers_mut().append(header::SET_COOKIE, c);
-                        }
-                        finish_upgrade(&mut resp, then.client_upgrade, &record.snapshot.routes[then.route].name);
-                    }
-                    Some(mut run) => {
-                        run.client_upgrade = then.client_upgrade;
-                        plugins_respond(&record.snapshot, &mut run, &mut resp, then.cookie, &mut record.facts);
-                    }
+                let route = &record.snapshot.routes[then.route];
+                deliver(&mut resp, then.cookie, then.client_upgrade, &route.name);
+                if let Some(mut run) = then.plugins {
+                    plugins_respond(&record.snapshot, &mut run, &mut resp, &mut record.facts);
                 }
                 Poll::Ready(record.end(resp))
             }
@@ -888,10 +882,8 @@ fn route_head(
     start: Instant,
     facts: &mut Facts,
 ) -> (Step, Option<Seen>, bool, u64) {
-    // The connection's values, or a copy with the client a trusted proxy forwarded.
-    let forwarded: ConnValues;
-    let mut values = values;
-    let mut is_forwarded = false;
+    // A copy of the connection's values with the client a trusted proxy forwarded.
+    let mut forwarded = None;
     if let Some(trusted) = &values.trusted {
         match forwarded_client(req.headers(), trusted) {
             Ok(None) => {}
@@ -900,9 +892,7 @@ fn route_head(
                 // access log see the client a trusted proxy forwarded.
                 conn.client = SocketAddr::new(client, conn.client.port());
                 if let Ok(v) = HeaderValue::from_str(&client.to_string()) {
-                    forwarded = ConnValues { client_ip: v, ..values.clone() };
-                    values = &forwarded;
-                    is_forwarded = true;
+                    forwarded = Some(ConnValues { client_ip: v, ..values.clone() });
                 }
             }
             Err(()) => {
@@ -922,6 +912,7 @@ fn route_head(
             }
         }
     }
+    let values = forwarded.as_ref().unwrap_or(values);
     let hooked = snapshot.observe.on_finish.is_some();
     let grpc = req.headers().get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
     let bytes_in = req
@@ -937,7 +928,7 @@ fn route_head(
         let host = req.headers().get(header::HOST).cloned();
         Box::new((req.method().clone(), host, req.uri().clone(), values.client_ip.clone()))
     });
-    (route_http(snapshot, req, conn, values, is_forwarded, start, facts), seen, grpc, bytes_in)
+    (route_http(snapshot, req, conn, values, forwarded.is_some(), start, facts), seen, grpc, bytes_in)
 }
 
 /// The end of [`handle`]: latency headers, and the log line and metrics the body finishes.
@@ -1326,22 +1317,26 @@ fn plugins_upstream(
     (up, cookie)
 }
 
-/// The end of a run, on the answer (the upstream's or a plugin's): the balancing cookie, the
-/// upgrade, the response hooks in reverse plugin order, the log hooks, and what the log and
-/// the metrics learn of the consumer.
-fn plugins_respond(
-    snapshot: &Snapshot,
-    run: &mut PluginRun,
+/// What every answer to a routed request gets before plugins see it: the balancing cookie
+/// (`hash_on: cookie`, when the key was made up), and the tunnel when the upstream switched
+/// protocols.
+fn deliver(
     resp: &mut Response<ResponseBody>,
     cookie: Option<HeaderValue>,
-    facts: &mut Facts,
+    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    route: &Arc<str>,
 ) {
-    let route = &snapshot.routes[run.route];
     if let Some(c) = cookie {
         resp.headers_mut().append(header::SET_COOKIE, c);
     }
-    finish_upgrade(resp, run.client_upgrade.take(), &route.name);
-    let slots = &route.chain.slots;
+    finish_upgrade(resp, client_upgrade, route);
+}
+
+/// The end of a run, on the answer (the upstream's or a plugin's, already [`deliver`]ed): the
+/// response hooks in reverse plugin order, the log hooks, and what the log and the metrics
+/// learn of the consumer.
+fn plugins_respond(snapshot: &Snapshot, run: &mut PluginRun, resp: &mut Response<ResponseBody>, facts: &mut Facts) {
+    let slots = &snapshot.routes[run.route].chain.slots;
     let ctx = &mut run.ctx;
     for slot in slots.iter().rev() {
         if let Some(p) = slot.pick(consumer_index(ctx)) {
@@ -1419,7 +1414,8 @@ async fn run_plugins(
             resp
         }
     };
-    plugins_respond(snapshot, &mut run, &mut resp, cookie, facts);
+    deliver(&mut resp, cookie, run.client_upgrade.take(), &route.name);
+    plugins_respond(snapshot, &mut run, &mut resp, facts);
     resp
 }
 
