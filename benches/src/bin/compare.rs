@@ -3,7 +3,8 @@
 //! keep-alive upstream pool), haproxy (1 thread) and `hyper-proxy`, the least a proxy on
 //! hyper does (this binary's `serve_hyper_proxy`: the floor of the gateway's stack), measured
 //! in rounds (A B C ... A B C) so that the machine's drift hits every target alike. Writes the
-//! medians and the ratios to nginx into BENCHMARKS.md.
+//! medians and the ratios to nginx into BENCHMARKS.md: the ratio of the medians, and the median
+//! of the ratios within each round, which the drift over the whole run touches less.
 //!
 //! ```text
 //! benches/compare [--rounds 3] [--duration 10] [--connections 50,256] [--quick]
@@ -811,14 +812,14 @@ fn run(args: &Args) -> Result<(), String> {
         version("nginx", "-v"),
         version("haproxy", "-v")
     );
+    let _ = writeln!(
+        md,
+        "Ratios to nginx: the ratio of the medians, then in brackets the median of the ratios within \
+         each round. A round runs the targets back to back, so its ratio is less exposed to the \
+         runner's drift over the whole run; when the two disagree, the runner moved during the run.\n"
+    );
     for &c in &args.connections {
-        let nginx = samples.get(&(c, "nginx")).map(|s| {
-            (
-                median(s.iter().map(|x| x.rps).collect()),
-                median(s.iter().map(|x| x.cpu_per_1000).collect()),
-                median(s.iter().map(|x| x.p99_us).collect()),
-            )
-        });
+        let nginx = samples.get(&(c, "nginx"));
         let _ = writeln!(md, "### {c} connections\n");
         let _ = writeln!(
             md,
@@ -827,25 +828,21 @@ fn run(args: &Args) -> Result<(), String> {
         let _ = writeln!(md, "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
         for t in &targets {
             let Some(s) = samples.get(&(c, t.name)) else { continue };
-            let rps = median(s.iter().map(|x| x.rps).collect());
-            let p99 = median(s.iter().map(|x| x.p99_us).collect());
-            let cpu = median(s.iter().map(|x| x.cpu_per_1000).collect());
-            let ratio = |v: f64, base: Option<f64>| match base {
-                Some(b) if b > 0.0 && v > 0.0 => format!("{:.2}x", v / b),
-                _ => "-".to_string(),
-            };
+            let figure = |f: fn(&Sample) -> f64| median(s.iter().map(f).collect());
+            let vs_nginx = |f: fn(&Sample) -> f64| nginx.map_or_else(|| "-".to_string(), |n| ratios(s, n, f));
+            let measured = t.child.is_some();
             let _ = writeln!(
                 md,
                 "| {} | {:.0} | {} | {:.0} µs | {:.0} µs | {} | {:.0} µs | {} | {} | {} |",
                 t.name,
-                rps,
-                ratio(rps, nginx.map(|n| n.0)),
-                median(s.iter().map(|x| x.p50_us).collect()),
-                p99,
-                ratio(p99, nginx.map(|n| n.2)),
-                median(s.iter().map(|x| x.p999_us).collect()),
-                if t.child.is_some() { format!("{:.1}", cpu * 1000.0) } else { "-".into() },
-                if t.child.is_some() { ratio(cpu, nginx.map(|n| n.1)) } else { "-".into() },
+                figure(|x| x.rps),
+                vs_nginx(|x| x.rps),
+                figure(|x| x.p50_us),
+                figure(|x| x.p99_us),
+                vs_nginx(|x| x.p99_us),
+                figure(|x| x.p999_us),
+                if measured { format!("{:.1}", figure(|x| x.cpu_per_1000) * 1000.0) } else { "-".into() },
+                if measured { vs_nginx(|x| x.cpu_per_1000) } else { "-".into() },
                 s.iter().map(|x| x.errors).sum::<u64>(),
             );
         }
@@ -879,6 +876,20 @@ fn run(args: &Args) -> Result<(), String> {
     drop(targets);
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
+}
+
+/// A target's figure `f` against nginx's (`base`, the same rounds): the ratio of the medians,
+/// and in brackets the median of the ratios within each round (`1.02x (0.98x)`).
+fn ratios(s: &[Sample], base: &[Sample], f: fn(&Sample) -> f64) -> String {
+    let of_medians = (median(s.iter().map(f).collect()), median(base.iter().map(f).collect()));
+    let per_round: Vec<f64> =
+        s.iter().zip(base).filter(|(a, b)| f(a) > 0.0 && f(b) > 0.0).map(|(a, b)| f(a) / f(b)).collect();
+    match of_medians {
+        (a, b) if a > 0.0 && b > 0.0 && !per_round.is_empty() => {
+            format!("{:.2}x ({:.2}x)", a / b, median(per_round))
+        }
+        _ => "-".to_string(),
+    }
 }
 
 fn mib(kib: u64) -> String {
